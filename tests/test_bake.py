@@ -1,0 +1,221 @@
+"""Bake every named variant and check what comes out: tree, rendering, parsing, lint."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DEFAULTS, TEMPLATE, bake
+
+TEMPLATE_PROJECT = TEMPLATE / "{{cookiecutter.project_slug}}"
+
+# The exact tree of a baked project, with the package folder written as PKG.
+EXPECTED_FILES = {
+    ".github/workflows/ci.yml",
+    ".gitignore",
+    "LICENSE",
+    "README.md",
+    "noxfile.py",
+    "pyproject.toml",
+    "src/PKG/__init__.py",
+    "src/PKG/__main__.py",
+    "src/PKG/cli.py",
+    "src/PKG/device.py",
+    "src/PKG/info.py",
+    "tests/conftest.py",
+    "tests/data/tokenizer_corpus.txt",
+    "tests/test_cli.py",
+    "tests/test_tiny_model.py",
+}
+# Files copied verbatim (cookiecutter.json `_copy_without_render`): they carry
+# Jinja of their own, such as a chat template.
+VERBATIM = set(DEFAULTS["_copy_without_render"])
+# `${{ ... }}` is a GitHub Actions expression, not leftover cookiecutter Jinja.
+UNRENDERED = re.compile(r"(?<!\$)\{\{|\{%|%\}")
+
+LICENSE_FIRST_LINE = {
+    "MIT": "MIT License",
+    "Apache-2.0": "Apache License",
+    "BSD-3-Clause": "BSD 3-Clause License",
+    "Proprietary": "All rights reserved.",
+}
+VARIANTS = (
+    [{"license": name} for name in DEFAULTS["license"]]
+    + [{"python_version": version} for version in DEFAULTS["python_version"]]
+    + [{"torch_backend": backend} for backend in DEFAULTS["torch_backend"]]
+)
+
+
+def files_of(project: Path) -> set[str]:
+    return {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()}
+
+
+def check_project(project: Path, package: str) -> None:
+    """Exact tree, nothing unrendered, and every TOML/YAML/Python file parses."""
+    assert files_of(project) == {f.replace("PKG", package) for f in EXPECTED_FILES}
+    for path in sorted(project.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(project).as_posix()
+        text = path.read_text(encoding="utf-8")
+        if relative in VERBATIM:
+            assert text == (TEMPLATE_PROJECT / relative).read_text(encoding="utf-8")
+        else:
+            assert not UNRENDERED.search(text), f"unrendered Jinja in {relative}"
+        if path.suffix == ".toml":
+            tomllib.loads(text)
+        elif path.suffix in {".yml", ".yaml"}:
+            yaml.safe_load(text)
+        elif path.suffix == ".py":
+            ast.parse(text, filename=relative)
+
+
+def test_default_bake(default_project: Path):
+    assert default_project.name == "lora-chat"
+    check_project(default_project, "lora_chat")
+    pyproject = tomllib.loads((default_project / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == "lora-chat"
+    assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
+    assert set(pyproject["project"]["optional-dependencies"]) == {"train", "dev"}
+    assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (default_project / "README.md").read_text()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
+def test_variant_bakes(tmp_path: Path, variant: dict[str, str]):
+    project = bake(tmp_path, **variant)
+    check_project(project, "lora_chat")
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    workflow = yaml.safe_load((project / ".github/workflows/ci.yml").read_text())
+    if "license" in variant:
+        license_text = (project / "LICENSE").read_text()
+        assert LICENSE_FIRST_LINE[variant["license"]] in license_text.strip().splitlines()[0]
+        expected = variant["license"].replace("Proprietary", "LicenseRef-Proprietary")
+        assert pyproject["project"]["license"] == expected
+    if "python_version" in variant:
+        version = variant["python_version"]
+        assert pyproject["project"]["requires-python"] == f">={version}"
+        assert pyproject["tool"]["ruff"]["target-version"] == "py" + version.replace(".", "")
+        assert f'PYTHON = "{version}"' in (project / "noxfile.py").read_text()
+        for job in workflow["jobs"].values():
+            setup = next(s for s in job["steps"] if "setup-python" in s.get("uses", ""))
+            assert setup["with"]["python-version"] == version
+    if "torch_backend" in variant:
+        backend = variant["torch_backend"]
+        url = f"https://download.pytorch.org/whl/{backend}"
+        assert pyproject["tool"]["uv"]["index"][0]["url"] == url
+        assert url in (project / "noxfile.py").read_text()
+
+
+TRICKY = {
+    "project_name": 'Zoë\'s "LoRA" \\ Lab — ünïcode 🚀',
+    "description": 'Say "hi" to O\'Brien\'s C:\\path\\ and a triple """quote""" and \'\'\' too',
+    "author_name": 'Zoë O\'Brien "Z" \\ Ünal',
+}
+
+
+def test_tricky_names_give_valid_files(tmp_path: Path):
+    project = bake(tmp_path, **TRICKY)
+    assert project.name == "zoe-s-lora-lab-unicode"
+    check_project(project, "zoe_s_lora_lab_unicode")
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["project"]["description"] == TRICKY["description"]
+    assert pyproject["project"]["authors"][0]["name"] == TRICKY["author_name"]
+    assert TRICKY["project_name"] in (project / "README.md").read_text(encoding="utf-8")
+    assert TRICKY["author_name"] in (project / "LICENSE").read_text(encoding="utf-8")
+
+
+def test_injection_in_values_is_never_executed(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    payloads = {
+        "description": f'"; touch {marker}; echo " $(touch {marker}) `touch {marker}`',
+        "author_name": f"x'''; __import__('os').system('touch {marker}'); '''\\",
+    }
+    project = bake(tmp_path / "out", **payloads)
+    # Import every module of the baked package, as a user would.
+    code = (
+        "import importlib, pathlib, sys\n"
+        "sys.path.insert(0, 'src')\n"
+        "for f in sorted(pathlib.Path('src/lora_chat').glob('*.py')):\n"
+        "    if f.stem != '__main__':\n"
+        "        importlib.import_module('lora_chat.' + f.stem)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=project, check=True)
+    assert not marker.exists(), "a value was executed during baking or import"
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    assert pyproject["project"]["description"] == payloads["description"]
+    assert pyproject["project"]["authors"][0]["name"] == payloads["author_name"]
+
+
+BAD_VALUES = [
+    ("project_slug", "bad slug!"),
+    ("project_slug", "Upper-Case"),
+    ("package_name", "import"),
+    ("package_name", "torch"),
+    ("package_name", "json"),
+    ("package_name", "9lives"),
+    ("author_email", "not-an-email"),
+    ("base_model", "just-a-name"),
+    ("gpu_hourly_usd", "free"),
+    ("gpu_hourly_usd", "-1"),
+    ("github_owner", "-bad-owner"),
+    ("gpu_runner_labels", "self-hosted, has space"),
+    ("description", "two\nlines"),
+]
+
+
+def run_cookiecutter_cli(output_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--no-input"]
+    return subprocess.run(
+        [*command, "-o", str(output_dir), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
+def test_bad_value_stops_generation(tmp_path: Path, variable: str, value: str):
+    result = run_cookiecutter_cli(tmp_path, f"{variable}={value}")
+    assert result.returncode != 0
+    assert f"{variable}={value!r} is not valid" in result.stderr
+    assert "Example:" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "a half-written project folder was left behind"
+
+
+def test_unknown_choice_is_refused_by_cookiecutter(tmp_path: Path):
+    result = run_cookiecutter_cli(tmp_path, "license=GPL")
+    assert result.returncode != 0
+    assert "GPL provided for choice variable license" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interactive_prompts_accept_defaults(tmp_path: Path):
+    command = [sys.executable, "-m", "cookiecutter", str(TEMPLATE), "-o", str(tmp_path)]
+    prompts = len([k for k in DEFAULTS if not k.startswith("_")])
+    result = subprocess.run(
+        command, input="\n" * prompts, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Price of one GPU-hour in USD" in result.stdout
+    check_project(tmp_path / "lora-chat", "lora_chat")
+
+
+@pytest.mark.parametrize("variant", [{}, {"python_version": "3.10"}, {"license": "Proprietary"}])
+def test_baked_project_is_lint_clean(tmp_path: Path, variant: dict[str, str]):
+    project = bake(tmp_path, **variant)
+    subprocess.run(["ruff", "check", "--no-cache", "."], cwd=project, check=True)
+    subprocess.run(["ruff", "format", "--check", "--no-cache", "."], cwd=project, check=True)
+
+
+@pytest.mark.skipif(shutil.which("check-jsonschema") is None, reason="check-jsonschema missing")
+def test_workflows_match_github_schema(default_project: Path):
+    workflows = sorted((default_project / ".github/workflows").glob("*.yml"))
+    workflows += sorted((TEMPLATE / ".github/workflows").glob("*.yml"))
+    assert workflows
+    schema = ["check-jsonschema", "--builtin-schema", "vendor.github-workflows"]
+    subprocess.run([*schema, *map(str, workflows)], check=True)
