@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ nox.options.sessions = ["lint", "tests"]
 ROOT = Path(__file__).parent
 BUILD = ROOT / "build"
 TEMPLATE_PYTHON = ["noxfile.py", "tests"]
+TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
+# What a baked project's `nox -s lock` writes; the template keeps one copy per Python.
+LOCKED_FILES = ["requirements/dev.txt", "requirements/serve.txt", "environment.yml"]
+RELOCK_NAME, RELOCK_SLUG = "Relock Probe", "relock-probe"
 TEST_DEPS = ["cookiecutter>=2.6", "pytest>=8", "pyyaml>=6", "ruff>=0.9", "check-jsonschema>=0.29"]
 
 
@@ -46,6 +51,26 @@ def bake(session: nox.Session) -> None:
     session.install("cookiecutter>=2.6")
     project = _bake(session, BUILD, session.posargs)
     session.log(f"baked {project}")
+
+
+@nox.session
+def relock(session: nox.Session) -> None:
+    """Re-lock the template: run a baked project's `nox -s lock` for every Python choice
+    and copy its lock files back as conditional files (after a pyproject.toml change)."""
+    session.install("cookiecutter>=2.6", "nox>=2024.10")
+    for python in json.loads((ROOT / "cookiecutter.json").read_text())["python_version"]:
+        context = [f"project_name={RELOCK_NAME}", f"python_version={python}", "torch_backend=cpu"]
+        project = _bake(session, BUILD / "relock" / python, context)
+        session.run("nox", "-f", str(project / "noxfile.py"), "-s", "lock")
+        for generated in LOCKED_FILES:
+            text = (project / generated).read_text()
+            text = text.replace(RELOCK_SLUG, "{{ cookiecutter.project_slug }}")
+            text = text.replace("/whl/cpu", "/whl/{{ cookiecutter.torch_backend }}")
+            folder, _, name = generated.rpartition("/")
+            conditional = f"{{% if cookiecutter.python_version == '{python}' %}}{name}{{% endif %}}"
+            target = TEMPLATE_PROJECT / folder / conditional
+            target.write_text(text)
+            session.log(f"wrote {target.relative_to(ROOT)}")
 
 
 def _bake(session: nox.Session, output: Path, context: list[str]) -> Path:

