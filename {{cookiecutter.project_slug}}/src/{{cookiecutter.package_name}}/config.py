@@ -1,0 +1,172 @@
+"""The training config: one YAML file, typed and validated, with command-line overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str  # hub id or local folder; configs/train.yaml sets it
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    train: str = "data/tickets_train.jsonl"
+    eval: str | None = "data/tickets_eval.jsonl"
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    split: str = "train"  # split of a Hugging Face dataset id
+    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
+    system_prompt: str | None = None  # added to records that have none
+    max_length: int = Field(512, ge=16, le=131072)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    packing: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "8bit", "4bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: str = "adamw_torch"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    run_name: str | None = None  # default: a timestamp
+
+
+class CostConfig(Section):
+    gpu_hourly_usd: float = Field(gt=0)  # configs/train.yaml sets it
+
+
+class Config(Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+    cost: CostConfig
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> Config:
+        if self.data.eval and self.data.eval_fraction:
+            raise ValueError("set data.eval (a file) or data.eval_fraction (a split), not both")
+        return self
+
+
+def _section_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += _section_fields(annotation, f"{prefix}{name}.")
+    return names
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    valid = _section_fields(Config)
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            section = key.rpartition(".")[0]
+            choices = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == section]
+            lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(choices)})")
+        else:
+            value = item.get("input")
+            lines.append(f"  {key or '<root>'}: {item['msg']} (got {value!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`train.max_steps=10 lora.r=8` -> nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {override!r} is not KEY=VALUE, e.g. train.max_steps=10")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {source} does not exist") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {source} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {source} must hold a mapping of sections")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_describe(error, source)) from None
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False), encoding="utf-8")

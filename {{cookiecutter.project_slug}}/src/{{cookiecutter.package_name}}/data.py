@@ -1,0 +1,246 @@
+"""Training data: load records, check them, map every format to chat messages, tokenize.
+
+Accepted record formats (one per line of JSONL, a list in JSON, rows in Parquet,
+or a Hugging Face dataset id):
+
+- ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``
+- ``{"prompt": ..., "completion": ...}``
+- ``{"instruction": ..., "input": ... (optional), "output": ...}``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .chat import ROLES, EncodedConversation, Message, encode_conversation
+from .config import DataConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_KEYS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+}
+
+
+@dataclass
+class Record:
+    where: str  # "file:line" or "dataset[index]", for error messages
+    messages: list[Message]
+
+
+@dataclass
+class EncodedSplit:
+    examples: list[EncodedConversation] = field(default_factory=list)
+    records: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(example.input_ids) for example in self.examples)
+
+    def summary(self, name: str) -> str:
+        return (
+            f"{name}: {self.records} records -> {len(self.examples)} examples, "
+            f"{self.tokens} tokens ({self.truncated} truncated, {self.dropped} dropped as too long)"
+        )
+
+
+def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        with _open(path) as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{source}:{number}", json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(
+                        f"{source}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+                    ) from None
+    elif path.suffix == ".json":
+        with _open(path) as handle:
+            try:
+                content = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{source}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if isinstance(content, dict) and isinstance(content.get("data"), list):
+            content = content["data"]
+        if not isinstance(content, list):
+            raise UserError(f"{source}: a JSON data file must hold a list of records")
+        for index, record in enumerate(content):
+            yield f"{source}[{index}]", record
+    elif path.suffix == ".parquet":
+        if not path.is_file():
+            raise UserError(f"data file {source} does not exist")
+        import pyarrow.parquet as pq
+
+        for index, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{source}[row {index}]", record
+    elif path.suffix or path.exists() or source.count("/") != 1:
+        raise UserError(
+            f"data source {source!r}: use a .jsonl, .json or .parquet file, "
+            "or a Hugging Face dataset id like 'org/name'"
+        )
+    else:
+        yield from _hub_records(source, split)
+
+
+def _open(path: Path):
+    try:
+        return path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"data file {path} does not exist") from None
+
+
+def _hub_records(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
+    # datasets caches downloads and reads the cache when HF_HUB_OFFLINE=1.
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except Exception as error:  # the hub raises many types; all mean "cannot load"
+        raise UserError(
+            f"cannot load dataset {dataset_id!r} (split {split!r}): {error}\n"
+            "  Use a local .jsonl/.json/.parquet file, or load it once with network access "
+            "so it is cached (then HF_HUB_OFFLINE=1 works)."
+        ) from None
+    for index, record in enumerate(dataset):
+        yield f"{dataset_id}[{index}]", record
+
+
+def _detect_format(where: str, record: dict[str, Any], wanted: str) -> str:
+    formats = [name for name, keys in FORMAT_KEYS.items() if all(k in record for k in keys)]
+    if wanted != "auto":
+        if wanted not in formats:
+            keys = " and ".join(repr(k) for k in FORMAT_KEYS[wanted])
+            raise UserError(f"{where}: format {wanted!r} needs the field(s) {keys}")
+        return wanted
+    if not formats:
+        raise UserError(
+            f"{where}: unknown record shape with fields {sorted(record)}; expected 'messages', "
+            "'prompt' + 'completion', or 'instruction' + 'output'"
+        )
+    return formats[0]
+
+
+def _text(where: str, record: dict[str, Any], key: str, optional: bool = False) -> str:
+    value = record.get(key, "" if optional else None)
+    if not isinstance(value, str) or (not optional and not value.strip()):
+        raise UserError(f"{where}: field {key!r} must be a non-empty string (got {value!r})")
+    return value
+
+
+def to_messages(where: str, record: Any, wanted: str, system_prompt: str | None) -> list[Message]:
+    """Check one record and map it to chat messages."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    kind = _detect_format(where, record, wanted)
+    if kind == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: field 'messages' must be a non-empty list")
+        checked = []
+        for index, message in enumerate(messages):
+            name = f"messages[{index}]"
+            if not isinstance(message, dict):
+                raise UserError(f"{where}: field {name!r} must be an object with role and content")
+            role = message.get("role")
+            if role not in ROLES:
+                raise UserError(
+                    f"{where}: field '{name}.role' is {role!r}; use one of {', '.join(ROLES)}"
+                )
+            content = _text(f"{where}: {name}", message, "content", optional=role != "assistant")
+            checked.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in checked):
+            raise UserError(f"{where}: field 'messages' has no assistant message to learn from")
+        messages = checked
+    elif kind == "prompt_completion":
+        messages = [
+            {"role": "user", "content": _text(where, record, "prompt")},
+            {"role": "assistant", "content": _text(where, record, "completion")},
+        ]
+    else:
+        instruction = _text(where, record, "instruction")
+        extra = _text(where, record, "input", optional=True)
+        messages = [
+            {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": _text(where, record, "output")},
+        ]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def load_records(source: str, config: DataConfig) -> list[Record]:
+    records = [
+        Record(where, to_messages(where, raw, config.format, config.system_prompt))
+        for where, raw in _raw_records(source, config.split)
+    ]
+    if not records:
+        raise UserError(f"data source {source} holds no records; add at least one example")
+    return records
+
+
+def encode_records(records: list[Record], tokenizer: Any, config: DataConfig) -> EncodedSplit:
+    """Tokenize with the shared prompt format; truncate or drop what is too long."""
+    split = EncodedSplit(records=len(records))
+    for record in records:
+        try:
+            example = encode_conversation(tokenizer, record.messages, config.train_on_prompt)
+        except ValueError as error:
+            raise UserError(f"{record.where}: {error}") from None
+        if len(example.input_ids) > config.max_length:
+            if config.overlong == "drop":
+                split.dropped += 1
+                continue
+            example = EncodedConversation(
+                example.input_ids[: config.max_length], example.labels[: config.max_length]
+            )
+            if example.trained_tokens == 0:  # the prompt alone filled max_length
+                split.dropped += 1
+                continue
+            split.truncated += 1
+        split.examples.append(example)
+    return split
+
+
+def load_splits(
+    config: DataConfig, tokenizer: Any, seed: int
+) -> tuple[EncodedSplit, EncodedSplit | None]:
+    """Train and eval splits: eval from its own file or a seeded share of the train data."""
+    train_records = load_records(config.train, config)
+    eval_records: list[Record] | None = None
+    if config.eval:
+        eval_records = load_records(config.eval, config)
+    elif config.eval_fraction:
+        shuffled = train_records[:]
+        random.Random(seed).shuffle(shuffled)
+        size = max(1, round(len(shuffled) * config.eval_fraction))
+        if size >= len(shuffled):
+            raise UserError(
+                f"data.eval_fraction={config.eval_fraction} leaves no training records "
+                f"out of {len(shuffled)}; lower it"
+            )
+        eval_records, train_records = shuffled[:size], shuffled[size:]
+    train = encode_records(train_records, tokenizer, config)
+    if not train.examples:
+        raise UserError(
+            f"every training record is longer than data.max_length={config.max_length} and "
+            "was dropped; raise data.max_length or set data.overlong=truncate"
+        )
+    log.info(train.summary("train"))
+    evaluation = encode_records(eval_records, tokenizer, config) if eval_records else None
+    if evaluation is not None:
+        log.info(evaluation.summary("eval"))
+    return train, evaluation

@@ -1,0 +1,38 @@
+"""Multi-process training through `accelerate launch` (DDP, FSDP, multi-node)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .errors import UserError
+from .train import new_run_name
+
+
+def launch_command(args: argparse.Namespace, cpu: bool) -> list[str]:
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        if not os.path.isfile(args.accelerate_config):
+            raise UserError(f"accelerate config {args.accelerate_config} does not exist")
+        command += ["--config_file", args.accelerate_config]
+    command += ["--num_processes", str(args.num_processes)]
+    if cpu:
+        command += ["--cpu"]  # gloo: DDP on CPU processes
+    command += ["-m", __package__, "train", "--config", args.config]
+    if args.resume:
+        command += ["--resume", args.resume]
+    # Every process must write to the same run folder: fix its name here.
+    overrides = list(args.overrides)
+    if not args.resume and not any(o.startswith("output.run_name=") for o in overrides):
+        overrides.append(f"output.run_name={new_run_name()}")
+    return command + overrides
+
+
+def launch_distributed(args: argparse.Namespace) -> int:
+    import torch
+
+    command = launch_command(args, cpu=not torch.cuda.is_available())
+    print("launching:", " ".join(command), flush=True)
+    return subprocess.call(command)

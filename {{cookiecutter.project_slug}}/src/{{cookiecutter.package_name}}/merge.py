@@ -1,0 +1,59 @@
+"""Fold a run's LoRA adapter into the base weights: one safetensors model to serve."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import load_config
+from .errors import UserError
+from .train import ADAPTER_DIR, CONFIG_FILE
+
+MERGED_DIR = "merged"
+
+
+def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") -> Path:
+    """Write base + adapter as a plain model folder (safetensors + tokenizer).
+
+    A 4-bit or 8-bit run is merged into the unquantized base weights: adding a
+    LoRA delta to quantized weights would round it away. The merged model is
+    therefore the full-precision base plus the adapter, which differs slightly
+    from the quantized model the adapter was trained against.
+    """
+    import torch
+    from peft import PeftModel
+
+    from .device import pick_precision
+    from .modeling import load_model, load_tokenizer
+
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"{run_dir} has no finished adapter ({adapter}/adapter_config.json is missing); "
+            "finish or resume the run first"
+        )
+    config = load_config(run_dir / CONFIG_FILE)
+    if config.quantization.mode != "none":
+        print(
+            f"note: this run trained on a {config.quantization.mode} base; merging into the "
+            "dequantized (full-precision) base weights instead"
+        )
+    precision = pick_precision("cpu", dtype)
+    # Merge in at least fp32 on CPU: the sum W + BA is exact enough to serve in any dtype.
+    merge_dtype = torch.float32 if precision.dtype == torch.float32 else precision.dtype
+    base = load_model(
+        config.model.name_or_path,
+        dtype=merge_dtype,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter))
+
+    output = output or run_dir / MERGED_DIR
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
+    return output

@@ -1,0 +1,374 @@
+"""LoRA / QLoRA fine-tuning with TRL's SFTTrainer, driven by one config.
+
+A run folder holds everything needed to serve, resume and price the run:
+
+    runs/<run>/config.yaml          the resolved config (written first, used by --resume)
+    runs/<run>/checkpoints/         Trainer checkpoints every train.save_steps
+    runs/<run>/adapter/             adapter + tokenizer; renamed into place only when complete
+    runs/<run>/metrics.json         loss and eval loss per step, token counts
+    runs/<run>/loss.png             the loss curves
+    runs/<run>/cost.json            trained tokens, wall time, tokens/s, $ at the GPU-hour price
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import Config, dump_config, load_config
+from .device import Precision, pick_precision
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    completed: bool  # False when interrupted: the last checkpoint is kept, no adapter
+
+
+def new_run_name() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def quantization_config(config: Config, precision: Precision) -> Any:
+    mode = config.quantization.mode
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # FSDP can only shard 4-bit weights stored in a float dtype (QLoRA + FSDP).
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization.quant_type,
+        bnb_4bit_use_double_quant=config.quantization.double_quant,
+        bnb_4bit_compute_dtype=precision.dtype,
+        bnb_4bit_quant_storage=precision.dtype if fsdp else "uint8",
+    )
+
+
+def build_peft_model(config: Config, precision: Precision) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .modeling import load_model
+
+    model = load_model(
+        config.model.name_or_path,
+        dtype=precision.dtype,
+        device=precision.device,
+        quantization_config=quantization_config(config, precision),
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    if config.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing
+        )
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _dataset(split: Any) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [example.input_ids for example in split.examples],
+            "labels": [example.labels for example in split.examples],
+        }
+    )
+
+
+def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    train = config.train
+    return SFTConfig(
+        output_dir=str(run_dir / CHECKPOINT_DIR),
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        gradient_checkpointing=train.gradient_checkpointing,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        # The precision comes from the device, never from the Trainer's default.
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        max_length=config.data.max_length,
+        packing=config.data.packing,
+        packing_strategy="bfd",  # padding-free packing: no pad tokens are computed
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,  # our own bar below shows loss and tokens/s
+        dataloader_num_workers=0,
+    )
+
+
+def _callbacks(stop_requested: dict[str, bool]) -> list[Any]:
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar for the run: steps, ETA, loss and non-pad tokens/s."""
+
+        bar: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train")
+                self.start = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is None or not logs:
+                return
+            seconds = time.perf_counter() - self.start[0]
+            tokens = state.num_input_tokens_seen - self.start[1]
+            postfix = {"tok/s": f"{tokens / max(seconds, 1e-9):.0f}"}
+            for key in ("loss", "eval_loss"):
+                if key in logs:
+                    postfix[key] = f"{logs[key]:.4f}"
+            self.bar.set_postfix(postfix)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    class StopOnRequest(TrainerCallback):
+        """Ctrl-C asks for a checkpoint at the end of the current step, then a clean stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_requested["stop"]:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [Progress(), StopOnRequest()]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = [
+        p
+        for p in (run_dir / CHECKPOINT_DIR).glob("checkpoint-*")
+        if (p / "trainer_state.json").exists()
+    ]
+    return max(checkpoints, key=lambda p: int(p.name.rpartition("-")[2]), default=None)
+
+
+def prepare_run_dir(config: Config, resume: Path | None) -> tuple[Config, Path]:
+    if resume is not None:
+        if not (resume / CONFIG_FILE).is_file():
+            raise UserError(f"{resume} is not a run folder: {CONFIG_FILE} is missing")
+        return config, resume
+    name = config.output.run_name or new_run_name()
+    run_dir = Path(config.output.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(
+            f"run folder {run_dir} already exists; pick another output.run_name, "
+            f"or continue it with --resume {run_dir}"
+        )
+    config = config.model_copy(
+        update={"output": config.output.model_copy(update={"run_name": name})}
+    )
+    return config, run_dir
+
+
+def run_training(
+    config: Config, resume: Path | None = None, extra_callbacks: tuple[Any, ...] = ()
+) -> RunResult:
+    """Train, then write the adapter, tokenizer, metrics, plot and cost into the run folder."""
+    from trl import SFTTrainer
+
+    from .data import load_splits
+    from .modeling import load_tokenizer
+
+    config, run_dir = prepare_run_dir(config, resume)
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UserError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
+    precision = pick_precision(config.model.device, config.model.dtype)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    train_split, eval_split = load_splits(config.data, tokenizer, config.train.seed)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from transformers import set_seed
+
+    set_seed(config.train.seed)  # the LoRA init too, so equal configs give equal runs
+    model = build_peft_model(config, precision)
+    stop_requested = {"stop": False}
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(config, precision, run_dir, eval_split is not None),
+        train_dataset=_dataset(train_split),
+        eval_dataset=_dataset(eval_split) if eval_split else None,
+        processing_class=tokenizer,
+        callbacks=[*_callbacks(stop_requested), *extra_callbacks],
+    )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the bar shows the logs instead
+    main_process = trainer.is_world_process_zero()
+    if main_process and resume is None:
+        dump_config(config, run_dir / CONFIG_FILE)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop_requested["stop"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_requested["stop"] = True
+        log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    tokens_before = trainer.state.num_input_tokens_seen
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    seconds = time.perf_counter() - started
+
+    if not main_process:
+        return RunResult(run_dir, not stop_requested["stop"])
+    write_metrics(run_dir, trainer, train_split, model)
+    if stop_requested["stop"]:
+        return RunResult(run_dir, completed=False)
+    save_adapter(run_dir, trainer, tokenizer)
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    write_cost(run_dir, config, precision, tokens, seconds)
+    return RunResult(run_dir, completed=True)
+
+
+def save_adapter(run_dir: Path, trainer: Any, tokenizer: Any) -> None:
+    """Write into a scratch folder and rename it: a crash never leaves a half adapter."""
+    partial = run_dir / f".{ADAPTER_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    trainer.model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    final = run_dir / ADAPTER_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+
+
+def write_metrics(run_dir: Path, trainer: Any, train_split: Any, model: Any) -> None:
+    history = trainer.state.log_history
+    metrics = {
+        "steps": [
+            {
+                k: v
+                for k, v in entry.items()
+                if k in ("step", "epoch", "loss", "eval_loss", "learning_rate")
+            }
+            for entry in history
+            if "loss" in entry or "eval_loss" in entry
+        ],
+        "global_step": trainer.state.global_step,
+        "train_examples": len(train_split.examples),
+        "train_records": train_split.records,
+        "truncated": train_split.truncated,
+        "dropped": train_split.dropped,
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_losses(metrics["steps"], run_dir / "loss.png")
+
+
+def plot_losses(steps: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(s["step"], s[key]) for s in steps if key in s]
+        if points:
+            axes.plot(
+                *zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label
+            )
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("LoRA fine-tuning")
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_cost(
+    run_dir: Path, config: Config, precision: Precision, tokens: int, seconds: float
+) -> None:
+    from .info import describe
+
+    price = config.cost.gpu_hourly_usd
+    usd = seconds / 3600 * price
+    cost = {
+        "trained_tokens": tokens,  # non-pad tokens the model processed in this session
+        "wall_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+        "gpu_hourly_usd": price,
+        "usd": round(usd, 6),
+        "usd_per_1m_tokens": round(usd / tokens * 1e6, 6) if tokens else None,
+        "environment": describe(),
+        "quantization": config.quantization.mode,
+        "dtype": str(precision.dtype).removeprefix("torch."),
+    }
+    (run_dir / "cost.json").write_text(json.dumps(cost, indent=2), encoding="utf-8")
+
+
+def train_command(config_path: str | None, overrides: list[str], resume: str | None) -> int:
+    """Entry point of `<package> train`: load the config, train, report where things are."""
+    resume_dir = Path(resume) if resume else None
+    if resume_dir is not None:
+        config = load_config(resume_dir / CONFIG_FILE, overrides)
+    else:
+        config = load_config(config_path, overrides)
+    result = run_training(config, resume_dir)
+    if not result.completed:
+        checkpoint = last_checkpoint(result.run_dir)
+        print(f"interrupted: checkpoint kept at {checkpoint}")
+        print(f"continue with: train --resume {result.run_dir}")
+        return 130
+    print(f"run folder: {result.run_dir}")
+    print(f"adapter:    {result.run_dir / ADAPTER_DIR}")
+    return 0

@@ -1,0 +1,327 @@
+"""Training on the tiny model: it learns, and the field's classic bugs are caught.
+
+Contracts checked here: training ids == serving ids, generation stops at EOS,
+merged == adapter, resumed == uninterrupted, the adapter loads with plain peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from {{ cookiecutter.package_name }}.chat import IGNORE_INDEX, encode_conversation, prompt_ids
+from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.config import load_config
+from {{ cookiecutter.package_name }}.evaluate import accuracy, generate_answers
+from {{ cookiecutter.package_name }}.merge import merge_run
+from {{ cookiecutter.package_name }}.train import last_checkpoint, run_training
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG = PROJECT / "configs" / "train.yaml"
+# Chance for a model that learned the answer format but not the routing is 1/4.
+HELD_OUT_ACCURACY = 0.6
+
+
+def conversations(path: Path) -> list[list[dict[str, str]]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def ticket_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled ticket-routing task without its system prompt: short prompts suit a
+    2-layer model with hidden size 64."""
+    folder = tmp_path_factory.mktemp("tickets")
+    paths = {}
+    for split in ("train", "eval"):
+        records = conversations(PROJECT / "data" / f"tickets_{split}.jsonl")
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text(
+            "".join(json.dumps({"messages": r[1:]}) + "\n" for r in records), encoding="utf-8"
+        )
+    return paths
+
+
+def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, *overrides: str):
+    return load_config(
+        CONFIG,
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.train={data['train']}",
+            f"data.eval={data['eval']}",
+            f"output.dir={out}",
+            "train.batch_size=16",
+            "train.learning_rate=5e-3",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir, ticket_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    config = tiny_config(
+        tiny_model_dir, ticket_data, out, "train.max_steps=150", "train.eval_steps=50",
+        "train.save_steps=50", "output.run_name=learn",
+    )  # fmt: skip
+    result = run_training(config)
+    assert result.completed
+    return result.run_dir
+
+
+def load_adapter_model(tiny_model_dir: Path, run_dir: Path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+
+
+# --- prompt format contracts ---------------------------------------------------------
+
+
+def test_training_ids_equal_serving_ids_for_every_assistant_turn(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [
+        {"role": "system", "content": "Route tickets."},
+        {"role": "user", "content": "My parcel is late."},
+        {"role": "assistant", "content": "shipping"},
+        {"role": "user", "content": "And the invoice is wrong."},
+        {"role": "assistant", "content": "billing"},
+    ]
+    encoded = encode_conversation(tokenizer, messages)
+    eos = tokenizer.eos_token_id
+    for turn in (2, 4):
+        serving = prompt_ids(tokenizer, messages[:turn])
+        assert encoded.input_ids[: len(serving)] == serving
+        answer = tokenizer(messages[turn]["content"], add_special_tokens=False)["input_ids"]
+        trained = encoded.input_ids[len(serving) : len(serving) + len(answer) + 1]
+        assert trained == [*answer, eos]
+        labels = encoded.labels[len(serving) : len(serving) + len(answer) + 1]
+        assert labels == trained, "the answer and its EOS carry the loss"
+    # Everything else is masked: exactly the two answers and their EOS are trained.
+    assert encoded.trained_tokens == sum(
+        len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) + 1
+        for m in messages
+        if m["role"] == "assistant"
+    )
+    with_prompt = encode_conversation(tokenizer, messages, train_on_prompt=True)
+    assert with_prompt.input_ids == encoded.input_ids
+    assert IGNORE_INDEX not in with_prompt.labels
+
+
+def test_eos_is_appended_when_the_template_omits_it(tiny_model_dir, template_without_eos):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template_without_eos
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bug"}]
+    encoded = encode_conversation(tokenizer, messages)
+    pairs = zip(encoded.input_ids, encoded.labels, strict=True)
+    trained = [token for token, label in pairs if label != IGNORE_INDEX]
+    assert trained[-1] == tokenizer.eos_token_id
+
+
+# --- learning ------------------------------------------------------------------------
+
+
+def test_loss_falls_and_held_out_accuracy_rises(trained_run, tiny_model_dir, ticket_data):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    losses = [s["loss"] for s in metrics["steps"] if "loss" in s]
+    eval_losses = [s["eval_loss"] for s in metrics["steps"] if "eval_loss" in s]
+    assert losses[-1] < 0.25 * losses[0]
+    assert eval_losses[-1] < eval_losses[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "adapter")
+    held_out = conversations(ticket_data["eval"])
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = accuracy(generate_answers(untrained, tokenizer, held_out))
+    answers = generate_answers(load_adapter_model(tiny_model_dir, trained_run), tokenizer, held_out)
+    after = accuracy(answers)
+    assert before < 0.1
+    assert after >= HELD_OUT_ACCURACY, f"held-out accuracy {after:.2f}"
+    # A trained model stops by itself: EOS, not the token limit, ends its answers.
+    assert sum(a.stopped for a in answers) / len(answers) > 0.95
+
+
+def test_run_folder_holds_everything_to_serve_resume_and_price(trained_run):
+    adapter = trained_run / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert AutoTokenizer.from_pretrained(adapter).chat_template
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert last_checkpoint(trained_run) is not None
+    cost = json.loads((trained_run / "cost.json").read_text())
+    assert cost["trained_tokens"] > 0 and cost["wall_seconds"] > 0
+    assert cost["usd"] == pytest.approx(cost["wall_seconds"] / 3600 * cost["gpu_hourly_usd"], 1e-3)
+    assert cost["tokens_per_second"] == pytest.approx(
+        cost["trained_tokens"] / cost["wall_seconds"], rel=1e-3
+    )
+    assert not list(trained_run.glob(".*partial"))
+
+
+def test_adapter_loads_with_plain_peft_in_the_vllm_layout(trained_run, tiny_model_dir):
+    config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
+    weights = load_file(trained_run / "adapter" / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    model = load_adapter_model(tiny_model_dir, trained_run)
+    assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_merged_model_equals_adapter_model(trained_run, tiny_model_dir):
+    merged_dir = merge_run(trained_run)
+    assert (merged_dir / "model.safetensors").is_file()
+    assert not list(merged_dir.glob("adapter_*"))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": "Refund my order"}])])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    adapter = load_adapter_model(tiny_model_dir, trained_run)
+    with torch.no_grad():
+        expected = adapter(ids).logits
+        got = merged(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-3)
+
+
+# --- checkpoints and resume ----------------------------------------------------------
+
+
+class InterruptAt(TrainerCallback):
+    """Sends the process a real SIGINT (Ctrl-C) at a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, ticket_data, tmp_path):
+    steps = ["train.max_steps=8", "train.save_steps=100", "train.eval_steps=100"]
+    config = tiny_config(tiny_model_dir, ticket_data, tmp_path, *steps, "output.run_name=whole")
+    whole = run_training(config)
+
+    config = tiny_config(tiny_model_dir, ticket_data, tmp_path, *steps, "output.run_name=cut")
+    cut = run_training(config, extra_callbacks=(InterruptAt(3),))
+    assert not cut.completed
+    assert not (cut.run_dir / "adapter").exists(), "an interrupted run must not look complete"
+    checkpoint = last_checkpoint(cut.run_dir)
+    # Ctrl-C came after step 3 was done, so step 4 finished and was saved.
+    assert checkpoint is not None and checkpoint.name == "checkpoint-4"
+
+    resumed = run_training(load_config(cut.run_dir / "config.yaml"), resume=cut.run_dir)
+    assert resumed.completed
+    expected, got = adapter_weights(whole.run_dir), adapter_weights(resumed.run_dir)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+
+
+# --- other paths -------------------------------------------------------------------------
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model_dir, ticket_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    config = tiny_config(
+        tiny_model_dir, ticket_data, tmp_path, "quantization.mode=4bit", "train.max_steps=3",
+        "train.batch_size=4", "data.eval=null", "output.run_name=qlora",
+    )  # fmt: skip
+    result = run_training(config)
+    assert result.completed
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    merged = merge_run(result.run_dir)
+    assert (merged / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_model_dir, ticket_data, tmp_path, capfd):
+    code = main(
+        [
+            "train", "--config", str(CONFIG), "--num-processes", "2",
+            f"model.name_or_path={tiny_model_dir}", f"data.train={ticket_data['train']}",
+            "data.eval=null", f"output.dir={tmp_path}", "output.run_name=ddp",
+            "train.max_steps=4", "train.batch_size=4",
+        ]
+    )  # fmt: skip
+    assert code == 0, capfd.readouterr().err[-3000:]
+    run = tmp_path / "ddp"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    state = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # Each step saw a batch from both processes.
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_input_tokens_seen"] > 0
+
+
+# --- bad input: one clear message, exit code 2, no traceback -------------------------------
+
+
+def run_cli(capsys, tmp_path, *args: str) -> str:
+    code = main(["train", "--config", str(CONFIG), f"output.dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    return err
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    bad.write_text(f"{good}\n{good}\nnot json\n")
+    err = run_cli(capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", f"data.train={bad}")
+    assert f"{bad}:3: not valid JSON" in err
+
+
+def test_bad_record_field_names_file_line_and_field(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    err = run_cli(capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", f"data.train={bad}")
+    assert f"{bad}:1: field 'messages[0].role' is 'bot'" in err
+
+
+def test_empty_dataset_is_an_error(capsys, tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    err = run_cli(capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", f"data.train={empty}")
+    assert "holds no records" in err
+
+
+def test_unknown_config_key_names_the_nearest_valid_one(capsys, tmp_path):
+    err = run_cli(capsys, tmp_path, "lora.rank=8")
+    assert "lora.rank: unknown key; did you mean 'lora.r'?" in err
+
+
+def test_out_of_range_value_is_named(capsys, tmp_path):
+    err = run_cli(capsys, tmp_path, "lora.dropout=1.5")
+    assert "lora.dropout" in err and "1.5" in err
+
+
+def test_missing_model_path_is_named(capsys, tmp_path):
+    err = run_cli(capsys, tmp_path, f"model.name_or_path={tmp_path / 'no-such-model'}")
+    assert "no-such-model" in err and "does not exist" in err
+
+
+def test_overlong_records_are_truncated_or_dropped_with_counts(tiny_model_dir, ticket_data):
+    from {{ cookiecutter.package_name }}.data import encode_records, load_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = tiny_config(tiny_model_dir, ticket_data, Path("unused"), "data.max_length=20")
+    records = load_records(str(ticket_data["train"]), config.data)[:10]
+    truncated = encode_records(records, tokenizer, config.data)
+    assert truncated.truncated + truncated.dropped == 10
+    assert all(len(e.input_ids) <= 20 for e in truncated.examples)
+    drop = config.data.model_copy(update={"overlong": "drop"})
+    dropped = encode_records(records, tokenizer, drop)
+    assert dropped.dropped == 10 and not dropped.examples
