@@ -60,6 +60,21 @@ EXPECTED_FILES = {
     "src/PKG/merge.py",
     "src/PKG/modeling.py",
     "src/PKG/train.py",
+    "configs/serve.yaml",
+    "src/PKG/generate.py",
+    "src/PKG/inference.py",
+    "src/PKG/serving/__init__.py",
+    "src/PKG/serving/app.py",
+    "src/PKG/serving/config.py",
+    "src/PKG/serving/engine.py",
+    "src/PKG/serving/metrics.py",
+    "src/PKG/serving/protocol.py",
+    "src/PKG/serving/runtime.py",
+    "src/PKG/serving/server.py",
+    "src/PKG/serving/text.py",
+    "src/PKG/serving/vllm.py",
+    "tests/lora_adapters.py",
+    "tests/test_serve.py",
 }
 # Files copied verbatim (cookiecutter.json `_copy_without_render`): they carry
 # Jinja of their own, such as a chat template.

@@ -7,14 +7,12 @@ answers without importing torch.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one clear message, no traceback."""
+from .errors import UserError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -23,6 +21,60 @@ def _info(args: argparse.Namespace) -> int:
     for key, value in describe().items():
         print(f"{key:>14}: {value}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.num_processes > 1:
+        from .launch import launch_distributed
+
+        return launch_distributed(args)
+    from .train import train_command
+
+    return train_command(args.config, args.overrides, args.resume)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .merge import merge_run
+
+    output = merge_run(Path(args.run), Path(args.output) if args.output else None)
+    print(f"merged model: {output}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate_command
+
+    return generate_command(
+        model=args.model,
+        adapter=args.adapter,
+        prompt=args.prompt,
+        chat_file=args.chat,
+        system=args.system,
+        raw=args.raw,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serving.config import load_serve_config
+
+    config = load_serve_config(args.config, args.overrides, args.model, args.adapter)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
+        return 0
+    from .serving.server import serve
+
+    return serve(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +89,78 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show package versions, the device and the precision that will be used"
     )
     info.set_defaults(run=_info)
+
+    train = commands.add_parser(
+        "train",
+        help="LoRA / QLoRA fine-tune from a YAML config",
+        description="Fine-tune from a YAML config; KEY=VALUE overrides any field "
+        "(e.g. train.max_steps=20 lora.r=8).",
+    )
+    train.add_argument("--config", default="configs/train.yaml", help="YAML config file")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    train.add_argument(
+        "--num-processes", type=int, default=1, help="processes for `accelerate launch` (DDP)"
+    )
+    train.add_argument("--accelerate-config", help="accelerate config file (DDP, FSDP, multi-node)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into the base model")
+    merge.add_argument("run", help="run folder (holds adapter/ and config.yaml)")
+    merge.add_argument("--output", help="output folder (default: <run>/merged)")
+    merge.set_defaults(run=_merge)
+    generate = commands.add_parser(
+        "generate",
+        help="stream a model's answer to a prompt or a chat (base, base + adapter, or merged)",
+    )
+    generate.add_argument("prompt", nargs="?", help="the user message ('-' reads stdin)")
+    generate.add_argument("--model", required=True, help="base hub id, local folder or merged run")
+    generate.add_argument("--adapter", help="LoRA adapter folder (runs/<run>/adapter)")
+    generate.add_argument("--chat", metavar="FILE", help="JSON list of {role, content} messages")
+    generate.add_argument("--system", help="system message put before the conversation")
+    generate.add_argument(
+        "--raw", action="store_true", help="complete the prompt as plain text (no chat template)"
+    )
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    generate.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    generate.add_argument("--trust-remote-code", action="store_true")
+    generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible server (continuous batching, adapters by name, /metrics)",
+        description="Serve from a YAML config; KEY=VALUE overrides any field "
+        "(e.g. server.port=9000 engine.kind=vllm).",
+    )
+    serve.add_argument("--config", help="YAML config file, e.g. configs/serve.yaml")
+    serve.add_argument("--model", help="shorthand for model.name_or_path=...")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter under NAME (repeatable)",
+    )
+    serve.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    serve.set_defaults(run=_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    # Our modules log what a user should see (data counts, model source, phases).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except UserError as err:

@@ -1,0 +1,108 @@
+"""What generating needs beyond loading a model: LoRA adapters, stop tokens, context length.
+
+Shared by `generate` (the CLI) and the server, so both load an adapter the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(path: str | Path) -> dict[str, Any]:
+    """The adapter's config, after checking the folder holds safetensors weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"adapter folder {str(path)!r} does not exist; check the path")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{folder} has no {ADAPTER_CONFIG}; is it a PEFT LoRA adapter folder?")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickled = [p.name for p in folder.glob("adapter_model.*")]
+        raise UserError(
+            f"{folder} has no {ADAPTER_WEIGHTS}"
+            + (f" (found {', '.join(pickled)}: only safetensors are loaded)" if pickled else "")
+        )
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is served")
+    return config
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    folder = Path(path)
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def share_weights_clone(model: Any) -> Any:
+    """A new module tree whose parameters and buffers ARE the model's (no weight copy).
+
+    Injecting a LoRA adapter into the clone leaves the original untouched, so the
+    base and every adapter can run at the same time on one copy of the base weights.
+    """
+    memo = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def attach_adapter(model: Any, path: str | Path, name: str, share_base: bool) -> Any:
+    """The model with a LoRA adapter injected (unmerged), ready for inference."""
+    from peft import PeftModel
+
+    adapter_config = check_adapter_dir(path)
+    base_ref = adapter_config.get("base_model_name_or_path")
+    if base_ref and Path(base_ref).expanduser().is_dir():
+        base_ref = str(Path(base_ref).expanduser().resolve())
+    if base_ref and base_ref != model.name_or_path:
+        log.warning(
+            "adapter %s was trained on %r and is served on %r; check that they are the same model",
+            path,
+            base_ref,
+            model.name_or_path,
+        )
+    target = share_weights_clone(model) if share_base else model
+    dtype = model.dtype
+    # Injects the LoRA layers into `target` in place; the returned wrapper is not needed
+    # for inference, the layers carry their weights and active adapter.
+    PeftModel.from_pretrained(
+        target, str(Path(path).expanduser()), adapter_name=name, is_trainable=False
+    )
+    target.to(dtype)  # adapter weights in the serving dtype; shared base weights are untouched
+    target.eval()
+    return target
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a turn: the generation config's and the tokenizer's EOS."""
+    ids: list[int] = []
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids.extend(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+def context_length(model: Any, override: int | None = None) -> int:
+    """The longest sequence (prompt + completion) the model is served with."""
+    config = model.config.get_text_config()
+    native = getattr(config, "max_position_embeddings", None)
+    if override is not None:
+        if native is not None and override > native:
+            raise UserError(
+                f"model.max_context={override} exceeds the model's {native} positions; lower it"
+            )
+        return override
+    if native is None:
+        raise UserError("the model config has no max_position_embeddings; set model.max_context")
+    return int(native)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: config, engines (transformers continuous batching, vLLM), app."""
