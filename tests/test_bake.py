@@ -75,6 +75,8 @@ EXPECTED_FILES = {
     "src/PKG/serving/vllm.py",
     "tests/lora_adapters.py",
     "tests/test_serve.py",
+    "tests/test_serve_units.py",
+    "tests/test_generate.py",
 }
 # Files copied verbatim (cookiecutter.json `_copy_without_render`): they carry
 # Jinja of their own, such as a chat template.

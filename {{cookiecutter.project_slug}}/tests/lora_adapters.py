@@ -57,7 +57,9 @@ def stop_adapter(base_dir: Path, out_dir: Path, steps: int = 40) -> Path:
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in encoded])
     labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded])
-    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded])
+    mask = torch.tensor(
+        [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     model.train()
     for _ in range(steps):

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from lora_adapters import random_adapter, stop_adapter
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,11 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
         f"server.max_body_bytes={BODY_LIMIT}",
         "server.shutdown_grace_s=20",
     ]
-    env = {**os.environ, "{{ cookiecutter.package_name | upper }}_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "{{ cookiecutter.package_name | upper }}_API_KEY": KEY,
+        "HF_HUB_OFFLINE": "1",
+    }
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     handle = Server(process, f"http://127.0.0.1:{port}", log)
@@ -188,7 +193,9 @@ def test_chat_streaming_with_usage(client, reference):
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == text
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length" if count == 12 else "stop"]
     assert chunks[-1].choices == []
     assert chunks[-1].usage.prompt_tokens == len(ids)
@@ -229,9 +236,7 @@ def test_completion_streaming_and_not(client, reference):
 def test_stop_sequence_cuts_the_text(client):
     full = client.completions.create(model="tiny", prompt="Once", max_tokens=24, temperature=0)
     text = full.choices[0].text
-    stop = next(
-        text[i : i + 2] for i in range(4, len(text) - 2) if text.find(text[i : i + 2]) == i
-    )
+    stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if text.find(text[i : i + 2]) == i)
     cut = client.completions.create(
         model="tiny", prompt="Once", max_tokens=24, temperature=0, stop=[stop, "\x00never"]
     )
@@ -366,7 +371,12 @@ BAD_REQUESTS = [
     ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "x"}]}, 400),
     ("temperature", "/v1/completions", {"model": "tiny", "prompt": "a", "temperature": 9}, 400),
     ("n > 1", "/v1/completions", {"model": "tiny", "prompt": "a", "n": 2}, 400),
-    ("max_tokens type", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": "x"}, 400),
+    (
+        "max_tokens type",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "a", "max_tokens": "x"},
+        400,
+    ),
     ("no prompt", "/v1/completions", {"model": "tiny"}, 400),
     ("unknown model", "/v1/completions", {"model": "nope", "prompt": "a"}, 404),
     ("too long", "/v1/completions", {"model": "tiny", "prompt": [5] * 600}, 400),
@@ -474,12 +484,14 @@ def test_sigterm_drains_in_flight_requests_then_exits(server):
     reader.start()
     assert started.wait(30)
     server.process.send_signal(signal.SIGTERM)
+    at_signal = len(events)
     time.sleep(0.5)
     with pytest.raises(httpx.TransportError):  # no longer accepting connections
         httpx.get(f"{server.url}/health", timeout=2)
     reader.join(60)
     assert server.process.wait(30) == 0
     assert events[-1] == "data: [DONE]", "the in-flight stream was cut"
+    assert len(events) > at_signal + 2, "the stream had ended before the signal"
     final = json.loads(events[-2].removeprefix("data: "))
     assert final["choices"][0]["finish_reason"] in {"stop", "length"}
     assert re.search(r"signal .*draining", server.log.read_text())

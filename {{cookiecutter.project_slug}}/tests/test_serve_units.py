@@ -1,0 +1,193 @@
+"""Serving pieces without a server: config, vLLM command line, text streaming, sampler."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_adapters import random_adapter
+from {{ cookiecutter.package_name }}.cli import main
+from {{ cookiecutter.package_name }}.errors import UserError
+from {{ cookiecutter.package_name }}.serving.config import load_serve_config
+from {{ cookiecutter.package_name }}.serving.text import TextStream
+from {{ cookiecutter.package_name }}.serving.vllm import run_vllm, vllm_command, vllm_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_and_overrides_apply():
+    config = load_serve_config(
+        ROOT / "configs/serve.yaml",
+        ["server.port=9001", "limits.max_tokens_cap=64"],
+        adapters=["support=runs/r1/adapter"],
+    )
+    assert config.server.port == 9001
+    assert config.limits.max_tokens_cap == 64
+    assert config.adapters == {"support": "runs/r1/adapter"}
+    assert config.served_names() == [config.model.name_or_path, "support"]
+    assert config.server.host == "127.0.0.1"  # loopback unless asked
+    assert config.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "adapters", "message"),
+    [
+        (["server.prot=1"], [], "did you mean 'server.port'"),
+        (["server.port=-1"], [], "server.port"),
+        (["engine.kind=tgi"], [], "engine.kind"),
+        ([], ["no-equals-sign"], "NAME=PATH"),
+        ([], ["bad name!=x"], "adapter name"),
+        (["model.served_name=a"], ["a=x"], "unique"),
+        (["port"], [], "KEY=VALUE"),
+    ],
+)
+def test_bad_config_is_a_user_error(overrides, adapters, message):
+    with pytest.raises(UserError, match=message):
+        load_serve_config(None, overrides, model="some/model", adapters=adapters)
+
+
+def test_a_model_is_required():
+    with pytest.raises(UserError, match="no model"):
+        load_serve_config(None, [])
+
+
+def test_serve_checks_paths_before_starting(tmp_path, capsys):
+    code = main(["serve", "--model", str(tmp_path), "--adapter", f"a={tmp_path / 'missing'}"])
+    assert code == 2
+    assert "adapter 'a'" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert main(["serve", "--model", "org/model", "server.port=1234", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name_or_path: org/model" in out and "port: 1234" in out
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_command_help_does_not_import_torch(command):
+    code = (
+        "import sys\n"
+        "from {{ cookiecutter.package_name }}.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'help imported torch'\n"
+        "assert 'fastapi' not in sys.modules, 'help imported fastapi'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_vllm_command_enables_lora_for_adapters(tiny_model_dir, tmp_path):
+    adapter = random_adapter(tiny_model_dir, tmp_path / "support")
+    config = load_serve_config(
+        None,
+        ["server.port=9100", "model.max_context=256", "engine.vllm_args=[--max-num-seqs, '64']"],
+        model=str(tiny_model_dir),
+        adapters=[f"support={adapter}"],
+    )
+    command = vllm_command(config)
+    assert command[:3] == ["vllm", "serve", str(tiny_model_dir)]
+    pairs = dict(itertools.pairwise(command))  # each flag -> the word after it
+    assert pairs["--served-model-name"] == str(tiny_model_dir)
+    assert pairs["--port"] == "9100"
+    assert pairs["--host"] == "127.0.0.1"
+    assert pairs["--load-format"] == "safetensors"
+    assert pairs["--max-model-len"] == "256"
+    assert pairs["--max-loras"] == "1"
+    assert pairs["--max-lora-rank"] == "8"  # rank 4 rounded up to a rank vLLM supports
+    assert "--enable-lora" in command
+    assert pairs["--lora-modules"] == f"support={adapter}"
+    assert "--trust-remote-code" not in command
+    assert command[-2:] == ["--max-num-seqs", "64"]
+
+
+def test_vllm_gets_the_api_key_from_the_environment_not_argv():
+    config = load_serve_config(None, ["model.device=cuda:1"], model="org/model")
+    env = vllm_environment(config, {config.server.api_key_env: "secret"})
+    assert env["VLLM_API_KEY"] == "secret"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "secret" not in " ".join(vllm_command(config))
+
+
+def test_vllm_engine_fails_clearly_without_vllm(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    config = load_serve_config(None, ["engine.kind=vllm"], model="org/model")
+    with pytest.raises(UserError, match="pip install vllm"):
+        run_vllm(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_text_stream_holds_back_a_stop_string_split_across_tokens(tokenizer):
+    text = "The answer is 19. END of the answer"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stop=["END"])
+    sent = "".join(stream.push([i]) for i in ids) + stream.finish()
+    assert sent == "The answer is 19. "
+    assert stream.stopped_by_string
+    assert "E" not in sent[len("The answer is 19") :]
+    assert stream.tokens < len(ids)  # consumed up to the stop, not beyond
+
+
+def test_text_stream_without_stop_is_the_full_decode(tokenizer):
+    text = 'naïve "quotes" ✓ and <|im_end|>'
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer)
+    pieces = [stream.push([i]) for i in ids]
+    assert "".join(pieces) + stream.finish() == tokenizer.decode(ids, skip_special_tokens=True)
+    assert stream.tokens == len(ids) and stream.last == ids[-1]
+
+
+def test_seeded_sampler_rows_are_batch_independent():
+    import torch
+
+    from {{ cookiecutter.package_name }}.serving.engine import GREEDY, SeededSampler, row_key
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 512)
+    key = row_key(7, 42)
+    sampler = SeededSampler()
+    alone = sampler(scores[:1].clone(), torch.tensor([key], dtype=torch.int32))
+    mixed = sampler(scores.clone(), torch.tensor([key, GREEDY, 0, key], dtype=torch.int32))
+    chosen = alone[0].argmax()
+    assert torch.isfinite(alone[0]).sum() == 1
+    assert mixed[0].argmax() == chosen and mixed[3].argmax() == chosen  # same seed, same token
+    assert mixed[1].argmax() == scores[1].argmax()  # greedy row
+    assert torch.equal(mixed[2], scores[2])  # untouched: the library samples it
+    other = sampler(scores[:1].clone(), torch.tensor([row_key(8, 42)], dtype=torch.int32))
+    draws = {
+        int(sampler(scores[:1].clone(), torch.tensor([row_key(s, 42)], dtype=torch.int32)).argmax())
+        for s in range(64)
+    }
+    assert len(draws) > 8  # different seeds sample different tokens
+    assert other.shape == alone.shape
+
+
+def test_seeded_sampler_follows_the_distribution():
+    import torch
+
+    from {{ cookiecutter.package_name }}.serving.engine import SeededSampler, row_key
+
+    probs = torch.tensor([0.7, 0.2, 0.1, 0.0])
+    scores = probs.log().expand(4000, 4).clone()
+    keys = torch.tensor([row_key(seed, 0) for seed in range(4000)], dtype=torch.int32)
+    picks = SeededSampler()(scores, keys).argmax(dim=-1)
+    freq = torch.bincount(picks, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
