@@ -325,3 +325,63 @@ def test_overlong_records_are_truncated_or_dropped_with_counts(tiny_model_dir, t
     drop = config.data.model_copy(update={"overlong": "drop"})
     dropped = encode_records(records, tokenizer, drop)
     assert dropped.dropped == 10 and not dropped.examples
+
+
+def test_packing_trains_padding_free(tiny_model_dir, ticket_data, tmp_path):
+    config = tiny_config(
+        tiny_model_dir, ticket_data, tmp_path, "data.packing=true", "data.max_length=256",
+        "train.max_steps=10", "train.batch_size=4", "data.eval=null", "output.run_name=packed",
+    )  # fmt: skip
+    result = run_training(config)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    losses = [s["loss"] for s in metrics["steps"] if "loss" in s]
+    assert losses[-1] < losses[0]
+    # 10 steps of 4 packed rows of up to 256 tokens; padding-free rows hold only real tokens.
+    assert 0 < metrics["num_input_tokens_seen"] <= 10 * 4 * 256
+
+
+# --- data sources and formats ----------------------------------------------------------
+
+
+def test_every_format_and_file_type_maps_to_the_same_messages(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from {{ cookiecutter.package_name }}.config import DataConfig
+    from {{ cookiecutter.package_name }}.data import load_records
+
+    records = [
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {"prompt": "Q", "completion": "A"},
+        {"instruction": "Q", "output": "A"},
+        {"instruction": "Q", "input": "more", "output": "A"},
+    ]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    as_json = tmp_path / "d.json"
+    as_json.write_text(json.dumps(records))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(jsonl.read_text())
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([records[1], records[1]]), parquet)
+
+    config = DataConfig(system_prompt="Be brief.")
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
+    for source in (jsonl, as_json, folder):
+        loaded = load_records(str(source), config)
+        assert [r.messages for r in loaded[:3]] == [expected] * 3
+        assert loaded[3].messages[1]["content"] == "Q\n\nmore"
+    assert [r.messages for r in load_records(str(parquet), config)] == [expected] * 2
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    err = run_cli(capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", "data.train=no-org/no-data")
+    assert "cannot load dataset 'no-org/no-data'" in err
+    assert "HF_HUB_OFFLINE=1" in err

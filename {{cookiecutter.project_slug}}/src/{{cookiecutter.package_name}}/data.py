@@ -87,7 +87,9 @@ def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
 
         for index, record in enumerate(pq.read_table(path).to_pylist()):
             yield f"{source}[row {index}]", record
-    elif path.suffix or path.exists() or source.count("/") != 1:
+    elif path.is_dir():
+        yield from _hub_records(source, split)  # a folder of data files, read by datasets
+    elif path.suffix or source.count("/") != 1:
         raise UserError(
             f"data source {source!r}: use a .jsonl, .json or .parquet file, "
             "or a Hugging Face dataset id like 'org/name'"
@@ -104,7 +106,8 @@ def _open(path: Path):
 
 
 def _hub_records(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
-    # datasets caches downloads and reads the cache when HF_HUB_OFFLINE=1.
+    # datasets caches downloads, reads the cache when HF_HUB_OFFLINE=1 and falls back
+    # to the cached copy when the hub cannot be reached.
     import datasets
 
     try:
@@ -120,7 +123,9 @@ def _hub_records(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def _detect_format(where: str, record: dict[str, Any], wanted: str) -> str:
-    formats = [name for name, keys in FORMAT_KEYS.items() if all(k in record for k in keys)]
+    # Columnar sources (Parquet, datasets) fill missing fields with None: treat as absent.
+    present = {key for key, value in record.items() if value is not None}
+    formats = [name for name, keys in FORMAT_KEYS.items() if present.issuperset(keys)]
     if wanted != "auto":
         if wanted not in formats:
             keys = " and ".join(repr(k) for k in FORMAT_KEYS[wanted])
@@ -128,14 +133,16 @@ def _detect_format(where: str, record: dict[str, Any], wanted: str) -> str:
         return wanted
     if not formats:
         raise UserError(
-            f"{where}: unknown record shape with fields {sorted(record)}; expected 'messages', "
+            f"{where}: unknown record shape with fields {sorted(present)}; expected 'messages', "
             "'prompt' + 'completion', or 'instruction' + 'output'"
         )
     return formats[0]
 
 
 def _text(where: str, record: dict[str, Any], key: str, optional: bool = False) -> str:
-    value = record.get(key, "" if optional else None)
+    value = record.get(key)
+    if value is None and optional:
+        value = ""
     if not isinstance(value, str) or (not optional and not value.strip()):
         raise UserError(f"{where}: field {key!r} must be a non-empty string (got {value!r})")
     return value
