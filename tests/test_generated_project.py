@@ -1,21 +1,27 @@
-"""The guarantee that generated projects work: install one and run its own suite."""
+"""The guarantee that generated projects work: build one's locked environment with its own
+`nox -s env`, check that exactly the locked versions landed, and run its own suite there."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# The CPU build of torch for Python 3.11 that this machine (and CI) installs
-# without a download; any torch the project's range accepts would do.
-TORCH = os.environ.get("COOKIECUTTER_LORA_TORCH", "torch==2.13.0")
+# The wheel index for torch while the baked project's environment is built: CI sets the
+# CPU index; empty means pip's own configuration (this machine finds the CPU build of
+# torch 2.13.0 on its local disk).
+TORCH_INDEX = os.environ.get("COOKIECUTTER_LORA_TORCH_INDEX", "")
+CONDA_TOOLS = ("conda", "mamba", "micromamba")
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800)
+def run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=1800, **kwargs
+    )
     assert result.returncode == 0, (
         f"{' '.join(command)} failed ({result.returncode}):\n"
         f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
@@ -23,18 +29,41 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def path_without_conda() -> str:
+    """PATH minus every folder that holds conda, mamba or micromamba."""
+    folders = os.environ["PATH"].split(os.pathsep)
+    return os.pathsep.join(
+        f for f in folders if not any((Path(f) / tool).exists() for tool in CONDA_TOOLS)
+    )
+
+
+def pins_of(text: str) -> dict[str, str]:
+    """`name==version` lines (a lock, or `pip freeze`) as {normalized name: public version}."""
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", text, re.MULTILINE)
+    # 2.13.0+cpu -> 2.13.0: the lock pins torch by version, the index picks the build.
+    return {re.sub(r"[-_.]+", "-", name).lower(): v.split("+")[0] for name, v in pins}
+
+
 @pytest.mark.slow
-def test_baked_project_installs_and_passes_its_own_tests(default_project: Path):
-    venv = default_project / ".venv"
-    run([sys.executable, "-m", "venv", str(venv)], default_project)
-    python = str(venv / "bin" / "python")
-    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    run([*pip, TORCH], default_project)
-    run([*pip, "-e", ".[dev]"], default_project)
+def test_locked_env_builds_without_conda_and_the_project_passes_its_tests(
+    default_project: Path,
+):
+    env = {**os.environ, "PATH": path_without_conda(), "TORCH_INDEX_URL": TORCH_INDEX}
+    nox = [sys.executable, "-m", "nox", "-f", str(default_project / "noxfile.py")]
+    result = run([*nox, "-s", "env"], default_project, env=env)
+    log = result.stdout + result.stderr
+    assert "no conda, mamba or micromamba on PATH: falling back to a venv" in log
+    assert re.search(r"\.venv: \d+\.\d\d GiB on disk \(\d+ MiB\)", log), log[-2000:]
 
-    help_text = run([str(venv / "bin" / "lora_chat"), "--help"], default_project).stdout
+    # Exactly the locked versions, nothing more (pip itself comes with every venv).
+    python = str(default_project / ".venv" / "bin" / "python")
+    freeze = run([python, "-m", "pip", "freeze", "--all", "--exclude-editable"], default_project)
+    installed = pins_of(freeze.stdout)
+    installed.pop("pip", None)
+    assert installed == pins_of((default_project / "requirements" / "dev.txt").read_text())
+
+    help_text = run([python, "-m", "lora_chat", "--help"], default_project).stdout
     assert "info" in help_text
-
     result = run([python, "-m", "pytest", "-p", "no:cacheprovider"], default_project)
     print(result.stdout[-3000:])
     assert " passed" in result.stdout

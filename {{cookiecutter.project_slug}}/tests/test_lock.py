@@ -1,0 +1,112 @@
+"""The locked environment agrees with pyproject.toml, and the image is built from it.
+
+Offline and fast: nothing here resolves or installs. `nox -s lock -- --check` runs the
+same check in CI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = "{{ cookiecutter.python_version }}"
+TORCH_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}"
+
+
+def _load_locking():
+    spec = importlib.util.spec_from_file_location("locking", ROOT / "tools" / "locking.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("locking", module)  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+locking = _load_locking()
+
+
+def test_locks_match_pyproject():
+    assert locking.check(ROOT, PYTHON, TORCH_INDEX) == []
+
+
+def test_every_lock_line_is_an_exact_pin():
+    for name in locking.LOCKS:
+        path = locking.lock_path(ROOT, name)
+        assert locking.pin_lines(path), f"{path} pins nothing"
+        for line in path.read_text().splitlines():
+            assert not line.strip() or line.lstrip().startswith("#") or locking.PIN.match(line)
+
+
+def test_environment_yml_is_conda_forge_python_and_pip_then_the_dev_pins():
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert environment["channels"] == ["conda-forge", "nodefaults"]
+    conda_layer = [d for d in environment["dependencies"] if isinstance(d, str)]
+    assert conda_layer == [f"python={PYTHON}", "pip"]
+    (pip_layer,) = [d["pip"] for d in environment["dependencies"] if isinstance(d, dict)]
+    assert pip_layer[0] == f"--extra-index-url {TORCH_INDEX}"
+    assert pip_layer[1:] == locking.pin_lines(locking.lock_path(ROOT, "dev"))
+    assert "defaults" not in environment["channels"] and "pytorch" not in environment["channels"]
+
+
+def test_serving_lock_is_lean_and_a_subset_of_dev():
+    serve = locking.pins(locking.lock_path(ROOT, "serve"))
+    dev = locking.pins(locking.lock_path(ROOT, "dev"))
+    assert {"torch", "transformers", "peft", "fastapi", "uvicorn"} <= set(serve)
+    assert not {"trl", "datasets", "pytest", "nox", "ruff", "matplotlib"} & set(serve)
+    assert all(dev[name] == pinned for name, pinned in serve.items())
+
+
+def test_no_lock_holds_a_cuda_runtime_or_a_torch_build_tag():
+    for name in locking.LOCKS:
+        pinned = locking.pins(locking.lock_path(ROOT, name))
+        assert not [n for n in pinned if locking.CUDA_RUNTIME.fullmatch(n)]
+        assert "+" not in pinned["torch"]
+
+
+def test_installed_versions_are_the_locked_ones():
+    """Run under `nox -s tests` (which installs requirements/dev.txt), every locked
+    distribution is installed at exactly its pinned version."""
+    wrong = {}
+    for name, pinned in locking.pins(locking.lock_path(ROOT, "dev")).items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or installed.split("+")[0] != pinned:
+            wrong[name] = (pinned, installed)
+    if len(wrong) == len(locking.pins(locking.lock_path(ROOT, "dev"))):
+        pytest.skip("not installed from requirements/dev.txt (run `nox -s tests`)")
+    assert wrong == {}, "installed versions differ from requirements/dev.txt: run `nox -s env`"
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
+    stages = [line for line in instructions if line.startswith("FROM ")]
+    assert len(stages) >= 2, "multi-stage: a builder and a runtime"
+    assert not [line for line in instructions if "nvidia/cuda" in line], "CUDA comes as wheels"
+    assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", text, re.MULTILINE)
+    runtime = text[text.rindex("\nFROM ") :]
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime
+    assert not re.search(r"^COPY (?!--from)", runtime, re.MULTILINE), "runtime copies stages only"
+    users = re.findall(r"^USER (\S+)", runtime, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert re.search(r"^HEALTHCHECK .*\n?.*CMD \[.*/ready", runtime, re.MULTILINE)
+    assert re.search(r'^CMD \["{{ cookiecutter.package_name }}", "serve"', runtime, re.MULTILINE)
+    assert "requirements/serve.txt" in text and "requirements/dev.txt" not in text
+    assert "compileall" in text
+    assert text.count("--no-cache-dir") >= 2 and "PIP_NO_CACHE_DIR=1" in text
+
+
+def test_dockerignore_keeps_tests_and_docs_out():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    assert lines[lines.index("*") + 1 :]  # allow-list: everything is ignored first
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert not {"tests", "docs", "data", "benchmarks", "tools"} & allowed
+    assert "requirements/serve.txt" in allowed
