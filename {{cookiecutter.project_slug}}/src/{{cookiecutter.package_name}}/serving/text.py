@@ -26,10 +26,13 @@ class TextStream:
         self._stream: Any = None
         backend = getattr(tokenizer, "_tokenizer", None)
         if getattr(tokenizer, "is_fast", False) and backend is not None:
-            from tokenizers.decoders import DecodeStream
-
-            self._stream = DecodeStream(skip_special_tokens=True)
-            self._backend = backend
+            try:  # O(1) per token; tokenizers >= 0.21
+                from tokenizers.decoders import DecodeStream
+            except ImportError:
+                DecodeStream = None
+            if DecodeStream is not None:
+                self._stream = DecodeStream(skip_special_tokens=True)
+                self._backend = backend
         self.text = ""
         self.emitted = 0
         self.stopped_by_string = False
