@@ -50,9 +50,10 @@ def test_bad_config_is_a_user_error(overrides, adapters, message):
         load_serve_config(None, overrides, model="some/model", adapters=adapters)
 
 
-def test_a_model_is_required():
-    with pytest.raises(UserError, match="no model"):
-        load_serve_config(None, [])
+def test_without_a_config_the_base_model_is_served():
+    config = load_serve_config(None, ["server.host=0.0.0.0"])  # the image's command
+    assert config.model.name_or_path == "{{ cookiecutter.base_model }}"
+    assert config.base_name == config.model.name_or_path
 
 
 def test_serve_checks_paths_before_starting(tmp_path, capsys):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import UserError
 
+BASE_MODEL = {{ cookiecutter.base_model | tojson }}
 DEFAULT_API_KEY_ENV = "{{ cookiecutter.package_name | upper }}_API_KEY"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
@@ -24,7 +25,9 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    name_or_path: str = Field(min_length=1)  # hub id, local folder, or a merged run folder
+    # hub id, local folder, or a merged run folder; default: the project's base model, so
+    # `serve` with no config (as in the image) serves it
+    name_or_path: str = Field(BASE_MODEL, min_length=1)
     served_name: str | None = None  # the `model` clients send for the base; default name_or_path
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
@@ -62,7 +65,7 @@ class LimitsSection(Section):
 
 
 class ServeConfig(Section):
-    model: ModelSection
+    model: ModelSection = ModelSection()
     adapters: dict[str, str] = {}  # served name -> LoRA adapter folder (runs/<run>/adapter)
     engine: EngineSection = EngineSection()
     server: ServerSection = ServerSection()
@@ -168,8 +171,6 @@ def load_serve_config(
     if extra:
         raw = _merge(raw, extra)
         source += " with overrides"
-    if "model" not in raw:
-        raise UserError(f"{source}: no model; pass --model or set model.name_or_path")
     try:
         config = ServeConfig.model_validate(raw)
     except ValidationError as error:
