@@ -31,6 +31,7 @@ EXPECTED_FILES = {
     "requirements/dev.txt",
     "requirements/serve.txt",
     "tools/locking.py",
+    "tools/slim_env.py",
     "README.md",
     "noxfile.py",
     "pyproject.toml",
