@@ -329,3 +329,12 @@ def test_lock_check_passes_on_a_fresh_bake_and_fails_after_a_pyproject_change(tm
     output = result.stdout + result.stderr
     assert "requirements/serve.txt has no pin for `orjson>=3`" in output
     assert "Run `nox -s lock`" in output
+
+
+def test_docker_session_says_clearly_when_there_is_no_engine(tmp_path: Path):
+    engine = shutil.which("docker")
+    if engine and subprocess.run([engine, "info"], capture_output=True).returncode == 0:
+        pytest.skip("a Docker engine runs here: `nox -s docker` would build the image")
+    result = run_nox(bake(tmp_path), "-s", "docker")
+    assert result.returncode != 0
+    assert "no Docker engine here (`docker info` failed)" in result.stdout + result.stderr

@@ -119,7 +119,7 @@ def docker(session: nox.Session) -> None:
     if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode:
         session.error(
             "no Docker engine here (`docker info` failed): the image cannot be built on this "
-            "machine. Start Docker and rerun, or push a tag to build it in CI (image.yml)."
+            "machine; start Docker and rerun, or push a v* tag to build it in CI (image.yml)"
         )
     build_arg = f"TORCH_INDEX_URL={TORCH_INDEX_URL or TORCH_BACKEND_INDEX}"
     session.run("docker", "build", "--build-arg", build_arg, "-t", IMAGE, *session.posargs, ".")
