@@ -61,6 +61,7 @@ EXPECTED_FILES = {
     "src/PKG/merge.py",
     "src/PKG/modeling.py",
     "src/PKG/train.py",
+    "benchmarks/train_throughput.py",
     "configs/serve.yaml",
     "src/PKG/generate.py",
     "src/PKG/inference.py",

@@ -43,17 +43,17 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A 2-layer Llama with hidden size 64: about 0.1M parameters, random weights."""
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+    """A random Llama; the defaults (2 layers, hidden size 64) give about 0.1M parameters."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
