@@ -77,6 +77,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _token_cost(args: argparse.Namespace) -> int:
+    from .cost.command import token_cost_command
+
+    return token_cost_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=__package__,
@@ -153,6 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     serve.set_defaults(run=_serve)
+
+    cost = commands.add_parser(
+        "token-cost",
+        help="measure $ per 1M tokens (serving with cold start, training runs); write a cost card",
+        description="Measure what a token costs and write reports/<time>-<kind>/cost_card."
+        "{json,md,png}. Without --url our server is started from server.config (cold start "
+        "included); with --url any OpenAI-compatible endpoint is measured. KEY=VALUE "
+        "overrides any field of configs/token_cost.yaml (e.g. slo.ttft_s=0.5 "
+        "prompts.source=synthetic).",
+    )
+    cost.add_argument("--config", help="YAML config (default: configs/token_cost.yaml if present)")
+    cost.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    cost.add_argument("--model", help="the `model` of the requests (default: the first served)")
+    cost.add_argument("--api-key-env", metavar="VAR", help="environment variable with the API key")
+    cost.add_argument("--gpu-hourly-usd", type=float, help="price of the machine per hour")
+    cost.add_argument("--concurrency", metavar="N,N,...", help="concurrency sweep, e.g. 1,2,4,8")
+    cost.add_argument("--rates", metavar="R,R,...", help="Poisson arrival rates (req/s) instead")
+    cost.add_argument("--requests", type=int, help="requests per level")
+    cost.add_argument("--time-limit", type=float, help="seconds per level at most")
+    cost.add_argument(
+        "--run",
+        action="append",
+        dest="runs",
+        metavar="RUN_DIR",
+        help="add a training run's cost (runs/<run>, or 'latest'; repeatable)",
+    )
+    cost.add_argument(
+        "--training-only", action="store_true", help="only the training runs, no serving"
+    )
+    cost.add_argument("--out", help="reports folder (default: reports)")
+    cost.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    cost.set_defaults(run=_token_cost)
     return parser
 
 

@@ -1,0 +1,223 @@
+"""Start our own server and time its cold start; read its Prometheus /metrics.
+
+Timed by the meter from the moment before the process is spawned:
+    listening   the HTTP port answers (/health, any status)
+    ready       GET /ready says 200 (models loaded and warm); vLLM: GET /health says 200
+    first_token the first text event of the first request, sent the moment it is ready
+and, as the server reports them in `llm_cold_start_seconds{phase=...}`: imports, weights,
+adapters, warmup, and ready (the server's own process start to ready).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import UserError
+
+PACKAGE = __package__.rpartition(".")[0]
+PHASES = ("imports", "weights", "adapters", "warmup", "ready")
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """`name{labels} value` lines -> {"name{labels}": value} (comments skipped)."""
+    values = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float] | None:
+    """The server's /metrics, or None when it has none (not our server) or is gone."""
+    try:
+        response = httpx.get(f"{base_url}/metrics", timeout=timeout, trust_env=False)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    return parse_prometheus(response.text)
+
+
+def _sum(metrics: dict[str, float], name: str) -> float | None:
+    found = [v for k, v in metrics.items() if k == name or k.startswith(name + "{")]
+    return sum(found) if found else None
+
+
+def token_counters(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    """Prompt and completion tokens the server has counted, over all models."""
+    if not metrics:
+        return None
+    prompt = _sum(metrics, "llm_prompt_tokens_total")
+    completion = _sum(metrics, "llm_completion_tokens_total")
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def counter_delta(
+    before: dict[str, float] | None, after: dict[str, float] | None
+) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    return {key: after[key] - before[key] for key in before}
+
+
+def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
+    if not metrics:
+        return {}
+    phases = {}
+    for phase in PHASES:
+        value = metrics.get("llm_cold_start_seconds" + "{" + f'phase="{phase}"' + "}")
+        if value is not None:
+            phases[phase] = value
+    return phases
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OwnServer:
+    """Our `serve` command in a child process on a free loopback port."""
+
+    def __init__(
+        self,
+        serve_config: str | None,
+        overrides: list[str],
+        model: str | None,
+        adapters: dict[str, str],
+        log_path: Path,
+    ) -> None:
+        from ..serving.config import load_serve_config
+
+        adapter_args = [f"{name}={path}" for name, path in adapters.items()]
+        self.port = free_port()
+        placement = ["server.host=127.0.0.1", f"server.port={self.port}"]
+        # Checked here, so a bad config is a clear error before anything starts.
+        self.config = load_serve_config(serve_config, [*overrides, *placement], model, adapter_args)
+        self.command = [sys.executable, "-m", PACKAGE, "serve"]
+        if serve_config:
+            self.command += ["--config", serve_config]
+        if model:
+            self.command += ["--model", model]
+        self.command += [f"--adapter={item}" for item in adapter_args]
+        self.command += [*overrides, *placement]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.timings: dict[str, float] = {}
+
+    def alive(self) -> str | None:
+        """None while the process runs, else why it is gone."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        return f"the server process exited with code {code} (log: {self.log_path})"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def start(self, ready_timeout_s: float, progress: Callable[[str], None] = print) -> None:
+        """Spawn, then poll until ready; fills `timings` (seconds after the spawn)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        progress(f"starting the server: {' '.join(self.command)}")
+        with self.log_path.open("w") as sink:
+            t0 = time.perf_counter()
+            self.spawned_at = t0
+            self.process = subprocess.Popen(
+                self.command, stdout=sink, stderr=subprocess.STDOUT, env=env
+            )
+        probe = "/ready" if self.config.engine.kind == "transformers" else "/health"
+        deadline = t0 + ready_timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while time.perf_counter() < deadline:
+                if self.alive():
+                    raise UserError(f"{self.alive()} before it was ready:\n{self.log_tail()}")
+                try:
+                    response = client.get(self.url + probe)
+                except httpx.TransportError:
+                    time.sleep(0.01)
+                    continue
+                now = time.perf_counter() - t0
+                self.timings.setdefault("listening_s", now)
+                if response.status_code == 200:
+                    self.timings["ready_s"] = now
+                    return
+                time.sleep(0.01)
+        self.stop()
+        raise UserError(
+            f"the server was not ready after {ready_timeout_s:.0f} s "
+            f"(server.ready_timeout_s):\n{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def cold_start_section(
+    server: OwnServer, first: Any, metrics: dict[str, float] | None
+) -> dict[str, Any]:
+    """The card's cold-start numbers: ours (spawn to ...) and the server's own phases.
+
+    `first` is the first request, sent the moment the server was ready, timed from the
+    spawn (its `start` is seconds after the spawn).
+    """
+    timings = dict(server.timings)
+    if first is not None and first.ok:
+        reference = first.first_token if first.first_token is not None else first.end
+        timings["first_token_s"] = first.start + reference
+        timings["first_request_ttft_s"] = reference
+    phases = server_phases(metrics)
+    outside = None
+    note = None
+    if "ready" in phases and "ready_s" in timings:
+        outside = timings["ready_s"] - phases["ready"]
+        if outside < 0:
+            # The server dates its own start from psutil's process create time, which
+            # Linux derives from a boot time in whole seconds: up to 1 s off.
+            note = (
+                f"the server's own ready time ({phases['ready']:.2f} s) exceeds the measured "
+                f"{timings['ready_s']:.2f} s: its process-start clock is coarse; trust ready_s"
+            )
+            outside = None
+    return {
+        "measured": True,
+        "source": "own server process started by the meter",
+        "command": server.command,
+        "listening_s": timings.get("listening_s"),
+        "ready_s": timings.get("ready_s"),
+        "first_token_s": timings.get("first_token_s"),
+        "first_request_ttft_s": timings.get("first_request_ttft_s"),
+        "server_phases_s": phases,
+        # Before the server's clock starts: interpreter start until the process exists.
+        "outside_server_s": outside,
+        "first_request_error": None if first is None or first.ok else first.error,
+        "note": note,
+    }

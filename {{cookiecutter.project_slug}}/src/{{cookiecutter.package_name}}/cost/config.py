@@ -1,0 +1,185 @@
+"""The token-cost config (configs/token_cost.yaml) and the reference prices (configs/prices.yaml).
+
+Typed and validated like the training and serving configs, with the same KEY=VALUE
+overrides; imports only pydantic and yaml.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import _merge, _section_fields, parse_overrides
+from ..errors import UserError
+from .money import Split
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PriceSection(Section):
+    gpu_hourly_usd: float = Field(2.5, gt=0)  # the machine that serves, all its GPUs
+    split: Literal["output-only", "by-tokens", "weighted"] = "weighted"
+    input_weight: float = Field(0.25, ge=0)  # weighted: an input token costs this x an output
+    reference_prices: str | None = "configs/prices.yaml"  # null: no comparison
+
+    def split_rule(self) -> Split:
+        return Split(self.split, self.input_weight)
+
+
+class EndpointSection(Section):
+    url: str | None = None  # base URL of an OpenAI-compatible API; null: start our server
+    model: str | None = None  # `model` of the requests; null: the first of /v1/models
+    api_key_env: str | None = None  # variable holding the key; null: the server config's
+    api: Literal["chat", "completions"] = "chat"
+    tokenizer: str | None = None  # to cross-check token counts; null: our server's model
+    device: str | None = None  # what the remote endpoint runs on, for the card (free text)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)  # one request, first byte to last
+
+
+class ServerSection(Section):
+    config: str | None = "configs/serve.yaml"  # the serve config our server starts from
+    overrides: list[str] = []  # KEY=VALUE for the server, e.g. ["engine.kv_cache_tokens=8192"]
+    model: str | None = None  # shorthand for model.name_or_path
+    adapters: dict[str, str] = {}  # NAME: PATH served next to the base
+    ready_timeout_s: float = Field(900.0, gt=0)
+
+
+class LoadSection(Section):
+    mode: Literal["concurrency", "poisson"] = "concurrency"
+    concurrency: list[int] = [1, 2, 4, 8, 16, 32]
+    rates: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]  # poisson: requests per second
+    max_concurrency: int | None = Field(None, ge=1)  # poisson: cap on requests in flight
+    requests_per_level: int = Field(64, ge=1)
+    level_time_limit_s: float = Field(120.0, gt=0)  # a level stops here, whatever is left
+    warmup_requests: int = Field(2, ge=0)  # before the sweep, not counted
+    abort_after_errors: int = Field(20, ge=1)  # consecutive failures that stop the sweep
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _levels(self) -> LoadSection:
+        if self.mode == "concurrency" and (not self.concurrency or min(self.concurrency) < 1):
+            raise ValueError("load.concurrency must be a non-empty list of integers >= 1")
+        if self.mode == "poisson" and (not self.rates or min(self.rates) <= 0):
+            raise ValueError("load.rates must be a non-empty list of rates > 0")
+        return self
+
+    def levels(self) -> list[float]:
+        return list(self.concurrency if self.mode == "concurrency" else self.rates)
+
+
+class PromptSection(Section):
+    source: Literal["dataset", "synthetic"] = "dataset"
+    dataset: str = "data/tickets_eval.jsonl"  # records in any training format; answers dropped
+    input_tokens: int = Field(256, ge=1)  # synthetic: tokens of the user message
+    output_tokens: int = Field(128, ge=1)  # max_tokens of every request
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    ignore_eos: bool = False  # send vLLM's ignore_eos, so every answer is output_tokens long
+
+
+class SloSection(Section):
+    ttft_s: float = Field(2.0, gt=0)  # time to first token
+    e2e_s: float = Field(30.0, gt=0)  # whole request
+    attainment: float = Field(0.9, gt=0, le=1)  # share of requests that must meet both
+
+
+class ServerlessSection(Section):
+    enabled: bool = True
+    requests_per_hour: list[float] = [1.0, 10.0, 60.0, 600.0, 3600.0]
+    idle_timeout_s: float = Field(300.0, ge=0)  # scale to zero after this long without a request
+    cold_start_s: float | None = Field(None, ge=0)  # null: measured (start to ready)
+    extra_cold_start_s: float = Field(0.0, ge=0)  # e.g. image pull + container start
+
+
+class ReportSection(Section):
+    dir: str = "reports"
+
+
+class TokenCostConfig(Section):
+    price: PriceSection = PriceSection()
+    endpoint: EndpointSection = EndpointSection()
+    server: ServerSection = ServerSection()
+    load: LoadSection = LoadSection()
+    prompts: PromptSection = PromptSection()
+    slo: SloSection = SloSection()
+    serverless: ServerlessSection = ServerlessSection()
+    report: ReportSection = ReportSection()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    valid = _section_fields(TokenCostConfig)
+    lines = [f"invalid token-cost config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            lines.append(
+                f"  {key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+        else:
+            lines.append(f"  {key or '<root>'}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must hold a mapping")
+    return raw
+
+
+def load_token_cost_config(
+    path: str | Path | None, overrides: list[str] | None = None, extra: dict | None = None
+) -> TokenCostConfig:
+    """The YAML (or the defaults), then `extra` (from CLI flags), then KEY=VALUE overrides."""
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml(Path(path), "config file")
+    if extra:
+        raw = _merge(raw, extra)
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return TokenCostConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_describe(error, source)) from None
+
+
+class ReferencePrice(Section):
+    provider: str
+    model: str
+    usd_per_1m_input: float = Field(ge=0)
+    usd_per_1m_output: float = Field(ge=0)
+
+
+class ReferencePrices(Section):
+    taken: dt.date  # when the prices were read off the providers' pages
+    source: str
+    note: str | None = None
+    models: list[ReferencePrice] = Field(min_length=1)
+
+
+def load_reference_prices(path: str | Path) -> ReferencePrices:
+    raw = _read_yaml(Path(path), "price file")
+    try:
+        return ReferencePrices.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()[:5]
+        )
+        raise UserError(f"price file {path}: {problems}") from None

@@ -1,0 +1,445 @@
+"""The load client: streamed OpenAI-compatible requests, timed on arrival, at a load level.
+
+Why raw httpx and not the `openai` package: the meter must time each server-sent event
+when its bytes arrive, see the HTTP status and error body of a failed request as they are,
+and never retry (a retry with back-off would hide an error inside a latency). The openai
+client retries by default, parses every chunk into pydantic objects before handing it
+over, and wraps transport errors; here each `data:` line is timestamped the moment httpx
+yields it and parsed after. The independent check (benchmarks/meter_accuracy.py) uses the
+openai client, so the two do not share a code path.
+
+A level is one concurrency (N requests in flight, each replaced when it finishes) or one
+Poisson arrival rate (exponential gaps from a seeded generator). Every level stops at its
+request count or its time limit, whichever comes first; requests still running at the time
+limit are cancelled and reported as such, never counted as served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, str]] | None = None  # chat API
+    text: str | None = None  # completions API
+    expected_prompt_tokens: int | None = None  # known when we hold the server's tokenizer
+
+
+@dataclass
+class Endpoint:
+    base_url: str  # ".../v1"
+    model: str
+    api: str = "chat"  # chat | completions
+    api_key: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 300.0
+
+    @property
+    def path(self) -> str:
+        return "/chat/completions" if self.api == "chat" else "/completions"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def body(self, prompt: Prompt) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.api == "chat":
+            body["messages"] = prompt.messages
+        else:
+            body["prompt"] = prompt.text
+        if self.ignore_eos:
+            body["ignore_eos"] = True  # vLLM's extension; other servers ignore unknown fields
+        return body
+
+
+@dataclass
+class RequestResult:
+    index: int
+    start: float  # seconds after the level started
+    ok: bool = False
+    status: int | None = None
+    error: str | None = None
+    error_kind: str | None = None  # http_4xx http_5xx timeout connect stream cancelled
+    first_token: float | None = None  # seconds after start: first chunk with text
+    end: float | None = None  # seconds after start: [DONE] (or the failure)
+    chunk_times: list[float] = field(default_factory=list)  # seconds after start
+    prompt_tokens: int | None = None  # from the server's usage
+    completion_tokens: int | None = None
+    content_chunks: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    expected_prompt_tokens: int | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.error_kind == "cancelled"
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:300]
+        return str(error)[:300]
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
+
+
+async def stream_request(
+    client: httpx.AsyncClient, endpoint: Endpoint, prompt: Prompt, index: int, t0: float
+) -> RequestResult:
+    """One streamed request. Never raises for a failed request: the result says what failed.
+
+    Cancellation (the level's time limit) is recorded on the result, then re-raised.
+    """
+    start = time.perf_counter()
+    result = RequestResult(
+        index=index, start=start - t0, expected_prompt_tokens=prompt.expected_prompt_tokens
+    )
+
+    def since() -> float:
+        return time.perf_counter() - start
+
+    done = False
+    try:
+        async with client.stream(
+            "POST", endpoint.base_url + endpoint.path, json=endpoint.body(prompt),
+            headers=endpoint.headers(),
+        ) as response:  # fmt: skip
+            result.status = response.status_code
+            if response.status_code >= 400:
+                body = await response.aread()
+                result.error_kind = "http_4xx" if response.status_code < 500 else "http_5xx"
+                result.error = f"HTTP {response.status_code}: {_error_message(body)}"
+                result.end = since()
+                return result
+            async for line in response.aiter_lines():
+                arrived = since()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                try:
+                    event = json.loads(payload)
+                except json.JSONDecodeError:
+                    result.error_kind, result.error = "stream", f"bad event: {payload[:200]}"
+                    break
+                if "error" in event:
+                    result.error_kind = "stream"
+                    result.error = f"error event: {_error_message(payload.encode())}"
+                    break
+                usage = event.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                    result.completion_tokens = usage.get("completion_tokens")
+                for choice in event.get("choices") or []:
+                    if endpoint.api == "chat":
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                    else:
+                        piece = choice.get("text") or ""
+                    if piece:
+                        result.content_chunks += 1
+                        result.chunk_times.append(arrived)
+                        result.text += piece
+                        if result.first_token is None:
+                            result.first_token = arrived
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+    except asyncio.CancelledError:
+        result.error_kind, result.error = "cancelled", "cancelled at the level's time limit"
+        result.end = since()
+        raise
+    except httpx.TimeoutException as error:
+        result.error_kind = "timeout"
+        result.error = f"timed out ({error.__class__.__name__})"
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as error:
+        started = result.status is not None
+        result.error_kind = "stream" if started else "connect"
+        what = "connection lost mid-stream" if started else "cannot connect"
+        result.error = f"{what}: {error.__class__.__name__}: {error}"
+    except httpx.HTTPError as error:
+        result.error_kind, result.error = "connect", f"{error.__class__.__name__}: {error}"
+    finally:
+        if result.end is None:
+            result.end = since()
+    if result.error is None and not done:
+        result.error_kind, result.error = "stream", "the stream ended without data: [DONE]"
+    result.ok = result.error is None
+    return result
+
+
+@dataclass
+class LevelRun:
+    level: float
+    mode: str
+    results: list[RequestResult]
+    duration_s: float
+    stopped_by: str  # "request count" | "time limit" | "abort: ..."
+
+    @property
+    def aborted(self) -> bool:
+        return self.stopped_by.startswith("abort")
+
+
+class Abort(Exception):
+    """The sweep cannot go on (the server died, the endpoint stopped answering)."""
+
+
+class LevelRunner:
+    """Runs load levels against one endpoint with one HTTP connection pool."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        prompts: Sequence[Prompt],
+        *,
+        alive: Callable[[], str | None] | None = None,
+        abort_after_errors: int = 20,
+        progress: bool = True,
+        max_concurrency: int | None = None,
+        on_result: Callable[[RequestResult], None] | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("no prompts")
+        self.endpoint, self.prompts = endpoint, list(prompts)
+        self.alive = alive or (lambda: None)
+        self.abort_after_errors = abort_after_errors
+        self.progress = progress
+        self.max_concurrency = max_concurrency  # Poisson: later arrivals wait for a slot
+        self.on_result = on_result
+        self._next_prompt = 0
+        self._consecutive_failures = 0
+        self._abort: str | None = None
+
+    def _prompt(self) -> Prompt:
+        prompt = self.prompts[self._next_prompt % len(self.prompts)]
+        self._next_prompt += 1
+        return prompt
+
+    def client(self, max_connections: int) -> httpx.AsyncClient:
+        ep = self.endpoint
+        timeout = httpx.Timeout(ep.request_timeout_s, connect=ep.connect_timeout_s)
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+    def _seen(self, result: RequestResult) -> None:
+        if result.cancelled:
+            return
+        if result.ok:
+            self._consecutive_failures = 0
+            return
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self.abort_after_errors:
+            self._abort = (
+                f"{self._consecutive_failures} requests in a row failed (last: {result.error})"
+            )
+
+    async def _one(self, client: httpx.AsyncClient, index: int, t0: float) -> RequestResult:
+        return await asyncio.wait_for(
+            stream_request(client, self.endpoint, self._prompt(), index, t0),
+            timeout=self.endpoint.request_timeout_s + self.endpoint.connect_timeout_s,
+        )
+
+    async def warmup(self, count: int) -> list[RequestResult]:
+        """Requests before the sweep, one at a time, not counted in any level."""
+        results = []
+        async with self.client(2) as client:
+            t0 = time.perf_counter()
+            for index in range(count):
+                try:
+                    results.append(await self._one(client, index, t0))
+                except TimeoutError:
+                    results.append(
+                        RequestResult(index, 0.0, error_kind="timeout", error="timed out")
+                    )
+        return results
+
+    async def run_level(
+        self, mode: str, level: float, requests: int, time_limit_s: float, seed: int = 0
+    ) -> LevelRun:
+        from tqdm.auto import tqdm
+
+        concurrency = int(level) if mode == "concurrency" else None
+        pool = concurrency or self.max_concurrency or 1024
+        results: list[RequestResult] = []
+        tasks: set[asyncio.Task] = set()
+        label = f"concurrency {concurrency}" if concurrency else f"{level:g} req/s (Poisson)"
+        bar = tqdm(total=requests, desc=label, unit="req", disable=not self.progress, leave=True)
+        output_tokens = 0
+        stopped_by = "request count"
+
+        async with self.client(pool) as client:
+            t0 = time.perf_counter()
+
+            def finished(task: asyncio.Task) -> None:
+                nonlocal output_tokens
+                tasks.discard(task)
+                if task.cancelled():
+                    return
+                error = task.exception()
+                if error is not None:  # asyncio.TimeoutError from wait_for
+                    result = RequestResult(
+                        len(results), 0.0, error_kind="timeout", error=f"timed out: {error!r}"
+                    )
+                else:
+                    result = task.result()
+                results.append(result)
+                self._seen(result)
+                if self.on_result is not None:
+                    self.on_result(result)
+                output_tokens += result.completion_tokens or 0
+                bar.update(1)
+                failed = sum(not r.ok for r in results)
+                elapsed = time.perf_counter() - t0
+                rate = output_tokens / max(elapsed, 1e-9)
+                bar.set_postfix(errors=failed, out_tok_s=f"{rate:.0f}")
+
+            def start(index: int) -> asyncio.Task:
+                task = asyncio.ensure_future(self._one(client, index, t0))
+                tasks.add(task)
+                task.add_done_callback(finished)
+                return task
+
+            deadline = t0 + time_limit_s
+            rng = random.Random(seed)
+            launched = 0
+            next_arrival = t0
+            try:
+                while True:
+                    reason = self._abort or self.alive()
+                    if reason:
+                        stopped_by = f"abort: {reason}"
+                        break
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        stopped_by = "time limit"
+                        break
+                    if launched >= requests and not tasks:
+                        break
+                    if concurrency is not None:
+                        while launched < requests and len(tasks) < concurrency:
+                            start(launched)
+                            launched += 1
+                    else:
+                        cap = self.max_concurrency or math.inf
+                        while (
+                            launched < requests
+                            and time.perf_counter() >= next_arrival
+                            and len(tasks) < cap
+                        ):
+                            start(launched)
+                            launched += 1
+                            next_arrival += rng.expovariate(level)
+                    wait = min(0.05, max(deadline - now, 0.0))
+                    if concurrency is None and launched < requests:
+                        wait = min(wait, max(next_arrival - time.perf_counter(), 0.0))
+                    if tasks:
+                        await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    else:
+                        await asyncio.sleep(wait)
+            finally:
+                pending = list(tasks)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    # Requests cut off by the time limit or an abort: listed, never counted.
+                    now = time.perf_counter() - t0
+                    for _ in pending:
+                        results.append(
+                            RequestResult(
+                                len(results),
+                                now,
+                                error_kind="cancelled",
+                                error=f"cancelled ({stopped_by})",
+                                end=now,
+                            )
+                        )
+                duration = time.perf_counter() - t0
+                bar.close()
+        return LevelRun(level, mode, results, duration, stopped_by)
+
+
+def dataset_prompts(
+    records: Sequence[list[dict[str, str]]], api: str, tokenizer: Any = None
+) -> list[Prompt]:
+    """Prompts from conversations: every turn up to the last assistant answer (dropped)."""
+    prompts = []
+    for messages in records:
+        turns = list(messages)
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            continue
+        prompts.append(_prompt(turns, api, tokenizer))
+    return prompts
+
+
+WORDS = [
+    *("order", "invoice", "parcel", "refund", "account", "password", "delivery", "billing"),
+    *("error", "screen", "login", "update", "payment", "address", "tracking", "export"),
+    *("report", "crash", "browser", "mobile", "settings", "email", "support", "courier"),
+]
+
+
+def synthetic_prompts(
+    count: int, input_tokens: int, api: str, tokenizer: Any = None, seed: int = 0
+) -> list[Prompt]:
+    """`count` distinct prompts whose user text is `input_tokens` tokens long.
+
+    With the server's tokenizer the text is cut to exactly that many tokens (the chat
+    template adds its own few); without one, words stand in at about 1.3 tokens each.
+    Each prompt starts with a distinct number so no prefix cache can serve it for free.
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(count):
+        words = [str(index)] + [rng.choice(WORDS) for _ in range(input_tokens * 2)]
+        text = " ".join(words)
+        if tokenizer is not None:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:input_tokens]
+            text = tokenizer.decode(ids)
+        else:
+            text = " ".join(words[: max(1, round(input_tokens / 1.3))])
+        prompts.append(_prompt([{"role": "user", "content": text}], api, tokenizer))
+    return prompts
+
+
+def _prompt(messages: list[dict[str, str]], api: str, tokenizer: Any) -> Prompt:
+    if api == "chat":
+        expected = None
+        if tokenizer is not None:
+            from ..chat import prompt_ids
+
+            expected = len(prompt_ids(tokenizer, messages))
+        return Prompt(messages=messages, expected_prompt_tokens=expected)
+    text = "\n\n".join(m["content"] for m in messages)
+    expected = len(tokenizer(text)["input_ids"]) if tokenizer is not None else None
+    return Prompt(text=text, expected_prompt_tokens=expected)
