@@ -61,10 +61,24 @@ def read_pyproject(root: Path) -> dict:
 
 
 def input_hash(root: Path) -> str:
-    """Hash of everything a lock is made from: pyproject's dependency tables, the
-    lock constraints and the recipe. Metadata such as the description is left out."""
+    """Hash of everything a lock is made from: the core dependencies, the extras the
+    locks install (following self-references such as `[train,serve]`), requires-python,
+    the lock constraints and the recipe. Metadata, and extras no lock installs, are left
+    out: adding an `[docs]` extra does not make the locks stale."""
     project = read_pyproject(root)["project"]
     name = canonicalize_name(project["name"])
+    optional = project.get("optional-dependencies", {})
+    used: set[str] = set()
+    todo = [extra for extras in LOCKS.values() for extra in extras]
+    while todo:
+        extra = todo.pop()
+        if extra in used or extra not in optional:
+            continue
+        used.add(extra)
+        for text in optional[extra]:
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) == name:
+                todo.extend(requirement.extras)
 
     def normalized(requirements: Iterable[str]) -> list[str]:
         out = []
@@ -79,10 +93,7 @@ def input_hash(root: Path) -> str:
         "recipe": RECIPE,
         "requires-python": project.get("requires-python", ""),
         "dependencies": normalized(project.get("dependencies", [])),
-        "optional-dependencies": {
-            extra: normalized(reqs)
-            for extra, reqs in sorted(project.get("optional-dependencies", {}).items())
-        },
+        "optional-dependencies": {extra: normalized(optional[extra]) for extra in sorted(used)},
         "constraints": sorted(_requirement_lines(root / CONSTRAINTS)),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
