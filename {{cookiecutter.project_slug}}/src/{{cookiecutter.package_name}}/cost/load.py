@@ -223,6 +223,7 @@ class LevelRunner:
         progress: bool = True,
         max_concurrency: int | None = None,
         on_result: Callable[[RequestResult], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("no prompts")
@@ -232,6 +233,7 @@ class LevelRunner:
         self.progress = progress
         self.max_concurrency = max_concurrency  # Poisson: later arrivals wait for a slot
         self.on_result = on_result
+        self.transport = transport  # tests: httpx.MockTransport
         self._next_prompt = 0
         self._consecutive_failures = 0
         self._abort: str | None = None
@@ -247,7 +249,9 @@ class LevelRunner:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        return httpx.AsyncClient(
+            timeout=timeout, limits=limits, trust_env=False, transport=self.transport
+        )
 
     def _seen(self, result: RequestResult) -> None:
         if result.cancelled:

@@ -1,0 +1,182 @@
+"""Is the token-cost meter right? Its throughput and TTFT against two independent timings.
+
+    python benchmarks/meter_accuracy.py                      # tiny random Llama built in code
+    python benchmarks/meter_accuracy.py --model runs/<run>/merged --concurrency 8 --requests 128
+
+Starts our server once, then, interleaved `--repeats` times on the same prompts at the same
+concurrency:
+  - the meter (token_cost's httpx client) runs a load level;
+  - an independent client (the official `openai` package, its own timing around its own
+    stream iterator) sends the same requests at the same concurrency.
+Compared: mean TTFT and output tokens/s of the meter vs the independent client, and, over
+the very requests the meter sent, the meter's mean TTFT vs the server's own TTFT histogram
+(sum / count from /metrics; the server clock starts when the request arrives). Target:
+within 10%. Writes reports/meter_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builder the test suite uses
+TARGET = 0.10
+
+
+def tiny_model(folder: Path) -> Path:
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(folder)
+    build_tiny_model(tokenizer, hidden_size=256, layers=4).save_pretrained(folder)
+    return folder
+
+
+def server_ttft(metrics: dict[str, float]) -> tuple[float, float]:
+    """Sum and count of the server's TTFT histogram, over every model it serves."""
+    name = "llm_time_to_first_token_seconds"
+    total = sum(v for k, v in metrics.items() if k.startswith(f"{name}_sum"))
+    count = sum(v for k, v in metrics.items() if k.startswith(f"{name}_count"))
+    return total, count
+
+
+async def independent(base_url, api_key, model, prompts, concurrency, max_tokens):
+    """The same requests through the openai client, timed around its own stream."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0)
+    queue = list(enumerate(prompts))
+    ttfts, tokens = [], 0
+
+    async def worker():
+        nonlocal tokens
+        while queue:
+            _, prompt = queue.pop(0)
+            start = time.perf_counter()
+            first = None
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=prompt.messages,
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - start
+                if chunk.usage:
+                    tokens += chunk.usage.completion_tokens
+            if first is not None:
+                ttfts.append(first)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    await client.close()
+    return {"ttft_mean_s": statistics.mean(ttfts), "output_tokens_per_s": tokens / wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder or hub id (default: a tiny random Llama)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "reports" / "meter_accuracy.json"))
+    args = parser.parse_args()
+
+    from {{ cookiecutter.package_name }}.config import DataConfig
+    from {{ cookiecutter.package_name }}.cost.coldstart import OwnServer, scrape
+    from {{ cookiecutter.package_name }}.cost.load import Endpoint, LevelRunner, dataset_prompts
+    from {{ cookiecutter.package_name }}.cost.money import percentiles
+    from {{ cookiecutter.package_name }}.data import load_records
+    from {{ cookiecutter.package_name }}.modeling import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model or str(tiny_model(Path(scratch) / "tiny"))
+        server = OwnServer(None, [], model, {}, Path(scratch) / "server.log")
+        server.start(900, print)
+        try:
+            base_url = server.url + "/v1"
+            data = str(ROOT / "data" / "tickets_eval.jsonl")
+            records = load_records(data, DataConfig(train=data, eval=None))
+            prompts = dataset_prompts([r.messages for r in records], "chat", load_tokenizer(model))
+            prompts = (prompts * (args.requests // len(prompts) + 1))[: args.requests]
+            endpoint = Endpoint(base_url, server.config.base_name, max_tokens=args.max_tokens)
+            runner = LevelRunner(endpoint, prompts, progress=False)
+            asyncio.run(runner.warmup(2))
+            rounds = []
+            for repeat in range(args.repeats):
+                before = scrape(server.url)
+                run = asyncio.run(
+                    runner.run_level("concurrency", args.concurrency, args.requests, 600.0)
+                )
+                after = scrape(server.url)
+                ok = [r for r in run.results if r.ok]
+                ttft = percentiles([r.first_token for r in ok if r.first_token is not None])
+                (s0, c0), (s1, c1) = server_ttft(before), server_ttft(after)
+                meter = {
+                    "ttft_mean_s": ttft["mean"],
+                    "output_tokens_per_s": sum(r.completion_tokens for r in ok) / run.duration_s,
+                    "server_ttft_mean_s": (s1 - s0) / (c1 - c0),
+                    "requests_ok": len(ok),
+                }
+                other = asyncio.run(
+                    independent(
+                        base_url,
+                        None,
+                        endpoint.model,
+                        prompts,
+                        args.concurrency,
+                        args.max_tokens,
+                    )
+                )
+                rounds.append({"repeat": repeat, "meter": meter, "independent": other})
+                print(json.dumps(rounds[-1]))
+        finally:
+            server.stop()
+
+    def rel(a: float, b: float) -> float:
+        return abs(a - b) / b
+
+    def mean(path: tuple[str, str]) -> float:
+        return statistics.mean(r[path[0]][path[1]] for r in rounds)
+
+    result = {
+        "model": args.model or "tiny random Llama (hidden 256, 4 layers)",
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "rounds": rounds,
+        "throughput_rel_diff_vs_independent": rel(
+            mean(("meter", "output_tokens_per_s")), mean(("independent", "output_tokens_per_s"))
+        ),
+        "ttft_rel_diff_vs_independent": rel(
+            mean(("meter", "ttft_mean_s")), mean(("independent", "ttft_mean_s"))
+        ),
+        "ttft_rel_diff_vs_server_same_requests": rel(
+            mean(("meter", "ttft_mean_s")), mean(("meter", "server_ttft_mean_s"))
+        ),
+        "target": TARGET,
+    }
+    keys = [k for k in result if k.endswith("rel_diff_vs_independent") or "same_requests" in k]
+    result["within_target"] = all(result[k] <= TARGET for k in keys)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for key in keys:
+        print(f"{key}: {result[key]:.1%}")
+    print(f"within {TARGET:.0%}: {result['within_target']} -> {args.out}")
+    return 0 if result["within_target"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Token cost without a model: the money maths on known inputs, MFU, level summaries, the
+card schema, and the load client's fault handling against a scripted HTTP transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from {{ cookiecutter.package_name }}.cost.card import markdown, validate
+from {{ cookiecutter.package_name }}.cost.config import load_reference_prices, load_token_cost_config
+from {{ cookiecutter.package_name }}.cost.load import Endpoint, LevelRunner, Prompt
+from {{ cookiecutter.package_name }}.cost.money import (
+    Split,
+    api_cost_per_1k_requests,
+    percentiles,
+    serverless_money,
+    split_usd,
+    window_money,
+)
+from {{ cookiecutter.package_name }}.cost.summary import best_level, summarize_level
+from {{ cookiecutter.package_name }}.cost.training import peak_tflops, training_cost
+from {{ cookiecutter.package_name }}.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ money
+def test_dedicated_gpu_dollars_per_million_tokens():
+    # $3.60/hour = $0.001/s; 100 s -> $0.10 for 1000 output tokens -> $100 per 1M.
+    money = window_money(3.6, 100.0, 10, 0, 1000, Split("output-only"))
+    assert money["window_usd"] == pytest.approx(0.1)
+    assert money["usd_per_1m_output_tokens"] == pytest.approx(100.0)
+    assert money["usd_per_1m_input_tokens"] is None
+    assert money["usd_per_request"] == pytest.approx(0.01)
+    assert money["usd_per_1k_requests"] == pytest.approx(10.0)
+    # The headline formula: ($/hour / 3600) / (tokens/s) * 1e6.
+    assert money["usd_per_1m_output_tokens"] == pytest.approx(3.6 / 3600 / 10 * 1e6)
+
+
+@pytest.mark.parametrize(
+    ("split", "usd_in", "usd_out"),
+    [
+        (Split("output-only"), 0.0, 1.0),  # $1 over 1M output tokens; input free
+        (Split("by-tokens"), 0.25, 0.25),  # $1 over 4M tokens of either kind
+        (Split("weighted", 0.5), 0.5 / 2.5, 1 / 2.5),  # 1M out + 0.5 * 3M in = 2.5M units
+    ],
+)
+def test_split_methods_share_the_bill(split, usd_in, usd_out):
+    got_in, got_out = split_usd(1.0, 3_000_000, 1_000_000, split)
+    assert got_in == pytest.approx(usd_in)
+    assert got_out == pytest.approx(usd_out)
+    # Whatever the method, the shares add back up to the bill.
+    assert got_in * 3 + got_out * 1 == pytest.approx(1.0)
+
+
+def test_split_rejects_an_unknown_method_and_a_negative_weight():
+    with pytest.raises(ValueError, match="unknown split"):
+        Split("by-time")
+    with pytest.raises(ValueError, match="input_weight"):
+        Split("weighted", -1.0)
+    assert "0.25x" in Split("weighted", 0.25).describe()
+
+
+def test_serverless_scale_to_zero_on_known_inputs():
+    # 6 requests/hour (one per 600 s), idle timeout 60 s, 2 s service, 10 s cold start.
+    rate = 6 / 3600
+    p_cold = math.exp(-rate * 60)
+    row = serverless_money(3.6, 6, 2.0, 10.0, 60.0, 100, 50, Split("output-only"))
+    assert row["regime"] == "scale-to-zero"
+    assert row["cold_request_fraction"] == pytest.approx(p_cold)
+    billed = 6 * (2.0 + (1 - p_cold) / rate + 10.0 * p_cold)
+    assert row["billed_seconds_per_hour"] == pytest.approx(billed)
+    assert row["usd_per_hour"] == pytest.approx(billed * 0.001)
+    assert row["usd_per_1m_output_tokens"] == pytest.approx(billed * 0.001 / 300 * 1e6)
+    assert row["busy_seconds_per_hour"] == pytest.approx(12.0)
+    assert row["cold_start_seconds_per_hour"] == pytest.approx(6 * p_cold * 10.0)
+    parts = ("busy", "idle", "cold_start")
+    assert sum(row[f"{p}_seconds_per_hour"] for p in parts) == pytest.approx(billed)
+    # Always on costs the whole hour for the same tokens.
+    assert row["always_on_usd_per_hour"] == pytest.approx(3.6)
+
+
+def test_serverless_turns_always_on_and_scales_out():
+    busy = serverless_money(3.6, 3600, 2.0, 10.0, 300.0, 100, 50, Split())
+    assert busy["regime"] == "always-on" and busy["billed_seconds_per_hour"] == 3600
+    # 10 req/s against a measured capacity of 3 req/s: 4 instances all hour.
+    fleet = serverless_money(3.6, 36000, 0.5, 10.0, 300.0, 100, 50, Split(), capacity_rps=3.0)
+    assert fleet["instances"] == 4 and fleet["usd_per_hour"] == pytest.approx(4 * 3.6)
+    with pytest.raises(ValueError):
+        serverless_money(3.6, 0, 1.0, 1.0, 1.0, 1, 1, Split())
+
+
+def test_api_price_of_a_request_shape():
+    # 1000 requests of 1000 input + 100 output tokens at $1/$4 per 1M: $1.40.
+    assert api_cost_per_1k_requests(1.0, 4.0, 1000, 100) == pytest.approx(1.4)
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    stats = percentiles(values)
+    assert stats["p50"] == pytest.approx(5.5)
+    assert stats["p90"] == pytest.approx(9.1)
+    assert stats["p99"] == pytest.approx(9.91)
+    assert stats["mean"] == pytest.approx(5.5) and stats["count"] == 10
+    assert percentiles([])["p50"] is None
+
+
+# ------------------------------------------------------------------------------ training
+def test_peak_flops_table_and_unknown_devices():
+    assert peak_tflops("cuda (NVIDIA H100 80GB HBM3)", "bfloat16") == ("H100 SXM", 989.4)
+    assert peak_tflops("cuda (NVIDIA H100 PCIe)", "bfloat16")[0] == "H100 PCIe"
+    assert peak_tflops("cuda (NVIDIA A100-SXM4-80GB)", "bfloat16") == ("A100", 312.0)
+    assert peak_tflops("cuda (NVIDIA L4)", "bfloat16")[0] == "L4"
+    assert peak_tflops("cuda (NVIDIA L40S)", "bfloat16")[0] == "L40S"
+    assert peak_tflops("cuda (Tesla T4)", "bfloat16") == ("T4", None)  # no bf16 on Turing
+    assert peak_tflops("cpu", "float32") == (None, None)
+    assert peak_tflops("cuda (Some Future GPU)", "bfloat16") == (None, None)
+
+
+def _run(tmp_path: Path, device: str, dtype: str = "bfloat16") -> Path:
+    run = tmp_path / "run1"
+    run.mkdir()
+    cost = {
+        "trained_tokens": 1_000_000,
+        "wall_seconds": 100.0,
+        "gpu_hourly_usd": 3.6,
+        "environment": {"device": device},
+        "dtype": dtype,
+        "quantization": "none",
+    }
+    metrics = {"parameters": 1_000_000_000, "trainable_parameters": 10_000_000, "global_step": 5}
+    (run / "cost.json").write_text(json.dumps(cost))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_training_cost_and_mfu_on_known_inputs(tmp_path):
+    result = training_cost(_run(tmp_path, "cuda (NVIDIA H100 80GB HBM3)"))
+    assert result["usd"] == pytest.approx(0.1)  # 100 s at $3.60/hour
+    assert result["usd_per_1m_tokens"] == pytest.approx(0.1)
+    assert result["tokens_per_second"] == pytest.approx(10_000)
+    # (4 * 1e9 + 2 * 1e7) FLOPs/token * 1e4 tokens/s = 40.2 TFLOPS of 989.4.
+    assert result["mfu"]["achieved_tflops"] == pytest.approx(40.2)
+    assert result["mfu"]["value"] == pytest.approx(40.2 / 989.4)
+    repriced = training_cost(tmp_path / "run1", gpu_hourly_usd=7.2)
+    assert repriced["usd"] == pytest.approx(0.2) and repriced["price_source"] == "given"
+
+
+def test_training_mfu_is_unknown_on_a_cpu_and_missing_runs_are_named(tmp_path):
+    result = training_cost(_run(tmp_path, "cpu", "float32"))
+    assert result["mfu"]["value"] is None and "unknown" in result["mfu"]["note"]
+    with pytest.raises(UserError, match=r"cost\.json"):
+        training_cost(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------ config
+def test_config_ships_valid_and_names_a_typo():
+    config = load_token_cost_config(ROOT / "configs" / "token_cost.yaml")
+    assert config.price.gpu_hourly_usd > 0 and config.load.levels()
+    prices = load_reference_prices(ROOT / "configs" / "prices.yaml")
+    assert prices.models and prices.taken.year >= 2024
+    with pytest.raises(UserError, match=r"did you mean 'slo\.ttft_s'"):
+        load_token_cost_config(None, ["slo.ttft=1"])
+    with pytest.raises(UserError, match=r"load\.concurrency"):
+        load_token_cost_config(None, ["load.concurrency=[]"])
+
+
+# ------------------------------------------------------------------------------ load client
+def _sse(*events: dict, done: bool = True) -> bytes:
+    lines = [f"data: {json.dumps(event)}\n\n" for event in events]
+    if done:
+        lines.append("data: [DONE]\n\n")
+    return "".join(lines).encode()
+
+
+def _chunk(text: str | None = None, finish: str | None = None, usage: dict | None = None):
+    choices = [] if usage else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]
+    event = {"object": "chat.completion.chunk", "choices": choices}
+    if usage:
+        event["usage"] = usage
+    return event
+
+
+GOOD = _sse(
+    _chunk("Hel"),
+    _chunk("lo"),
+    _chunk(None, "stop"),
+    _chunk(usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}),
+)
+
+
+def _runner(handler, **kwargs) -> LevelRunner:
+    endpoint = Endpoint("http://meter.test/v1", "m", max_tokens=8)
+    prompts = [Prompt(messages=[{"role": "user", "content": "hi"}], expected_prompt_tokens=7)]
+    return LevelRunner(
+        endpoint, prompts, progress=False, transport=httpx.MockTransport(handler), **kwargs
+    )
+
+
+def _summary(run):
+    return summarize_level(
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.9, gpu_hourly_usd=3.6, split=Split()
+    )
+
+
+def test_level_counts_tokens_from_usage_and_checks_the_stream():
+    runner = _runner(lambda request: httpx.Response(200, content=GOOD))
+    run = asyncio.run(runner.run_level("concurrency", 2, 6, 30.0))
+    level = _summary(run)
+    assert level["status"] == "complete" and level["requests"]["ok"] == 6
+    assert level["output_tokens"] == 18 and level["input_tokens"] == 42
+    tokens = level["tokens"]
+    assert tokens["usage_output_tokens"] == 18 and tokens["stream_text_events"] == 12
+    assert tokens["prompt_tokens_mismatches"] == 0 and tokens["consistent"]
+    assert level["ttft_s"]["count"] == 6 and level["goodput"]["meets_slo"]
+
+
+def test_errors_are_classified_and_a_failing_endpoint_stops_the_sweep():
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:
+            return httpx.Response(429, json={"error": {"message": "slow down"}})
+        if calls["n"] % 3 == 2:
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        return httpx.Response(200, content=_sse(_chunk("x"), done=False))  # no [DONE]
+
+    run = asyncio.run(_runner(handler, abort_after_errors=5).run_level("concurrency", 1, 50, 30))
+    level = _summary(run)
+    assert run.aborted and level["status"] == "partial"
+    assert level["requests"]["errors"] == 5 and level["requests"]["ok"] == 0
+    assert level["requests"]["errors_by_kind"] == {"http_4xx": 2, "http_5xx": 2, "stream": 1}
+    assert "slow down" in level["requests"]["first_errors"][0]
+    assert not level["goodput"]["meets_slo"]
+    assert best_level([level])["label"] is None  # a partial level is never the best
+
+
+def test_unreachable_endpoint_is_a_connect_error():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    run = asyncio.run(_runner(handler, abort_after_errors=3).run_level("concurrency", 1, 10, 30))
+    assert run.aborted and "3 requests in a row failed" in run.stopped_by
+    assert {r.error_kind for r in run.results} == {"connect"}
+
+
+def test_poisson_level_is_bounded_by_its_time_limit():
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, content=GOOD)
+
+    runner = _runner(slow)
+    run = asyncio.run(runner.run_level("poisson", 40.0, 1000, 0.5, seed=1))
+    level = _summary(run)
+    assert run.stopped_by == "time limit" and level["status"] == "time-limited"
+    assert 0 < level["requests"]["ok"] < 1000 and level["requests"]["cancelled"] > 0
+    assert run.duration_s < 2.0
+
+
+def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
+    from {{ cookiecutter.package_name }}.cost.card import environment
+
+    card = {
+        "schema_version": 1,
+        "kind": "training",
+        "created": "2025-01-01T00:00:00Z",
+        "partial": False,
+        "partial_reasons": [],
+        "notes": [],
+        "prices": {
+            "gpu_hourly_usd": 3.6,
+            "gpu_hourly_usd_source": "test",
+            "split": Split().as_dict(),
+        },
+        "environment": environment(ROOT, "cpu", "float32"),
+        "serving": None,
+        "training": {"runs": [training_cost(_run(tmp_path, "cpu", "float32"))]},
+    }
+    validate(card)
+    assert "| run1 |" in markdown(card)
+    card["partial"] = True  # partial without a reason
+    with pytest.raises(ValueError, match="partial_reasons"):
+        validate(card)
