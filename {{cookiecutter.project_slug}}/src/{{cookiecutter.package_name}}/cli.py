@@ -83,6 +83,24 @@ def _token_cost(args: argparse.Namespace) -> int:
     return token_cost_command(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import DemoOptions, demo_command
+
+    return demo_command(
+        DemoOptions(
+            model=args.model,
+            steps=args.steps,
+            eval_limit=args.eval_limit,
+            out=Path(args.out),
+            concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+            requests=args.requests,
+            token_cost=not args.no_token_cost,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=__package__,
@@ -191,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--out", help="reports folder (default: reports)")
     cost.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     cost.set_defaults(run=_token_cost)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole journey: accuracy before, LoRA, accuracy after, merge, $ per token",
+        description="Score held-out tickets, fine-tune, score again, merge, and measure the "
+        "merged model's cost per token; writes <out>/summary.{md,json}.",
+    )
+    demo.add_argument("--model", help="base model (default: model.name_or_path of the config)")
+    demo.add_argument("--steps", type=int, default=120, help="training steps")
+    demo.add_argument("--eval-limit", type=int, default=48, help="held-out tickets to score")
+    demo.add_argument("--out", default="reports/demo", help="output folder")
+    demo.add_argument("--concurrency", default="1,4", help="token-cost concurrency levels")
+    demo.add_argument("--requests", type=int, default=8, help="token-cost requests per level")
+    demo.add_argument("--no-token-cost", action="store_true", help="skip the serving measurement")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -122,6 +122,7 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
         data_seed=train.seed,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_eval else "no",
+        eval_on_start=has_eval,  # the first eval loss is the base model's: "before"
         eval_steps=train.eval_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -299,6 +300,7 @@ def write_metrics(run_dir: Path, trainer: Any, train_split: Any, model: Any) -> 
             if "loss" in entry or "eval_loss" in entry
         ],
         "global_step": trainer.state.global_step,
+        "processes": trainer.args.world_size,
         "train_examples": len(train_split.examples),
         "train_records": train_split.records,
         "truncated": train_split.truncated,

@@ -1,0 +1,213 @@
+"""The whole journey on one model: held-out accuracy before, LoRA training, accuracy
+after, merge, then a short token-cost measurement of the merged model, cold start
+included. Everything lands in one folder with a summary a person can read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TRAIN_CONFIG = Path("configs/train.yaml")
+TOKEN_COST_CONFIG = Path("configs/token_cost.yaml")
+
+
+@dataclass
+class DemoOptions:
+    model: str | None = None  # default: model.name_or_path of configs/train.yaml
+    steps: int = 120
+    eval_limit: int = 48  # held-out tickets scored before and after
+    samples: int = 2  # held-out answers shown before and after
+    out: Path = Path("reports/demo")
+    concurrency: tuple[int, ...] = (1, 4)
+    requests: int = 8  # per concurrency level
+    token_cost: bool = True
+
+
+def _stage(bar: Any, text: str) -> None:
+    bar.set_description(text)
+    bar.refresh()
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run every stage, write summary.json and summary.md into ``options.out``."""
+    from peft import PeftModel
+    from tqdm.auto import tqdm
+
+    from .config import load_config
+    from .data import load_records
+    from .device import pick_precision
+    from .evaluate import accuracy, generate_answers
+    from .merge import merge_run
+    from .modeling import load_model, load_tokenizer, resolve_model
+    from .train import run_training
+
+    out = options.out.resolve()
+    overrides = [
+        f"output.dir={out / 'runs'}",
+        f"train.max_steps={options.steps}",
+        f"train.eval_steps={max(1, options.steps // 2)}",
+        f"train.save_steps={max(1, options.steps // 2)}",
+    ]
+    if options.model:
+        overrides.append(f"model.name_or_path={options.model}")
+    config = load_config(TRAIN_CONFIG, overrides)
+    stages = 5 if options.token_cost else 4
+    bar = tqdm(total=stages, desc="demo", unit="stage")
+
+    _stage(bar, "demo: loading the model")
+    model_source = resolve_model(config.model.name_or_path)
+    precision = pick_precision(config.model.device, config.model.dtype)
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    held_out = [r.messages for r in load_records(config.data.eval, config.data)]
+    held_out = held_out[: options.eval_limit]
+    base = load_model(config.model.name_or_path, dtype=precision.dtype, device=precision.device)
+    before = generate_answers(base, tokenizer, held_out)
+    bar.update()
+
+    _stage(bar, "demo: fine-tuning")
+    run = run_training(config)
+    bar.update()
+
+    _stage(bar, "demo: scoring the adapter")
+    tuned = PeftModel.from_pretrained(base, run.run_dir / "adapter")
+    after = generate_answers(tuned, tokenizer, held_out)
+    bar.update()
+
+    _stage(bar, "demo: merging")
+    merged = merge_run(run.run_dir)
+    bar.update()
+
+    cost: dict[str, Any] | None = None
+    card_paths: dict[str, str] = {}
+    if options.token_cost:
+        _stage(bar, "demo: measuring $ per token")
+        cost, card_paths = _measure_cost(options, merged, run.run_dir)
+        bar.update()
+    bar.close()
+
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    eval_losses = [s["eval_loss"] for s in metrics["steps"] if "eval_loss" in s]
+    summary = {
+        "model": config.model.name_or_path,
+        "model_source": model_source,
+        "device": precision.device,
+        "dtype": str(precision.dtype).removeprefix("torch."),
+        "train_steps": metrics["global_step"],
+        "eval_loss_before": eval_losses[0] if eval_losses else None,
+        "eval_loss_after": eval_losses[-1] if eval_losses else None,
+        "held_out": len(held_out),
+        "accuracy_before": accuracy(before),
+        "accuracy_after": accuracy(after),
+        "samples": [
+            {
+                "prompt": b.prompt[-1]["content"],
+                "expected": b.expected,
+                "before": b.got,
+                "after": a.got,
+            }
+            for b, a in zip(before[: options.samples], after[: options.samples], strict=True)
+        ],
+        "training_cost": json.loads((run.run_dir / "cost.json").read_text()),
+        "serving_cost": cost,
+        "paths": {
+            "run": str(run.run_dir),
+            "adapter": str(run.run_dir / "adapter"),
+            "merged": str(merged),
+            "loss_plot": str(run.run_dir / "loss.png"),
+            **card_paths,
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(summary), encoding="utf-8")
+    return summary
+
+
+def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> tuple[dict, dict]:
+    """A short sweep of our own server on the merged model, cold start included."""
+    from .cost.command import run_token_cost
+    from .cost.config import load_token_cost_config
+
+    config = load_token_cost_config(
+        TOKEN_COST_CONFIG,
+        [f"server.model={merged}"],
+        {
+            "load": {
+                "mode": "concurrency",
+                "concurrency": list(options.concurrency),
+                "requests_per_level": options.requests,
+                "warmup_requests": 1,
+            },
+            "prompts": {"output_tokens": 16},
+            "report": {"dir": str(options.out.resolve() / "cost")},
+        },
+    )
+    card, paths = run_token_cost(config, runs=[run_dir])
+    serving = card.get("serving") or {}
+    best_label = (serving.get("best") or {}).get("label")
+    best = next((lv for lv in serving.get("levels", []) if lv["label"] == best_label), None)
+    cost = {
+        "best_level": best_label,
+        "meets_slo": (serving.get("best") or {}).get("meets_slo"),
+        "usd_per_1m_output_tokens": best["money"]["usd_per_1m_output_tokens"] if best else None,
+        "usd_per_1m_input_tokens": best["money"]["usd_per_1m_input_tokens"] if best else None,
+        "gpu_hourly_usd": card["prices"]["gpu_hourly_usd"],
+        "cold_start": serving.get("cold_start"),
+        "partial": card["partial"],
+    }
+    return cost, {f"cost_card_{name}": str(path) for name, path in paths.items()}
+
+
+def _fmt(value: float | None, pattern: str = "{:.3f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Demo: LoRA on {summary['model']}",
+        "",
+        f"- model source: `{summary['model_source']}` on {summary['device']} "
+        f"({summary['dtype']}), {summary['train_steps']} training steps",
+        f"- eval loss: {_fmt(summary['eval_loss_before'])} before -> "
+        f"{_fmt(summary['eval_loss_after'])} after",
+        f"- held-out accuracy ({summary['held_out']} tickets): "
+        f"{summary['accuracy_before']:.0%} before -> {summary['accuracy_after']:.0%} after",
+    ]
+    training = summary["training_cost"]
+    lines.append(
+        f"- training: {training['trained_tokens']} tokens in {training['wall_seconds']:.0f} s "
+        f"({training['tokens_per_second']:.0f} tokens/s), ${training['usd']:.4f} at "
+        f"${training['gpu_hourly_usd']}/h"
+    )
+    cost = summary["serving_cost"]
+    if cost:
+        slo = "meets the SLO" if cost["meets_slo"] else "no level met the SLO"
+        lines.append(
+            f"- serving: ${_fmt(cost['usd_per_1m_output_tokens'], '{:.2f}')} per 1M output "
+            f"tokens and ${_fmt(cost['usd_per_1m_input_tokens'], '{:.2f}')} per 1M input "
+            f"tokens at {cost['best_level']} ({slo}), at ${cost['gpu_hourly_usd']}/h"
+            + (" — PARTIAL measurement" if cost["partial"] else "")
+        )
+    lines += ["", "## Held-out answers", ""]
+    for sample in summary["samples"]:
+        lines += [
+            f"> {sample['prompt']}",
+            "",
+            f"- expected: `{sample['expected']}`",
+            f"- before: `{sample['before']!s}`",
+            f"- after: `{sample['after']!s}`",
+            "",
+        ]
+    lines += ["## Files", ""]
+    lines += [f"- {name}: `{path}`" for name, path in summary["paths"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def demo_command(options: DemoOptions) -> int:
+    summary = run_demo(options)
+    print(render_summary(summary))
+    print(f"summary: {options.out / 'summary.md'}")
+    return 0
