@@ -26,6 +26,8 @@ TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
+NO_CUDA = "no CUDA device visible; gpu_tests need one"
+CUDA_DEVICES = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 
 
 def torch_index() -> list[str]:
@@ -45,6 +47,19 @@ def tests(session: nox.Session) -> None:
     """CPU test suite on tiny models built in code (pytest args after --)."""
     install_project(session, "dev")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def gpu_tests(session: nox.Session) -> None:
+    """The GPU suite (`pytest -m gpu`, reports/gpu_tests.json); refuses without a CUDA device."""
+    if not _gpu_listed():  # before installing gigabytes of CUDA wheels
+        session.error(NO_CUDA)
+    install_project(session, "dev")
+    count = session.run("python", "-c", CUDA_DEVICES, silent=True).strip().splitlines()[-1]
+    if count == "0":
+        session.warn("torch sees no CUDA device: a CPU build of torch? (see TORCH_INDEX_URL)")
+        session.error(NO_CUDA)
+    session.run("pytest", "-m", "gpu", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -148,6 +163,16 @@ def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
     session.run("uv", "pip", "compile", "pyproject.toml", *extras, *target, *pins, *options)
     resolver = session.run("uv", "--version", silent=True).strip()
     locking.write_lock(ROOT, name, out.read_text(), PYTHON, resolver)
+
+
+def _gpu_listed() -> bool:
+    """A GPU that CUDA will show: listed by `nvidia-smi -L` and not hidden by
+    CUDA_VISIBLE_DEVICES ("" or -1 hides them all)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "all").strip() in ("", "-1"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    listing = subprocess.run([smi, "-L"], capture_output=True, text=True) if smi else None
+    return bool(listing and listing.returncode == 0 and "GPU " in listing.stdout)
 
 
 def _find_conda() -> str | None:

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ import openai
 import pytest
 
 from lora_adapters import random_adapter, stop_adapter
+from server_process import Server, free_port, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -30,27 +29,6 @@ KEY = "test-key-123"
 CAP = 400  # limits.max_tokens_cap of the test server
 BODY_LIMIT = 32768
 MESSAGES = [{"role": "user", "content": "What is 12 plus 7?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen, url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
-        self.ready_seen: list[tuple[int, dict]] = []  # /ready answers while starting
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
 
 
 @pytest.fixture(scope="module")
@@ -85,32 +63,9 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
         "{{ cookiecutter.package_name | upper }}_API_KEY": KEY,
         "HF_HUB_OFFLINE": "1",
     }
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    handle = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            answer = httpx.get(f"{handle.url}/ready", timeout=2)
-        except httpx.TransportError:
-            time.sleep(0.02)
-            continue
-        handle.ready_seen.append((answer.status_code, answer.json()))
-        if answer.status_code == 200:
-            break
-        time.sleep(0.02)
-    else:
-        process.kill()
-        pytest.fail(f"server not ready in 180 s:\n{log.read_text()[-4000:]}")
+    handle = start_server(command, port, log, env)
     yield handle
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    handle.stop()
 
 
 @pytest.fixture(scope="module")

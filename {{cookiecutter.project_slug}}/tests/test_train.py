@@ -23,45 +23,15 @@ from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.evaluate import accuracy, generate_answers
 from {{ cookiecutter.package_name }}.merge import merge_run
 from {{ cookiecutter.package_name }}.train import last_checkpoint, run_training
+from tickets import CONFIG, conversations, tiny_config, write_ticket_data
 
-PROJECT = Path(__file__).resolve().parents[1]
-CONFIG = PROJECT / "configs" / "train.yaml"
 # Chance for a model that learned the answer format but not the routing is 1/4.
 HELD_OUT_ACCURACY = 0.6
 
 
-def conversations(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope="session")
 def ticket_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The bundled ticket-routing task without its system prompt: short prompts suit a
-    2-layer model with hidden size 64."""
-    folder = tmp_path_factory.mktemp("tickets")
-    paths = {}
-    for split in ("train", "eval"):
-        records = conversations(PROJECT / "data" / f"tickets_{split}.jsonl")
-        paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text(
-            "".join(json.dumps({"messages": r[1:]}) + "\n" for r in records), encoding="utf-8"
-        )
-    return paths
-
-
-def tiny_config(model_dir: Path, data: dict[str, Path], out: Path, *overrides: str):
-    return load_config(
-        CONFIG,
-        [
-            f"model.name_or_path={model_dir}",
-            f"data.train={data['train']}",
-            f"data.eval={data['eval']}",
-            f"output.dir={out}",
-            "train.batch_size=16",
-            "train.learning_rate=5e-3",
-            *overrides,
-        ],
-    )
+    return write_ticket_data(tmp_path_factory.mktemp("tickets"))
 
 
 @pytest.fixture(scope="session")
@@ -260,8 +230,9 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, ticket_data, tmp_path, capfd):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    # Each step saw a batch from both processes.
+    # Two processes in one gloo group: each step saw a batch from both.
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2
     assert metrics["num_input_tokens_seen"] > 0
 
 
@@ -382,6 +353,8 @@ def test_every_format_and_file_type_maps_to_the_same_messages(tmp_path):
 def test_unreachable_hub_dataset_is_a_clear_error(capsys, tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    err = run_cli(capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", "data.train=no-org/no-data")
+    err = run_cli(
+        capsys, tmp_path, f"model.name_or_path={tiny_model_dir}", "data.train=no-org/no-data"
+    )
     assert "cannot load dataset 'no-org/no-data'" in err
     assert "HF_HUB_OFFLINE=1" in err

@@ -6,6 +6,7 @@ bf16 matmul falls back to a reference kernel tens of times slower than fp32.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,19 @@ class Precision:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """Return 'cuda' when a GPU is visible (or asked for), else 'cpu'."""
+    """Return 'cuda' when a GPU is visible (or asked for), else 'cpu'.
+
+    Under `accelerate launch` (LOCAL_RANK set) 'auto' is this process's own GPU,
+    'cuda:<LOCAL_RANK>': a model loaded before the Trainer exists (a 4-bit one cannot be
+    moved afterwards) must not land on GPU 0 in every process.
+    """
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        if local_rank.isdigit() and int(local_rank) < torch.cuda.device_count():
+            return f"cuda:{local_rank}"
+        return "cuda"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {requested!r} was requested but no CUDA device is visible")
     return requested

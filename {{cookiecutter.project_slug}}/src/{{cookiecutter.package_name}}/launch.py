@@ -18,8 +18,10 @@ def launch_command(args: argparse.Namespace, cpu: bool) -> list[str]:
             raise UserError(f"accelerate config {args.accelerate_config} does not exist")
         command += ["--config_file", args.accelerate_config]
     command += ["--num_processes", str(args.num_processes)]
-    if cpu:
-        command += ["--cpu"]  # gloo: DDP on CPU processes
+    if cpu and not args.accelerate_config:
+        # One process per rank through torchrun; the trainer's use_cpu then makes them a
+        # gloo group. (`--cpu` would start a single process whatever --num_processes says.)
+        command += ["--multi_gpu"]
     command += ["-m", __package__, "train", "--config", args.config]
     if args.resume:
         command += ["--resume", args.resume]
