@@ -107,7 +107,7 @@ EXPECTED_FILES = {
 # Jinja of their own, such as a chat template.
 VERBATIM = set(DEFAULTS["_copy_without_render"])
 # `${{ ... }}` is a GitHub Actions expression, not leftover cookiecutter Jinja.
-UNRENDERED = re.compile(r"(?<!\$)\{\{|\{%|%\}")
+UNRENDERED = re.compile(r"(?<!\$)\{\{|\{%")
 
 LICENSE_FIRST_LINE = {
     "MIT": "MIT License",

@@ -50,8 +50,6 @@ def test_demo_on_smollm2_improves_held_out_accuracy(tmp_path, monkeypatch):
     monkeypatch.chdir(PROJECT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "demo"
-    summary = run_demo(
-        DemoOptions(steps=30, eval_limit=24, out=out, concurrency=(1,), requests=2)
-    )
+    summary = run_demo(DemoOptions(steps=30, eval_limit=24, out=out, concurrency=(1,), requests=2))
     check_outputs(summary, out)
     assert summary["accuracy_after"] > summary["accuracy_before"]
