@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def test_default_model_loads_offline_from_the_packaged_gguf(monkeypatch):
     assert modeling.resolve_model(DEFAULT_MODEL) == folder
     assert len(conversions) == 1, "the second load must reuse the cached conversion"
     assert Path(folder).name == DEFAULT_MODEL.replace("/", "--")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert "quantization_config" not in config, "plain float32 weights, trainable"
 
     tokenizer = modeling.load_tokenizer(DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -105,8 +105,13 @@ def convert_gguf(source: Path, filename: str, output: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
     gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model; one built from its config takes its weights.
-    model = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model; one built from its config takes its
+    # weights. The config must lose its GGUF quantization entry: the weights are now plain
+    # float32, and a "quantized" model could not be fine-tuned.
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)

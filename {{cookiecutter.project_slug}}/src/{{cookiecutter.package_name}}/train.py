@@ -249,6 +249,8 @@ def run_training(
     main_process = trainer.is_world_process_zero()
     if main_process and resume is None:
         dump_config(config, run_dir / CONFIG_FILE)
+    if main_process:
+        shutil.rmtree(run_dir / f".{ADAPTER_DIR}.partial", ignore_errors=True)
 
     def request_stop(signum: int, frame: Any) -> None:
         if stop_requested["stop"]:  # a second Ctrl-C stops at once
@@ -265,23 +267,29 @@ def run_training(
         signal.signal(signal.SIGINT, previous)
     seconds = time.perf_counter() - started
 
-    if not main_process:
-        return RunResult(run_dir, not stop_requested["stop"])
-    write_metrics(run_dir, trainer, train_split, model)
     if stop_requested["stop"]:
+        if main_process:
+            write_metrics(run_dir, trainer, train_split, model)
         return RunResult(run_dir, completed=False)
-    save_adapter(run_dir, trainer, tokenizer)
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
-    write_cost(run_dir, config, precision, tokens, seconds)
+    save_adapter(run_dir, trainer, main_process)
+    if main_process:
+        write_metrics(run_dir, trainer, train_split, model)
+        tokens = trainer.state.num_input_tokens_seen - tokens_before
+        write_cost(run_dir, config, precision, tokens, seconds)
     return RunResult(run_dir, completed=True)
 
 
-def save_adapter(run_dir: Path, trainer: Any, tokenizer: Any) -> None:
-    """Write into a scratch folder and rename it: a crash never leaves a half adapter."""
+def save_adapter(run_dir: Path, trainer: Any, main_process: bool) -> None:
+    """Write into a scratch folder and rename it: a crash never leaves a half adapter.
+
+    Every process calls this: under FSDP `save_model` gathers the sharded weights.
+    """
     partial = run_dir / f".{ADAPTER_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    trainer.model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
+    trainer.save_model(str(partial))  # adapter files and the tokenizer (processing_class)
+    trainer.accelerator.wait_for_everyone()
+    if not main_process:
+        return
+    (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing loads it
     final = run_dir / ADAPTER_DIR
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
