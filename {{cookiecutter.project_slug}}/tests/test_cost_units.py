@@ -220,6 +220,25 @@ def test_level_counts_tokens_from_usage_and_checks_the_stream():
     assert level["ttft_s"]["count"] == 6 and level["goodput"]["meets_slo"]
 
 
+def test_a_stream_that_ends_with_finish_reason_and_usage_but_no_done_is_complete():
+    # What `transformers serve` sends: the last chunk has finish_reason and usage, no [DONE].
+    last = _chunk(None, "length") | {"usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+    body = _sse(_chunk("Hel"), _chunk("lo"), last, done=False)
+    run = asyncio.run(
+        _runner(lambda request: httpx.Response(200, content=body)).run_level(
+            "concurrency", 1, 3, 30.0
+        )
+    )
+    assert all(r.ok and r.completion_tokens == 2 for r in run.results)
+    cut = _sse(_chunk("Hel"), _chunk(None, "length"), done=False)  # no usage: cut short
+    run = asyncio.run(
+        _runner(lambda request: httpx.Response(200, content=cut)).run_level(
+            "concurrency", 1, 2, 30.0
+        )
+    )
+    assert {r.error_kind for r in run.results} == {"stream"}
+
+
 def test_errors_are_classified_and_a_failing_endpoint_stops_the_sweep():
     calls = {"n": 0}
 

@@ -187,7 +187,10 @@ async def stream_request(
     finally:
         if result.end is None:
             result.end = since()
-    if result.error is None and not done:
+    # `transformers serve` (5.x) closes the stream after its last chunk (finish_reason and
+    # usage) without `data: [DONE]`: that is a complete answer; a stream cut short is not.
+    finished = result.finish_reason is not None and result.completion_tokens is not None
+    if result.error is None and not done and not finished:
         result.error_kind, result.error = "stream", "the stream ended without data: [DONE]"
     result.ok = result.error is None
     return result
