@@ -75,12 +75,8 @@ def demo(session: nox.Session) -> None:
     project = _bake(session, BUILD / "demo", ["torch_backend=cpu"])
     # The baked project's own session: a venv with exactly its locked pins, torch from the
     # CPU wheel index when it answers (else pip's own index, which pip would retry slowly).
-    index = os.environ.get("TORCH_INDEX_URL", CPU_TORCH_INDEX)
-    if index and not _reachable(index):
-        session.warn(f"{index} cannot be reached: torch comes from pip's configured index")
-        index = ""
     env_session = ["nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv"]
-    session.run(*env_session, env={"TORCH_INDEX_URL": index})
+    session.run(*env_session, env={"TORCH_INDEX_URL": _torch_index(session)})
     python = str(project / ".venv" / "bin" / "python")
     session.chdir(project)
     if dry_run:

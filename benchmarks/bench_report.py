@@ -1,0 +1,447 @@
+"""BENCHMARKS.md and the serving plot, written from benchmarks/results.json (bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import SERVER_LABELS, SERVERS, TARGETS
+
+MODEL_LABELS = {
+    "tiny": "tiny random Llama (hidden 256, 4 layers)",
+    "smollm2": "SmolLM2-135M-Instruct",
+}
+NOTES = Path(__file__).with_name("notes.md")  # hand-written reading of the full run
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(figure: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    """median [min, max]"""
+    if not figure:
+        return "n/a"
+    m, lo, hi = (figure[k] * scale for k in ("median", "min", "max"))
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "**pass**", False: "**FAIL**", None: "not measured"}[passed]
+
+
+def _target(key: str) -> str:
+    op, value = TARGETS[key]
+    return f"{'≥' if op == '>=' else '≤'} {value:g}" + ("" if key == "meter" else "x")
+
+
+def _anchor(name: str) -> str:
+    return f'<a id="{name}"></a>'
+
+
+def markdown(results: dict[str, Any]) -> str:
+    models = results.get("models", {})
+    lines = ["# Benchmarks", ""]
+    if results.get("quick"):
+        lines += [
+            "> **Quick mode** (`nox -s bench -- --quick`): a check that the harness runs, with",
+            "> one repetition and a handful of requests on the tiny model. These figures are",
+            "> not measurements; the committed BENCHMARKS.md comes from `nox -s bench`.",
+            "",
+        ]
+    machine, versions = results.get("machine", {}), results.get("versions", {})
+    lines += [
+        "Every claim the README makes about speed or size, measured as a ratio against a peer",
+        "or a floor **in the same run, on the same machine**, the arms interleaved so that",
+        "drift on a shared machine hits them alike. Absolute times here are specific to this",
+        "machine; the ratios are the result. Each figure is the median of the repetitions,",
+        "with [min, max].",
+        "",
+        f"- **Command**: `{results.get('command', 'nox -s bench')}` (the template's session: it",
+        "  bakes a project into `build/bench`, builds its locked environment and runs",
+        "  `benchmarks/bench.py` there; raw figures in `benchmarks/results.json`)",
+        f"- **Date**: {results.get('date', 'n/a')}",
+        f"- **Machine**: {machine.get('cores', '?')} cores, "
+        f"{machine.get('memory_gib', '?')} GiB memory, {machine.get('cpu_model', 'unknown CPU')}, "
+        f"GPU: {machine.get('gpu', 'none')} ({machine.get('platform', '')})",
+        "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "- **Models**: "
+        + "; ".join(
+            f"{MODEL_LABELS.get(m, m)}: {_params(s.get('parameters'))}" for m, s in models.items()
+        ),
+        "",
+        "## Summary",
+        "",
+        "| benchmark | model | measured | target | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += _summary_rows(results)
+    lines += ["", *_notes(results)]
+    lines += _serving(results)
+    lines += _cold(results)
+    lines += _training(results)
+    lines += _env(results)
+    lines += _meter(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _params(count: int | None) -> str:
+    return "n/a" if not count else f"{count / 1e6:.1f}M parameters"
+
+
+def _summary_rows(results: dict) -> list[str]:
+    rows = []
+    for model, section in results.get("models", {}).items():
+        label = MODEL_LABELS.get(model, model)
+        serving = section.get("serving") or {}
+        for row in serving.get("rows", []):
+            c = row["concurrency"]
+            rows.append(
+                f"| [serving tokens/s, c={c}](#serving-{model}-c{c}) | {label} | "
+                f"{_num(row['throughput_ratio'])}x vs the better peer mode | "
+                f"{_target('serving_throughput')} | {_verdict(row['throughput_pass'])} |"
+            )
+        for row in serving.get("rows", []):
+            c = row["concurrency"]
+            rows.append(
+                f"| [serving TTFT p50, c={c}](#serving-{model}-c{c}) | {label} | "
+                f"{_num(row['ttft_ratio'])}x (peer TTFT / ours) | "
+                f"{_target('serving_ttft')} | {_verdict(row['ttft_pass'])} |"
+            )
+        cold = section.get("cold_start") or {}
+        if "ratio" in cold:
+            rows.append(
+                f"| [cold start to first token](#cold-start-{model}) | {label} | "
+                f"{_num(cold['ratio'])}x the floor | {_target('cold_start')} | "
+                f"{_verdict(cold['pass'])} |"
+            )
+        train = section.get("training") or {}
+        if "ratios" in train:
+            ratios, passed = train["ratios"], train["pass"]
+            for key, what, target in (
+                ("ours_vs_reference", "training vs TRL + peft", "training_vs_reference"),
+                ("packing_vs_no_packing", "packing vs no packing", "packing"),
+            ):
+                rows.append(
+                    f"| [{what}](#training-{model}) | {label} | {_num(ratios.get(key))}x | "
+                    f"{_target(target)} | {_verdict(passed.get(key))} |"
+                )
+        meter = section.get("meter") or {}
+        for key, figure in (meter.get("relative_differences") or {}).items():
+            if key.endswith("same_requests"):
+                rows.append(
+                    f"| [meter: {key.replace('_', ' ')}](#meter-{model}) | {label} | "
+                    f"{figure['median']:.1%} apart | within 10% | {_verdict(figure['pass'])} |"
+                )
+        for part in ("serving", "cold_start", "training", "meter"):
+            value = section.get(part)
+            if isinstance(value, dict) and "error" in value:
+                rows.append(f"| {part} | {label} | did not run (see below) | | **ERROR** |")
+            if isinstance(value, dict) and "skipped" in value:
+                rows.append(f"| {part} | {label} | {value['skipped']} | | not measured |")
+    env = results.get("env_size") or {}
+    if "ratio" in env:
+        rows.append(
+            f"| [serving env / dev env on disk](#env-size) | (no model) | {_num(env['ratio'], 3)}x "
+            f"| {_target('env_size')} | {_verdict(env['pass'])} |"
+        )
+    elif "error" in env:
+        rows.append("| env size | (no model) | did not run (see below) | | **ERROR** |")
+    elif "skipped" in env:
+        rows.append(f"| env size | (no model) | {env['skipped']} | | not measured |")
+    return rows
+
+
+def _notes(results: dict) -> list[str]:
+    if results.get("quick") or not NOTES.is_file():
+        return []
+    return [NOTES.read_text().rstrip(), ""]
+
+
+def _error(section: dict | None) -> list[str]:
+    if isinstance(section, dict) and "skipped" in section:
+        return ["", f"**Not run**: {section['skipped']}.", ""]
+    if isinstance(section, dict) and "error" in section:
+        return ["", "**Did not run**:", "", "```", str(section["error"])[-1500:], "```", ""]
+    return []
+
+
+def _serving(results: dict) -> list[str]:
+    lines = [
+        "## 1. Serving throughput and TTFT",
+        "",
+        "Output tokens/s (the server's `usage` over the level's wall time) and TTFT p50 at",
+        "concurrency 1, 8 and 32, with the same prompts, `max_tokens` and greedy decoding, for",
+        "our server (`<pkg> serve`, transformers continuous batching) and `transformers serve`",
+        "with and without `--continuous-batching`, each in its own process on 127.0.0.1, one",
+        "at a time, the order rotated every repetition. All three are driven by the project's",
+        "own meter (`<pkg>.cost.load`, the client of `<pkg> token-cost`), after an untimed",
+        "warm-up (two requests, then one wave at the top concurrency). The ratio is against",
+        "the **better** of the peer's two modes at each concurrency, for each metric on its",
+        "own. TTFT ratio = peer TTFT / our TTFT (above 1: ours answers sooner).",
+        "",
+        "![output tokens/s and TTFT against concurrency](benchmarks/serving_throughput.png)",
+        "",
+    ]
+    for model, section in results.get("models", {}).items():
+        serving = section.get("serving")
+        if not serving:
+            continue
+        lines += [f"### {MODEL_LABELS.get(model, model)}", *_error(serving)]
+        if "rows" not in serving:
+            continue
+        lines += [
+            f"max_tokens {serving['max_tokens']}, {serving['repeats']} repetitions; "
+            f"{serving['prompts']}.",
+            "",
+            "| concurrency (requests) | ours tok/s | peer tok/s | peer CB tok/s | ratio | target"
+            " | result | ours TTFT p50 s | peer TTFT p50 s | peer CB TTFT p50 s | TTFT ratio "
+            "| result |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in serving["rows"]:
+            f = row["figures"]
+            c = row["concurrency"]
+            lines.append(
+                f"| {_anchor(f'serving-{model}-c{c}')}{c} ({row['requests']}) | "
+                + " | ".join(_spread(f[s]["output_tokens_per_s"], 1) for s in SERVERS)
+                + f" | {_num(row['throughput_ratio'])}x | {_target('serving_throughput')} | "
+                f"{_verdict(row['throughput_pass'])} | "
+                + " | ".join(_spread(f[s]["ttft_p50_s"], 3) for s in SERVERS)
+                + f" | {_num(row['ttft_ratio'])}x | {_verdict(row['ttft_pass'])} |"
+            )
+        lines += ["", "Output tokens per request (median), errors over all repetitions:", ""]
+        lines += ["| concurrency | " + " | ".join(SERVER_LABELS[s] for s in SERVERS) + " |"]
+        lines += ["| --- | --- | --- | --- |"]
+        for row in serving["rows"]:
+            f = row["figures"]
+            cells = [
+                f"{f[s]['output_tokens_per_request']['median']:.1f} tokens, "
+                f"{f[s]['errors']} errors"
+                + (f" ({f[s]['first_errors'][0]})" if f[s]["first_errors"] else "")
+                for s in SERVERS
+            ]
+            lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _cold(results: dict) -> list[str]:
+    lines = [
+        "## 2. Cold start",
+        "",
+        "Process start to the first token: our server spawned the way `<pkg> token-cost` does",
+        "(`<pkg> serve` on a free loopback port; one request with `max_tokens` 1 sent the",
+        "moment `/ready` says 200, timed from the spawn), against a floor: a bare Python script",
+        "that imports torch and transformers, loads the same weights (float32, as ours on a",
+        "CPU) and generates one token for the same prompt. Both start from a warm page cache;",
+        "the two alternate. The server's own phases show where its time goes.",
+        "",
+        "| model | ours: spawn to first token s | ours: spawn to /ready s | floor s | ratio | "
+        "target | result |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    errors = []
+    for model, section in results.get("models", {}).items():
+        cold = section.get("cold_start")
+        if not cold:
+            continue
+        if "ratio" not in cold:
+            errors += [f"### {MODEL_LABELS.get(model, model)}", *_error(cold)]
+            continue
+        lines.append(
+            f"| {_anchor(f'cold-start-{model}')}{MODEL_LABELS.get(model, model)} | "
+            f"{_spread(cold['ours_first_token_s'])} | {_spread(cold['ours_ready_s'])} | "
+            f"{_spread(cold['floor_first_token_s'])} | {_num(cold['ratio'])}x | "
+            f"{_target('cold_start')} | {_verdict(cold['pass'])} |"
+        )
+    lines += ["", "Our server's own phases (`llm_cold_start_seconds`), seconds:", ""]
+    lines += ["| model | " + " | ".join(_phase_names(results)) + " |"]
+    lines += ["| --- |" + " --- |" * len(_phase_names(results))]
+    for model, section in results.get("models", {}).items():
+        cold = section.get("cold_start") or {}
+        phases = cold.get("ours_server_phases_s")
+        if phases:
+            cells = [_spread(phases.get(p)) for p in _phase_names(results)]
+            lines.append(f"| {MODEL_LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+    return [*lines, "", *errors]
+
+
+def _phase_names(results: dict) -> list[str]:
+    order = ["imports", "weights", "adapters", "warmup", "ready"]
+    seen = {
+        p
+        for s in results.get("models", {}).values()
+        for p in ((s.get("cold_start") or {}).get("ours_server_phases_s") or {})
+    }
+    return [p for p in order if p in seen]
+
+
+def _training(results: dict) -> list[str]:
+    lines = [
+        "## 3. Training throughput",
+        "",
+        "`benchmarks/train_throughput.py` of the baked project: non-pad tokens/s of our",
+        "`train` (its `run_training`) against plain TRL `SFTTrainer` + peft with the same",
+        "model, data and hyperparameters (fp32, as ours picks on a CPU; `reference_defaults`",
+        "keeps TRL's own precision default), and packing against no packing on conversations",
+        "of 1 to 8 tickets (lengths vary about tenfold), packed rows sized to the same token",
+        "budget per step. Arms interleaved, every repetition.",
+        "",
+    ]
+    for model, section in results.get("models", {}).items():
+        train = section.get("training")
+        if not train:
+            continue
+        lines += [f"### {_anchor(f'training-{model}')}{MODEL_LABELS.get(model, model)}"]
+        lines += _error(train)
+        if "ratios" not in train:
+            continue
+        lines += [
+            "",
+            f"{train['steps']} steps, batch {train['batch_size']} (packed batch "
+            f"{train['packed_batch_size']}), {train['repeats']} repetitions.",
+            "",
+            "| comparison | ratio | target | result |",
+            "| --- | --- | --- | --- |",
+        ]
+        names = {
+            "ours_vs_reference": ("ours / TRL + peft (fp32)", "training_vs_reference"),
+            "ours_vs_reference_defaults": (
+                "ours / TRL + peft (TRL's precision default)",
+                "training_vs_reference",
+            ),
+            "packing_vs_no_packing": ("packing / no packing", "packing"),
+        }
+        for key, (label, target) in names.items():
+            lines.append(
+                f"| {label} | {_num(train['ratios'].get(key))}x | {_target(target)} | "
+                f"{_verdict(train['pass'].get(key))} |"
+            )
+        lines += ["", "| arm | non-pad tokens/s |", "| --- | --- |"]
+        for arm, figure in train["tokens_per_second"].items():
+            lines.append(f"| {arm} | {_spread(figure, 1)} |")
+        lines.append("")
+    return lines
+
+
+def _env(results: dict) -> list[str]:
+    env = results.get("env_size")
+    if not env:
+        return []
+    lines = [
+        f"## 4. {_anchor('env-size')}Environment size",
+        "",
+        "`benchmarks/env_size.py` of the baked project: two fresh venvs from the locks, built",
+        "as they are for real: serving (`requirements/serve.txt`, no pip, `tools/slim_env.py`,",
+        "as the image's builder stage) and dev (`requirements/dev.txt`, as `nox -s env`), CPU",
+        "torch wheels. Sizes on disk are deterministic, so this one is measured once.",
+        *_error(env),
+    ]
+    if "ratio" not in env:
+        return lines
+    mib = 2**20
+    lines += [
+        "",
+        "| environment | MiB on disk | distributions |",
+        "| --- | --- | --- |",
+        f"| serving | {env['serve']['bytes'] / mib:.0f} (before slim_env: "
+        f"{env['serve']['bytes_before_slim_env'] / mib:.0f}) | {env['serve']['distributions']} |",
+        f"| dev | {env['dev']['bytes'] / mib:.0f} | {env['dev']['distributions']} |",
+        "",
+        "| ratio serving / dev | target | result |",
+        "| --- | --- | --- |",
+        f"| {env['ratio']:.3f}x ({env['ratio_before_slim_env']:.3f}x before slim_env) | "
+        f"{_target('env_size')} | {_verdict(env['pass'])} |",
+        "",
+    ]
+    return lines
+
+
+def _meter(results: dict) -> list[str]:
+    lines = [
+        "## 5. Meter accuracy",
+        "",
+        "`benchmarks/meter_accuracy.py` of the baked project: the meter (`<pkg> token-cost`'s",
+        "client) against observers that share no code or clock with it. On the same requests:",
+        "its TTFT against the server's own TTFT histogram, its output tokens/s against a",
+        "thread polling `/metrics`. In the next run: an independent client (the `openai`",
+        "package) sending the same requests at the same concurrency, which also carries the",
+        "drift between two runs. Relative differences per round.",
+        "",
+    ]
+    for model, section in results.get("models", {}).items():
+        meter = section.get("meter")
+        if not meter:
+            continue
+        lines += [f"### {_anchor(f'meter-{model}')}{MODEL_LABELS.get(model, model)}"]
+        lines += _error(meter)
+        if "relative_differences" not in meter:
+            continue
+        lines += [
+            "",
+            f"concurrency {meter['concurrency']}, {meter['requests']} requests, max_tokens "
+            f"{meter['max_tokens']}, {meter['rounds']} rounds.",
+            "",
+            "| comparison | relative difference | target | result |",
+            "| --- | --- | --- | --- |",
+        ]
+        for key, figure in meter["relative_differences"].items():
+            lines.append(
+                f"| {key.replace('_', ' ')} | {_spread(figure, 1, 100)} % | within 10% | "
+                f"{_verdict(figure['pass'])} |"
+            )
+        lines.append("")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [
+        (m, s["serving"])
+        for m, s in results.get("models", {}).items()
+        if isinstance(s.get("serving"), dict) and "rows" in s["serving"]
+    ]
+    if not models:
+        return
+    figure, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
+    styles = {"ours": ("C0", "o"), "peer": ("C1", "s"), "peer_cb": ("C2", "^")}
+    for column, (model, serving) in enumerate(models):
+        x = [row["concurrency"] for row in serving["rows"]]
+        for metric, row_index, label in (
+            ("output_tokens_per_s", 0, "output tokens/s"),
+            ("ttft_p50_s", 1, "TTFT p50 (s)"),
+        ):
+            ax = axes[row_index][column]
+            for server in SERVERS:
+                figures = [row["figures"][server][metric] for row in serving["rows"]]
+                if any(f is None for f in figures):
+                    continue
+                med = [f["median"] for f in figures]
+                err = [[m - f["min"] for m, f in zip(med, figures, strict=True)],
+                       [f["max"] - m for m, f in zip(med, figures, strict=True)]]  # fmt: skip
+                color, marker = styles[server]
+                ax.errorbar(
+                    x, med, yerr=err, color=color, marker=marker, capsize=3,
+                    label=SERVER_LABELS[server].replace("`", ""),
+                )  # fmt: skip
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [str(c) for c in x])
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(label)
+            if metric == "ttft_p50_s":
+                ax.set_yscale("log")
+            ax.set_title(f"{MODEL_LABELS.get(model, model)}\n(median, bars: min to max)"
+                         if row_index == 0 else "", fontsize=9)  # fmt: skip
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"Serving on {results.get('machine', {}).get('cores', '?')} CPU cores, "
+                    f"{results.get('date', '')}", fontsize=10)  # fmt: skip
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
