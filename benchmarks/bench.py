@@ -86,17 +86,18 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
     return {
         "repeats": repeats or 3,
         "concurrency": [1, 8, 32],
-        "requests": {"tiny": {1: 8, 8: 32, 32: 64}, "smollm2": {1: 3, 8: 16, 32: 32}},
-        "max_tokens": {"tiny": 32, "smollm2": 16},
+        # Sized for 2 CPU cores: SmolLM2 gets short answers and one wave at concurrency 32.
+        "requests": {"tiny": {1: 8, 8: 24, 32: 64}, "smollm2": {1: 3, 8: 8, 32: 32}},
+        "max_tokens": {"tiny": 32, "smollm2": 8},
         "train": {
-            "tiny": {"steps": 10, "batch": 8},
+            "tiny": {"steps": 8, "batch": 8},
             # TRL's bf16 default runs a slow reference kernel on a CPU, and the packing arms
             # train on rows several times longer: on SmolLM2 only ours against TRL + peft.
             "smollm2": {"steps": 4, "batch": 4, "arms": "ours,reference"},
         },
         "meter": {
             "tiny": {"requests": 48, "concurrency": 4, "max_tokens": 32},
-            "smollm2": {"requests": 16, "concurrency": 4, "max_tokens": 16},
+            "smollm2": {"requests": 16, "concurrency": 4, "max_tokens": 8},
         },
         "level_time_limit_s": 300.0,
     }
@@ -279,7 +280,7 @@ class Serving:
         top = max(sizing["concurrency"])
         # Untimed: two single requests, then one wave at the top concurrency (short answers),
         # so every server has seen its batch shapes before the timed levels.
-        warm = LevelRunner(Endpoint(base_url, name, max_tokens=4), prompts, progress=False)
+        warm = LevelRunner(Endpoint(base_url, name, max_tokens=2), prompts, progress=False)
         asyncio.run(warm.warmup(2))
         asyncio.run(warm.run_level("concurrency", top, top, sizing["level_time_limit_s"]))
         endpoint = Endpoint(base_url, name, max_tokens=max_tokens)
@@ -591,11 +592,13 @@ def main() -> int:
             "command": "nox -s bench" + (" -- --quick" if args.quick else ""),
         }
     )
-    # The tiny model first, then the model-free part, then the slow model: a run cut short
-    # keeps what it measured (results.json is written after every part).
-    tasks = [(model, part) for model in models[:1] for part in parts if part != "env_size"]
+    # The quick parts first and the slowest last (environment size, then training on the
+    # larger model): a run cut short keeps what it measured (results.json is written after
+    # every part).
+    per_model = [p for p in parts if p != "env_size"]
+    tasks = [(m, p) for m in models for p in per_model if not (m != "tiny" and p == "training")]
     tasks += [(None, "env_size")] if "env_size" in parts else []
-    tasks += [(model, part) for model in models[1:] for part in parts if part != "env_size"]
+    tasks += [(m, "training") for m in models if m != "tiny" and "training" in parts]
     logs = args.project.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.project.parent) as tmp:

@@ -438,10 +438,11 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(f"{MODEL_LABELS.get(model, model)}\n(median, bars: min to max)"
                          if row_index == 0 else "", fontsize=9)  # fmt: skip
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     figure.suptitle(f"Serving on {results.get('machine', {}).get('cores', '?')} CPU cores, "
                     f"{results.get('date', '')}", fontsize=10)  # fmt: skip
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
