@@ -592,12 +592,12 @@ def main() -> int:
             "command": "nox -s bench" + (" -- --quick" if args.quick else ""),
         }
     )
-    # The quick parts first and the slowest last (environment size, then training on the
-    # larger model): a run cut short keeps what it measured (results.json is written after
-    # every part).
+    # Environment size first: bytes on disk do not depend on what else the machine runs.
+    # Training on the larger model, the slowest part, last: a run cut short keeps what it
+    # measured (results.json is written after every part).
     per_model = [p for p in parts if p != "env_size"]
-    tasks = [(m, p) for m in models for p in per_model if not (m != "tiny" and p == "training")]
-    tasks += [(None, "env_size")] if "env_size" in parts else []
+    tasks = [(None, "env_size")] if "env_size" in parts else []
+    tasks += [(m, p) for m in models for p in per_model if not (m != "tiny" and p == "training")]
     tasks += [(m, "training") for m in models if m != "tiny" and "training" in parts]
     logs = args.project.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
