@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "merged model's cost per token; writes <out>/summary.{md,json}.",
     )
     demo.add_argument("--model", help="base model (default: model.name_or_path of the config)")
-    demo.add_argument("--steps", type=int, default=120, help="training steps")
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.add_argument("--eval-limit", type=int, default=48, help="held-out tickets to score")
     demo.add_argument("--out", default="reports/demo", help="output folder")
     demo.add_argument("--concurrency", default="1,4", help="token-cost concurrency levels")

@@ -17,7 +17,7 @@ TOKEN_COST_CONFIG = Path("configs/token_cost.yaml")
 @dataclass
 class DemoOptions:
     model: str | None = None  # default: model.name_or_path of configs/train.yaml
-    steps: int = 120
+    steps: int = 60
     eval_limit: int = 48  # held-out tickets scored before and after
     samples: int = 2  # held-out answers shown before and after
     out: Path = Path("reports/demo")
