@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
 class Section(BaseModel):
@@ -93,18 +95,21 @@ class Config(Section):
         return self
 
 
-def _section_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key a schema accepts, sections included."""
     names = []
-    for name, field in model.model_fields.items():
+    for name, field in schema.model_fields.items():
         names.append(prefix + name)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names += _section_fields(annotation, f"{prefix}{name}.")
+            names += _keys(annotation, f"{prefix}{name}.")
     return names
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    valid = _section_fields(Config)
+def describe_error(error: ValidationError, schema: type[BaseModel], source: str) -> str:
+    """Each problem on its own line: unknown keys with the nearest valid one, bad values
+    with what was given."""
+    valid = _keys(schema)
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
@@ -131,41 +136,59 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {override!r} conflicts with an earlier one")
         node[leaf] = yaml.safe_load(raw) if raw else ""
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate everything."""
-    raw: dict[str, Any] = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {source} does not exist") from None
-        except yaml.YAMLError as error:
-            raise UserError(f"config file {source} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {source} must hold a mapping of sections")
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must hold a mapping of sections")
+    return raw
+
+
+def load_yaml_config(
+    schema: type[SchemaT],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> SchemaT:
+    """The one way every config loads: the YAML (or the defaults), then `extra` (from CLI
+    flags), then KEY=VALUE overrides, validated as a whole; mistakes become a UserError."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "(defaults)"
+    if extra:
+        raw = merge_dicts(raw, extra)
+        source += " with command-line options"
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
+        raw = merge_dicts(raw, parse_overrides(overrides))
         source += " with overrides " + " ".join(overrides)
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
-        raise UserError(_describe(error, source)) from None
+        raise UserError(describe_error(error, schema, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a training config (or the defaults), apply overrides, validate everything."""
+    return load_yaml_config(Config, path, overrides)
 
 
 def dump_config(config: Config, path: Path) -> None:

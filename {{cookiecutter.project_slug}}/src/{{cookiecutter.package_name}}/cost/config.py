@@ -7,14 +7,12 @@ overrides; imports only pydantic and yaml.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import _merge, _section_fields, parse_overrides
+from ..config import load_yaml_config, read_yaml
 from ..errors import UserError
 from .money import Split
 
@@ -113,51 +111,11 @@ class TokenCostConfig(Section):
     report: ReportSection = ReportSection()
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    valid = _section_fields(TokenCostConfig)
-    lines = [f"invalid token-cost config {source}:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            lines.append(
-                f"  {key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-            )
-        else:
-            lines.append(f"  {key or '<root>'}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{what} {path} must hold a mapping")
-    return raw
-
-
 def load_token_cost_config(
     path: str | Path | None, overrides: list[str] | None = None, extra: dict | None = None
 ) -> TokenCostConfig:
     """The YAML (or the defaults), then `extra` (from CLI flags), then KEY=VALUE overrides."""
-    raw: dict[str, Any] = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        raw = _read_yaml(Path(path), "config file")
-    if extra:
-        raw = _merge(raw, extra)
-    if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
-        source += " with overrides " + " ".join(overrides)
-    try:
-        return TokenCostConfig.model_validate(raw)
-    except ValidationError as error:
-        raise UserError(_describe(error, source)) from None
+    return load_yaml_config(TokenCostConfig, path, overrides, extra)
 
 
 class ReferencePrice(Section):
@@ -175,7 +133,7 @@ class ReferencePrices(Section):
 
 
 def load_reference_prices(path: str | Path) -> ReferencePrices:
-    raw = _read_yaml(Path(path), "price file")
+    raw = read_yaml(path, "price file")
     try:
         return ReferencePrices.model_validate(raw)
     except ValidationError as error:

@@ -5,14 +5,13 @@ Imports only pydantic and yaml, so the CLI can check a config without importing 
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..config import load_yaml_config
 from ..errors import UserError
 
 BASE_MODEL = {{ cookiecutter.base_model | tojson }}
@@ -90,57 +89,6 @@ class ServeConfig(Section):
         return names
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys += _valid_keys(field.annotation, f"{prefix}{name}.")
-    return keys
-
-
-def _describe(error: ValidationError, source: str) -> str:
-    valid = _valid_keys(ServeConfig)
-    lines = [f"invalid serve config {source}:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            lines.append(
-                f"  {key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-            )
-        else:
-            lines.append(f"  {key or '<root>'}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`server.port=9000 engine.kind=vllm` -> nested dict; values are parsed as YAML."""
-    nested: dict[str, Any] = {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {override!r} is not KEY=VALUE, e.g. server.port=9000")
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {override!r} conflicts with an earlier one")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-    return nested
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_serve_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
@@ -148,32 +96,14 @@ def load_serve_config(
     adapters: list[str] | None = None,
 ) -> ServeConfig:
     """Read the YAML (if any), apply `--model`, `--adapter NAME=PATH` and KEY=VALUE overrides."""
-    raw: dict[str, Any] = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {source} does not exist") from None
-        except yaml.YAMLError as error:
-            raise UserError(f"config file {source} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {source} must hold a mapping of sections")
-    extra: dict[str, Any] = parse_overrides(overrides or [])
+    extra: dict[str, Any] = {}
     if model is not None:
-        extra = _merge(extra, {"model": {"name_or_path": model}})
+        extra["model"] = {"name_or_path": model}
     for item in adapters or []:
         name, sep, adapter_path = item.partition("=")
         if not sep or not name or not adapter_path:
             raise UserError(f"--adapter {item!r} is not NAME=PATH, e.g. support=runs/r1/adapter")
-        extra = _merge(extra, {"adapters": {name: adapter_path}})
-    if extra:
-        raw = _merge(raw, extra)
-        source += " with overrides"
-    try:
-        config = ServeConfig.model_validate(raw)
-    except ValidationError as error:
-        raise UserError(_describe(error, source)) from None
+        extra.setdefault("adapters", {})[name] = adapter_path
+    config = load_yaml_config(ServeConfig, path, overrides, extra)
     config.served_names()
     return config
