@@ -557,6 +557,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the results")
     parser.add_argument("--render", action="store_true", help="only rewrite the report files")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads of every measured process, the same for all (default: "
+        "the libraries' own); 1 keeps a 2-core machine shared with other work from "
+        "oversubscribing",
+    )
+    parser.add_argument(
         "--budget-minutes",
         type=float,
         default=None,
@@ -574,12 +582,15 @@ def main() -> int:
         sys.exit(f"unknown --only parts {sorted(unknown)}; choose from {PARTS}")
     models = (args.models or ("tiny" if args.quick else ",".join(MODELS))).split(",")
     sizing = plan(args.quick, args.repeats)
+    if args.threads:  # inherited by every server, script and floor this run starts
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     project = Project(args.project)
 
     # Later runs of a subset (--only, --models) update the figures they measured.
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    shown = [a for a in sys.argv[1:] if not a.startswith("--project") and a != str(args.project)]
     if results.get("quick") != args.quick:
         results = {}
     results.update(
@@ -589,7 +600,8 @@ def main() -> int:
             "machine": machine(),
             "versions": versions(),
             "sizing": {k: v for k, v in sizing.items()},
-            "command": "nox -s bench" + (" -- --quick" if args.quick else ""),
+            "command": " ".join(["nox -s bench", *(["--", *shown] if shown else [])]),
+            "threads": args.threads or "library default",
         }
     )
     # Environment size first: bytes on disk do not depend on what else the machine runs.

@@ -64,6 +64,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- **Machine**: {machine.get('cores', '?')} cores, "
         f"{machine.get('memory_gib', '?')} GiB memory, {machine.get('cpu_model', 'unknown CPU')}, "
         f"GPU: {machine.get('gpu', 'none')} ({machine.get('platform', '')})",
+        f"- **torch threads per measured process**: {results.get('threads', 'library default')}",
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "- **Models**: "
         + "; ".join(
