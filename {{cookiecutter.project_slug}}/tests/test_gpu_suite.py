@@ -80,10 +80,12 @@ def test_auto_device_is_the_process_own_gpu_under_accelerate(monkeypatch):
     assert pick_device("auto") == "cuda"
 
 
-PROBE = """import json, os
+# Each process writes its own file: two processes printing at once interleave their lines.
+PROBE = """import json, os, pathlib, sys
 keys = ["WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "FSDP_SHARDING_STRATEGY",
         "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES", "ACCELERATE_MIXED_PRECISION"]
-print("PROBE", json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
+out = pathlib.Path(sys.argv[1]) / f"probe-{os.environ['LOCAL_RANK']}.json"
+out.write_text(json.dumps({k: os.environ.get(k) for k in keys}))
 """
 
 
@@ -109,10 +111,11 @@ def test_accelerate_launch_accepts_each_config(name, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     launcher = command[: command.index("-m", 3)]
-    result = run(*launcher, "--main_process_port", str(free_port()), str(probe))
-    lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
-    assert result.returncode == 0 and len(lines) == 2, result.stdout + result.stderr[-3000:]
-    seen = [json.loads(line.removeprefix("PROBE ")) for line in lines]
+    port = str(free_port())
+    result = run(*launcher, "--main_process_port", port, str(probe), str(tmp_path))
+    reports = sorted(tmp_path.glob("probe-*.json"))
+    assert result.returncode == 0 and len(reports) == 2, result.stdout + result.stderr[-3000:]
+    seen = [json.loads(report.read_text()) for report in reports]
     assert sorted(s["LOCAL_RANK"] for s in seen) == ["0", "1"]
     assert {s["WORLD_SIZE"] for s in seen} == {"2"}
     assert {s["ACCELERATE_MIXED_PRECISION"] for s in seen} == {"no"}  # the trainer decides
