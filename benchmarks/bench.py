@@ -466,8 +466,10 @@ def training(project: Project, model: str, folder: Path, sizing: dict, scratch: 
     if model != "tiny":
         args += ["--model", str(folder)]
     report = project.script("train_throughput.py", args, out, scratch / f"train-{model}.log")
-    if "error" in report:
-        return report
+    return report if "error" in report else training_summary(report)
+
+
+def training_summary(report: dict) -> dict:
     ratios = report["ratios"]
     return {
         "steps": report["steps"],
@@ -480,7 +482,7 @@ def training(project: Project, model: str, folder: Path, sizing: dict, scratch: 
             name: verdict("packing" if name.startswith("packing") else "training_vs_reference", r)
             for name, r in ratios.items()
         },
-        "wall_seconds": report["wall_seconds"],
+        "wall_seconds": report.get("wall_seconds"),
     }
 
 
@@ -499,7 +501,7 @@ def env_size(project: Project, scratch: Path) -> dict:
         "ratio_before_slim_env": report["ratio_before_slim_env"],
         "torch_index": report["torch_index"] or "default index (CPU wheels here)",
         "pass": verdict("env_size", report["ratio_serve_to_dev"]),
-        "wall_seconds": report["wall_seconds"],
+        "wall_seconds": report.get("wall_seconds"),
     }
 
 
@@ -512,8 +514,10 @@ def meter(project: Project, model: str, folder: Path, sizing: dict, scratch: Pat
     if model != "tiny":
         args += ["--model", str(folder)]
     report = project.script("meter_accuracy.py", args, out, scratch / f"meter-{model}.log")
-    if "error" in report:
-        return report
+    return report if "error" in report else meter_summary(report)
+
+
+def meter_summary(report: dict) -> dict:
     rounds = report["rounds"]
 
     def per_round(a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
@@ -542,7 +546,7 @@ def meter(project: Project, model: str, folder: Path, sizing: dict, scratch: Pat
         "rounds": len(rounds),
         "relative_differences": comparisons,
         "script_summary": {k: report[k] for k in report if "rel_diff" in k},
-        "wall_seconds": report["wall_seconds"],
+        "wall_seconds": report.get("wall_seconds"),
     }
 
 
@@ -571,6 +575,7 @@ def main() -> int:
         help="parts not started this long after the start are skipped (and marked so)",
     )
     args = parser.parse_args()
+    args.project = args.project.resolve()  # the scripts run in it: no relative paths
 
     out = args.out or (args.project.parent / "quick" if args.quick else ROOT)
     results_path = out / "benchmarks" / "results.json"
@@ -590,7 +595,9 @@ def main() -> int:
 
     # Later runs of a subset (--only, --models) update the figures they measured.
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    shown = [a for a in sys.argv[1:] if not a.startswith("--project") and a != str(args.project)]
+    argv = sys.argv[1:]
+    skip = {i + 1 for i, a in enumerate(argv) if a == "--project"}
+    shown = [a for i, a in enumerate(argv) if i not in skip and not a.startswith("--project")]
     if results.get("quick") != args.quick:
         results = {}
     results.update(

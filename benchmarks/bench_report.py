@@ -129,7 +129,7 @@ def _summary_rows(results: dict) -> list[str]:
                 )
         meter = section.get("meter") or {}
         for key, figure in (meter.get("relative_differences") or {}).items():
-            if key.endswith("same_requests"):
+            if figure:
                 rows.append(
                     f"| [meter: {key.replace('_', ' ')}](#meter-{model}) | {label} | "
                     f"{figure['median']:.1%} apart | within 10% | {_verdict(figure['pass'])} |"
