@@ -18,6 +18,10 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def _spread(figure: dict | None, digits: int = 2, scale: float = 1.0) -> str:
     """median [min, max]"""
     if not figure:
@@ -57,7 +61,7 @@ def markdown(results: dict[str, Any]) -> str:
         "machine; the ratios are the result. Each figure is the median of the repetitions,",
         "with [min, max].",
         "",
-        f"- **Command**: `{results.get('command', 'nox -s bench')}` (the template's session: it",
+        f"- **Command**: {results.get('command', '`nox -s bench`')} (the template's session: it",
         "  bakes a project into `build/bench`, builds its locked environment and runs",
         "  `benchmarks/bench.py` there; raw figures in `benchmarks/results.json`)",
         f"- **Date**: {results.get('date', 'n/a')}",
@@ -124,7 +128,7 @@ def _summary_rows(results: dict) -> list[str]:
                 ("packing_vs_no_packing", "packing vs no packing", "packing"),
             ):
                 rows.append(
-                    f"| [{what}](#training-{model}) | {label} | {_num(ratios.get(key))}x | "
+                    f"| [{what}](#training-{model}) | {label} | {_ratio(ratios.get(key))} | "
                     f"{_target(target)} | {_verdict(passed.get(key))} |"
                 )
         meter = section.get("meter") or {}
@@ -316,7 +320,7 @@ def _training(results: dict) -> list[str]:
         }
         for key, (label, target) in names.items():
             lines.append(
-                f"| {label} | {_num(train['ratios'].get(key))}x | {_target(target)} | "
+                f"| {label} | {_ratio(train['ratios'].get(key))} | {_target(target)} | "
                 f"{_verdict(train['pass'].get(key))} |"
             )
         lines += ["", "| arm | non-pad tokens/s |", "| --- | --- |"]
