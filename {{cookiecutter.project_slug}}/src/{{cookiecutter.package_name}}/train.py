@@ -201,7 +201,10 @@ def prepare_run_dir(config: Config, resume: Path | None) -> tuple[Config, Path]:
         return config, resume
     name = config.output.run_name or new_run_name()
     run_dir = Path(config.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    # Under DDP every rank gets here; only rank 0 may find the folder new, the others
+    # would race with its first writes.
+    first_rank = os.environ.get("RANK", "0") == "0"
+    if first_rank and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(
             f"run folder {run_dir} already exists; pick another output.run_name, "
             f"or continue it with --resume {run_dir}"
