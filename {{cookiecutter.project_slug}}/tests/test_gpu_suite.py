@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from {{ cookiecutter.package_name }}.device import pick_device
+from {{ cookiecutter.package_name }}.device import check_driver, pick_device
+from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.launch import launch_command
 from server_process import free_port
 
@@ -136,3 +137,13 @@ def test_cpu_launch_starts_one_process_per_rank():
     command = launch_command(args, cpu=True)
     assert "--multi_gpu" in command and "--cpu" not in command
     assert command[command.index("--num_processes") + 1] == "2"
+
+
+def test_a_driver_too_old_for_the_cuda_build_is_named_with_both_versions():
+    with pytest.raises(UserError) as caught:
+        check_driver("12.8", (11, 4))
+    message = str(caught.value)
+    assert "CUDA 12.8" in message and "supports CUDA 11.4" in message and "driver" in message
+    check_driver("12.8", (12, 2))  # minor-version compatibility: runs
+    check_driver("12.8", None)  # no NVIDIA driver: the CPU is the device
+    check_driver(None, (11, 4))  # a CPU build of torch

@@ -95,3 +95,20 @@ def test_default_model_loads_offline_from_the_packaged_gguf(monkeypatch):
     ids = torch.tensor([prompt_ids(tokenizer, question)])
     output = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, ids.shape[1] :])
+
+
+def test_unreadable_weights_are_named_with_the_permission_problem(tiny_model_dir, monkeypatch):
+    """A weights file this process may not read is a permission problem, not a missing folder.
+    os.access is narrowed here because the suite may run as root, who may read anything; the
+    image test checks the real case (a root-owned 0600 file in a container as uid 10001)."""
+    weights = tiny_model_dir / "model.safetensors"
+    real_access = modeling.os.access
+    monkeypatch.setattr(
+        modeling.os, "access", lambda p, mode: Path(p) != weights and real_access(p, mode)
+    )
+    modeling.resolve_model.cache_clear()
+    with pytest.raises(UserError) as caught:
+        modeling.resolve_model(str(tiny_model_dir))
+    message = str(caught.value)
+    assert f"{weights} cannot be read" in message and "mode" in message
+    assert "chmod" in message and "not a local folder" not in message

@@ -1,39 +1,138 @@
-"""Remove from an environment what serving never runs: torch's C++ unit-test executables.
+"""Slim the serving environment: remove what serving never runs, compile what it imports.
 
-    python tools/slim_env.py /opt/venv
+    python tools/slim_env.py /opt/venv            # what the image's build runs
+    python tools/slim_env.py --dry-run /opt/venv  # measure only
 
-torch wheels ship their native test binaries (`torch/test/`, `torch/bin/*test*`), about
-90 MB that nothing imports or executes. The image's builder stage runs this script, and
-benchmarks/env_size.py runs it on the serving environment it measures, so the number
-reported is the environment the image ships. Standard library only.
+Measured on the CPU build (torch 2.13.0+cpu, Python 3.11, 2026-12-01; the numbers are in
+reports/image.md of `nox -s docker`):
+- Tests: torch's native test executables (`torch/test`, `torch/bin/*test*`), 121 MiB on the
+  CPU build and none in the CUDA build's wheel; the test suites other wheels ship
+  (numpy/_core/tests, sympy/*/tests, ...) from which serving imports nothing, 23 MiB.
+- Type stubs (`*.pyi`, 4 MiB): read by type checkers, never imported.
+- torch's C++ headers (`torch/include`, 62 MiB): only compiling an extension or a
+  torch.compile kernel reads them, and serving on a CPU does neither. Kept in CUDA builds:
+  whether serving there compiles anything waits for a GPU run (README "Image").
+- Bytecode: compiling every module would add 216 MiB of .pyc; serving imports 2,400 of them
+  (about 60 MiB of .pyc). Only those are compiled (`tools/serving_modules.txt`, recorded from
+  a served request and checked by tests/test_slim_env.py); the rest would be compiled in
+  memory on the rare import, and the image runs with PYTHONDONTWRITEBYTECODE.
+Standard library only.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
+import py_compile
 import shutil
 import sys
 from pathlib import Path
 
-# Relative to site-packages. Only native test executables: nothing here is imported.
-PRUNE = ("torch/test", "torch/bin/*Test", "torch/bin/test_*")
+# Relative to site-packages. Nothing here is imported or executed by serving.
+PRUNE = ("torch/test", "torch/bin/*Test", "torch/bin/test_*")  # native test executables
+PRUNE_CPU_BUILD = ("torch/include",)
+MODULES = Path(__file__).with_name("serving_modules.txt")
 
 
-def slim(prefix: Path) -> int:
-    """Delete the PRUNE paths under every site-packages of prefix; return the bytes freed."""
-    freed = 0
-    for site_packages in prefix.glob("lib/python*/site-packages"):
-        for pattern in PRUNE:
-            for path in site_packages.glob(pattern):
-                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-                freed += sum(p.lstat().st_size for p in files)
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+def _size(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prune(site_packages: Path, patterns: tuple[str, ...], dry_run: bool) -> int:
+    """Delete the paths matching patterns; return the bytes freed."""
+    return prune_paths([p for pattern in patterns for p in site_packages.glob(pattern)], dry_run)
+
+
+def unimported_test_suites(site_packages: Path, modules: list[str]) -> list[Path]:
+    """Test-suite folders shipped inside wheels (numpy/_core/tests, sympy/*/tests, ...)
+    from which serving imports nothing."""
+    imported = set(modules)
+    found = []
+    for folder in site_packages.glob("*/**/tests"):
+        dotted = ".".join(folder.relative_to(site_packages).parts)
+        if folder.is_dir() and not any(m == dotted or m.startswith(dotted + ".") for m in imported):
+            found.append(folder)
+    return found
+
+
+def prune_paths(paths: list[Path], dry_run: bool) -> int:
+    freed = sum(_size(path) for path in paths)
+    if not dry_run:
+        for path in paths:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return freed
 
 
+def module_files(site_packages: Path, modules: list[str]) -> list[Path]:
+    """The source file of each listed module that this environment has."""
+    files = []
+    for name in modules:
+        base = site_packages.joinpath(*name.split("."))
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                files.append(candidate)
+                break
+    return files
+
+
+def compile_imported(site_packages: Path, modules: list[str], dry_run: bool) -> tuple[int, int]:
+    """Bytecode for the modules serving imports (unchecked-hash: valid whatever the file
+    times). Returns (files compiled, bytes written)."""
+    files = module_files(site_packages, modules)
+    if dry_run:
+        return len(files), 0
+    written = 0
+    mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+    for source in files:
+        target = py_compile.compile(str(source), doraise=True, invalidation_mode=mode)
+        written += Path(target).stat().st_size
+    return len(files), written
+
+
+def torch_is_cpu_build(site_packages: Path) -> bool:
+    found = importlib.metadata.distributions(path=[str(site_packages)])
+    version = next((d.version for d in found if d.metadata["Name"] == "torch"), "")
+    return version.endswith("+cpu")
+
+
+def slim(prefix: Path, dry_run: bool = False) -> dict[str, float]:
+    """Slim every site-packages under prefix; return what was done, in MiB and files."""
+    report = {"tests_mib": 0.0, "headers_mib": 0.0, "stubs_mib": 0.0, "compiled_files": 0,
+              "bytecode_mib": 0.0}  # fmt: skip
+    modules = MODULES.read_text().split()
+    for site_packages in prefix.glob("lib/python*/site-packages"):
+        suites = unimported_test_suites(site_packages, modules)
+        report["tests_mib"] += (
+            prune(site_packages, PRUNE, dry_run) + prune_paths(suites, dry_run)
+        ) / 2**20
+        report["stubs_mib"] += prune(site_packages, ("**/*.pyi",), dry_run) / 2**20
+        if torch_is_cpu_build(site_packages):
+            report["headers_mib"] += prune(site_packages, PRUNE_CPU_BUILD, dry_run) / 2**20
+        files, written = compile_imported(site_packages, modules, dry_run)
+        report["compiled_files"] += files
+        report["bytecode_mib"] += written / 2**20
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prefix", type=Path, help="the environment, e.g. /opt/venv")
+    parser.add_argument("--dry-run", action="store_true", help="measure, change nothing")
+    args = parser.parse_args(argv)
+    if not args.prefix.is_dir():
+        parser.error(f"{args.prefix} is not a folder")
+    report = slim(args.prefix, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"slim_env: {verb} {report['tests_mib']:.0f} MiB of tests, "
+        f"{report['headers_mib']:.0f} MiB of C++ headers and {report['stubs_mib']:.0f} MiB of "
+        f"type stubs; bytecode for "
+        f"{report['compiled_files']} imported modules ({report['bytecode_mib']:.0f} MiB)"
+    )
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        sys.exit("usage: python tools/slim_env.py ENV_PREFIX")
-    print(f"slim_env: removed {slim(Path(sys.argv[1])) / 2**20:.0f} MiB of test executables")
+    sys.exit(main())

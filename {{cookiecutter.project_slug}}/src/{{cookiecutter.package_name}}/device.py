@@ -6,10 +6,13 @@ bf16 matmul falls back to a reference kernel tens of times slower than fp32.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ def pick_device(requested: str = "auto") -> str:
     """
     if requested == "auto":
         if not torch.cuda.is_available():
+            check_driver(torch.version.cuda, driver_cuda_version())
             return "cpu"
         local_rank = os.environ.get("LOCAL_RANK", "")
         if local_rank.isdigit() and int(local_rank) < torch.cuda.device_count():
@@ -43,6 +47,34 @@ def pick_device(requested: str = "auto") -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {requested!r} was requested but no CUDA device is visible")
     return requested
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version the installed NVIDIA driver supports, or None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def check_driver(built_for: str | None, driver: tuple[int, int] | None) -> None:
+    """A CUDA build of torch on a host whose driver is too old sees no GPU; say so instead
+    of quietly running on the CPU. (Within a major version newer builds run on older
+    drivers: CUDA's minor-version compatibility.)"""
+    if built_for is None or driver is None:
+        return  # a CPU build, or no NVIDIA driver at all: the CPU is the device
+    major, minor = (int(part) for part in built_for.split(".")[:2])
+    if driver[0] < major:
+        raise UserError(
+            f"this torch is built for CUDA {major}.{minor}, which needs an NVIDIA driver for "
+            f"CUDA {major}.x or newer; the driver here supports CUDA {driver[0]}.{driver[1]}. "
+            f"Update the driver, or use a build for CUDA {driver[0]}.x (torch_backend, "
+            "TORCH_INDEX_URL)"
+        )
 
 
 def pick_precision(requested_device: str = "auto", requested_dtype: str = "auto") -> Precision:

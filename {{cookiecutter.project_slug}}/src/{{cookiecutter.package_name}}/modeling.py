@@ -47,6 +47,38 @@ def _from_hub(model_id: str) -> bool:
     return True
 
 
+def _permission_problem(path: Path, need: int, what: str) -> str | None:
+    if os.access(path, need):
+        return None
+    info = path.stat()
+    return (
+        f"{path} cannot be {what} by this process (uid {os.getuid()}): it is owned by uid "
+        f"{info.st_uid} with mode {info.st_mode & 0o777:o}. Make it readable, e.g. "
+        f"`chmod -R a+rX {path.parent if path.is_file() else path}`, or run as its owner "
+        "(the image runs as uid 10001: `chown -R 10001:10001` the volume)"
+    )
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a local model folder exists but cannot be read, or None. Without this check
+    a permission error reads as 'not a local folder' further down."""
+    for parent in reversed(path.absolute().parents):
+        if parent.exists() and not os.access(parent, os.X_OK):
+            return _permission_problem(parent, os.X_OK, "entered")
+    try:
+        if not path.is_dir():
+            return None
+    except PermissionError:
+        return _permission_problem(path.parent, os.X_OK, "entered")
+    problem = _permission_problem(path, os.R_OK | os.X_OK, "listed")
+    if problem:
+        return problem
+    for file in sorted(path.iterdir()):
+        if file.is_file() and not os.access(file, os.R_OK):
+            return _permission_problem(file, os.R_OK, "read")
+    return None
+
+
 @functools.lru_cache
 def resolve_model(name_or_path: str) -> str:
     """A local folder as an absolute path; a hub id unchanged when the hub (or its cache)
@@ -55,6 +87,9 @@ def resolve_model(name_or_path: str) -> str:
     Which source is used is logged. Anything else is a user error naming the way out.
     """
     path = Path(name_or_path).expanduser()
+    blocked = _unreadable(path)
+    if blocked is not None:
+        raise UserError(blocked)
     if path.is_dir():
         return str(path.resolve())
     if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix:

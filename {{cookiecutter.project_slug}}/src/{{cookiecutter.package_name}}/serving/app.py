@@ -133,6 +133,17 @@ async def _parse(request: Request, model: type[SamplingRequest]) -> Any:
         raise ApiError(400, message, param=param) from None
 
 
+def _failure(error: BaseException) -> tuple[int, dict[str, Any]]:
+    """Status and OpenAI error body for a request the engine ended with an error."""
+    from .engine import CutOff
+
+    if isinstance(error, CutOff):
+        log.warning("request cut off: %s", error)
+        return CutOff.status, error_body(str(error), "server_error", None, CutOff.status)
+    log.error("generation failed: %s", error)
+    return 500, error_body(f"generation failed: {error}", "server_error", None, 500)
+
+
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read already)."""
     while True:
@@ -302,9 +313,8 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
                     return Response(status_code=CLIENT_CLOSED)
                 error = worker.exception()
                 if error is not None:
-                    log.error("generation failed: %s", error)
-                    body = error_body(f"generation failed: {error}", "server_error", None, 500)
-                    return JSONResponse(body, status_code=500)
+                    status, body = _failure(error)
+                    return JSONResponse(body, status_code=status)
                 text = worker.result()
                 status = 200
                 return JSONResponse(
@@ -347,9 +357,7 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
                     async for piece in pieces():
                         yield event([choice(piece, None, delta=True)])
                 except Exception as error:
-                    status = 500
-                    log.error("generation failed: %s", error)
-                    body = error_body(f"generation failed: {error}", "server_error", None, 500)
+                    status, body = _failure(error)
                     yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
                     return

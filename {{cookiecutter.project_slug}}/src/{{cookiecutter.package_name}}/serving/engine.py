@@ -141,6 +141,21 @@ class SamplingParams:
 class GenerationError(RuntimeError):
     """The engine failed a request (its message comes from the library)."""
 
+    status = 500
+
+
+class CutOff(GenerationError):
+    """The server stopped the request: its shutdown grace ran out."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class _CutOffOutput:
+    """Put into a submission's queue in place of the library's next output."""
+
+    error: str
+
 
 @dataclass
 class Submission:
@@ -156,6 +171,8 @@ class Submission:
         """New token ids as the engine produces them; ends when the request finishes."""
         while not self.finished:
             output = await self._queue.get()
+            if isinstance(output, _CutOffOutput):  # still unfinished: cancel() frees it
+                raise CutOff(output.error)
             if output.error is not None:
                 self.finished = True
                 raise GenerationError(output.error)
@@ -187,6 +204,8 @@ class Engine:
         self.cb_config, self.parent, self.source = cb_config, parent, source
         self.manager: Any = None
         self._lock = threading.Lock()
+        # Requests not yet finished, with the event loop that reads them (for cut_off).
+        self._live: dict[str, tuple[Submission, asyncio.AbstractEventLoop]] = {}
 
     def start(self) -> None:
         generation_config = GenerationConfig(
@@ -235,16 +254,28 @@ class Engine:
         if added is None:
             self._forget(request_id)
             raise GenerationError("the engine is stopping and does not accept requests")
+        with self._lock:
+            self._live[request_id] = (submission, asyncio.get_running_loop())
         return submission
 
     def cancel(self, submission: Submission) -> None:
         """Stop generating for a request and free its KV-cache blocks (a no-op once finished)."""
+        with self._lock:
+            self._live.pop(submission.request_id, None)
         if not submission.finished:
             submission.finished = True
             self.manager.cancel_request(submission.request_id)
             # The library drops a cancelled request without a last output, so the handler
             # registered in submit() is removed here.
             self._forget(submission.request_id)
+
+    def cut_off(self, reason: str) -> int:
+        """End every unfinished request with CutOff(reason); thread-safe. Returns how many."""
+        with self._lock:
+            live = list(self._live.values())
+        for submission, loop in live:
+            loop.call_soon_threadsafe(submission._queue.put_nowait, _CutOffOutput(reason))
+        return len(live)
 
     def _forget(self, request_id: str) -> None:
         router = self.manager.output_router

@@ -213,6 +213,16 @@ class Runtime:
     def dead_engines(self) -> dict[str, str]:
         return {name: e.fatal_error() for name, e in self.engines.items() if e.fatal_error()}
 
+    def cut_off(self, grace_s: float) -> None:
+        """The drain grace ran out: end what is still generating with an error answer."""
+        reason = (
+            f"the server is shutting down and this request did not finish within its "
+            f"{grace_s:g} s grace (server.shutdown_grace_s); retry it"
+        )
+        count = sum(engine.cut_off(reason) for engine in self.engines.values())
+        if count:
+            log.warning("grace of %g s over: cutting off %d request(s)", grace_s, count)
+
     def shutdown(self) -> None:
         self.ready = False
         self.metrics.ready.set(0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
+CUT_OFF_MARGIN_S = 1.0  # after the grace: time to send the cut-off answers
 
 
 def serve(config: ServeConfig) -> int:
@@ -36,14 +38,21 @@ def _serve_transformers(config: ServeConfig) -> int:
     runtime = Runtime(config, Metrics())
     app = create_app(config, runtime)
 
+    grace = config.server.shutdown_grace_s
+
     class Server(uvicorn.Server):
-        """On SIGTERM/SIGINT: /ready turns false at once, then uvicorn stops accepting
-        connections, lets in-flight requests finish for up to shutdown_grace_s, cancels the
-        rest, and the app's shutdown stops the engines."""
+        """On SIGTERM/SIGINT: /ready turns false at once, uvicorn stops accepting
+        connections and lets in-flight requests finish for up to shutdown_grace_s. Then
+        the runtime ends the rest with an OpenAI error answer (uvicorn would cancel them
+        and send a plain-text 500, or cut a stream), and the app's shutdown stops the
+        engines."""
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if not runtime.draining:
-                log.info("signal %s: draining (grace %.0f s)", sig, config.server.shutdown_grace_s)
+                log.info("signal %s: draining (grace %g s)", sig, grace)
+                timer = threading.Timer(grace, runtime.cut_off, args=(grace,))
+                timer.daemon = True
+                timer.start()
             runtime.draining = True
             super().handle_exit(sig, frame)
 
@@ -53,7 +62,8 @@ def _serve_transformers(config: ServeConfig) -> int:
             host=config.server.host,
             port=config.server.port,
             log_level=config.server.log_level,
-            timeout_graceful_shutdown=config.server.shutdown_grace_s,
+            # uvicorn's own cancel comes only after the cut-off answers are sent
+            timeout_graceful_shutdown=grace + CUT_OFF_MARGIN_S,
             access_log=config.server.log_level == "debug",
         )
     )

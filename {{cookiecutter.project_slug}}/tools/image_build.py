@@ -1,0 +1,174 @@
+"""The image's build steps that must fail fast and clearly (the Dockerfile runs them).
+
+    python tools/image_build.py deps    --torch-index URL [--index URL] [--extra-index URL]
+                                        [--ca-bundle FILE] /opt/venv
+    python tools/image_build.py verify  --backend cu128 /opt/venv
+    python tools/image_build.py project /opt/venv /opt/project
+
+Why a script and not shell in the Dockerfile: pip, given an index it cannot reach, retries
+it for every package and then quietly takes PyPI's default torch (a CUDA 13 build), and
+`pip check` passes. So the indexes are probed first with a short timeout, and the installed
+torch build is checked against the backend this project was generated for.
+Standard library only: it runs on the base image's Python before anything is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROBE_TIMEOUT_S = 15
+# pip's own defaults are 5 retries of 15 s per package; an index that answers needs few.
+PIP_NETWORK = ["--retries", "2", "--timeout", "20"]
+FIX = "pass a reachable mirror with --build-arg {arg}=URL (README: 'Building the image')"
+
+
+class BuildError(Exception):
+    """One line for the build log: what failed and how to fix it."""
+
+
+def probe(index: str, project: str, arg: str, ca_bundle: str | None = None) -> None:
+    """GET <index>/<project>/ (PEP 503) within PROBE_TIMEOUT_S, or a BuildError naming it."""
+    url = index.rstrip("/") + f"/{project}/"
+    context = None
+    if ca_bundle:
+        import ssl
+
+        context = ssl.create_default_context(cafile=ca_bundle)
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as answer:
+            answer.read(1)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            raise BuildError(
+                f"the index {index} has no {project!r} project ({url}: 404); " + FIX.format(arg=arg)
+            ) from None
+        raise BuildError(
+            f"the index {index} answered {error.code} for {url}; " + FIX.format(arg=arg)
+        ) from None
+    except (OSError, ValueError) as error:  # DNS, refused, timeout, TLS, malformed URL
+        reason = getattr(error, "reason", error)
+        hint = (
+            " (a TLS-intercepting proxy? see --build-arg CA_BUNDLE)"
+            if "CERT" in str(reason)
+            else ""
+        )
+        raise BuildError(
+            f"the index {index} cannot be reached ({reason}){hint}; " + FIX.format(arg=arg)
+        ) from None
+
+
+def pip(venv: Path, *args: str, ca_bundle: str | None = None) -> None:
+    """The base image's pip, installing into the venv (which has no pip of its own)."""
+    cert = ["--cert", ca_bundle] if ca_bundle else []
+    python = str(venv / "bin" / "python")
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", python, *cert, *args])
+    if done.returncode:
+        raise BuildError(f"pip {args[0]} failed (exit {done.returncode}); see the lines above")
+
+
+def deps(args: argparse.Namespace) -> None:
+    venv, ca = Path(args.venv), args.ca_bundle or None
+    indexes = ["--index-url", args.index] if args.index else []
+    if args.index:
+        probe(args.index, "pip", "PIP_INDEX_URL", ca)
+    for extra in filter(None, [args.extra_index]):
+        probe(extra, "pip", "PIP_EXTRA_INDEX_URL", ca)
+        indexes += ["--extra-index-url", extra]
+    if args.torch_index:
+        probe(args.torch_index, "torch", "TORCH_INDEX_URL", ca)
+        indexes += ["--extra-index-url", args.torch_index]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    install = ["install", "--no-cache-dir", "--no-compile", *PIP_NETWORK, *indexes]
+    pip(venv, *install, "--requirement", args.requirements, ca_bundle=ca)
+    frozen = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (venv / "installed.txt").write_text(frozen.stdout)
+
+
+def torch_version(venv: Path) -> str:
+    """torch's installed version, from its metadata (no import: seconds, and no CUDA probe)."""
+    code = "import importlib.metadata as m; print(m.version('torch'))"
+    python = str(venv / "bin" / "python")
+    return subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def check_build(version: str, backend: str) -> None:
+    """The local version tag (+cpu, +cu128, ...) must name the backend."""
+    _, _, tag = version.partition("+")
+    if tag == backend:
+        return
+    found = f"+{tag}" if tag else "no local tag: PyPI's default build, CUDA 13"
+    raise BuildError(
+        f"torch {version} ({found}) is installed, but this image is for {backend}: the torch "
+        f"index did not serve torch+{backend}; pass --build-arg TORCH_INDEX_URL=<an index with "
+        f"+{backend} wheels> (default https://download.pytorch.org/whl/{backend})"
+    )
+
+
+def verify(args: argparse.Namespace) -> None:
+    version = torch_version(Path(args.venv))
+    check_build(version, args.backend)
+    print(f"image_build: torch {version} matches the {args.backend} backend")
+
+
+def project(args: argparse.Namespace) -> None:
+    """The project alone under a prefix of its own: its image layer is kilobytes, so a code
+    change re-pulls that layer and not the gigabytes of dependencies below it."""
+    venv, prefix = Path(args.venv), Path(args.prefix)
+    pip(
+        venv, "install", "--no-cache-dir", "--no-compile", "--no-deps", "--prefix", str(prefix), "."
+    )
+    site = next(prefix.glob("lib/python*/site-packages"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    python = str(venv / "bin" / "python")
+    check = subprocess.run([sys.executable, "-m", "pip", "--python", python, "check"], env=env)
+    if check.returncode:
+        raise BuildError("pip check found broken requirements; see the lines above")
+    subprocess.run(
+        [python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(prefix)],
+        check=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    steps = parser.add_subparsers(dest="step", required=True)
+    step = steps.add_parser("deps", help="probe the indexes, install the lock into VENV")
+    step.add_argument("venv")
+    step.add_argument("--requirements", default="requirements/serve.txt")
+    step.add_argument("--torch-index", default="")
+    step.add_argument("--index", default="", help="replaces PyPI (a mirror)")
+    step.add_argument("--extra-index", default="")
+    step.add_argument("--ca-bundle", default="", help="PEM file that pip and the probe trust")
+    step.set_defaults(run=deps)
+    step = steps.add_parser("verify", help="torch's build tag must match BACKEND")
+    step.add_argument("venv")
+    step.add_argument("--backend", required=True)
+    step.set_defaults(run=verify)
+    step = steps.add_parser("project", help="install the project alone under PREFIX")
+    step.add_argument("venv")
+    step.add_argument("prefix")
+    step.set_defaults(run=project)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except BuildError as error:
+        print(f"image build failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
