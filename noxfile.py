@@ -39,7 +39,9 @@ TEST_DEPS = [
     "zizmor>=1.32",
     "cruft>=2.15",  # the template-update path (tests/test_cruft.py)
 ]
-WORKFLOWS = sorted(f".github/workflows/{path.name}" for path in ROOT.glob(".github/workflows/*.yml"))
+WORKFLOWS = sorted(
+    f".github/workflows/{path.name}" for path in ROOT.glob(".github/workflows/*.yml")
+)
 DEPENDABOT = ".github/dependabot.yml"
 
 

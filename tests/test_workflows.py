@@ -127,10 +127,10 @@ def test_lint_names_the_file_and_line_of_a_broken_workflow(tmp_path: Path):
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     label_line = line_of(workflows / "gpu.yml", '"h100"')
-    assert f'.github/workflows/gpu.yml:{label_line}:' in output
+    assert f".github/workflows/gpu.yml:{label_line}:" in output
     assert 'label "h100" is unknown' in output
     key_line = line_of(workflows / "ci.yml", "timeout-minute:")
-    assert f'.github/workflows/ci.yml:{key_line}:' in output
+    assert f".github/workflows/ci.yml:{key_line}:" in output
     assert 'unexpected key "timeout-minute"' in output
 
     # Those fixed, an action by tag instead of commit: zizmor's unpinned-uses.
