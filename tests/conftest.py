@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,12 @@ def bake(output_dir: Path, **context: str) -> Path:
         str(TEMPLATE), no_input=True, output_dir=str(output_dir), extra_context=context
     )
     return Path(project)
+
+
+def run_nox(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run nox on a project's noxfile, from the project folder, and capture what it says."""
+    command = [sys.executable, "-m", "nox", "-f", str(project / "noxfile.py"), *args]
+    return subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")

