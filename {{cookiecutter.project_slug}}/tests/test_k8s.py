@@ -133,7 +133,7 @@ BROKEN = {
     ),
     "weights volume away from HF_HOME": (
         "Dockerfile", "HF_HOME=/models \\", "HF_HOME=/weights \\",
-        ["volumeMounts", "HF_HOME=/weights"],
+        ["volumeMounts", "['/models']", "HF_HOME=/weights"],
     ),
     "image of another owner": (
         "pyproject.toml", "github.com/{{ cookiecutter.github_owner }}/", "github.com/other-org/",

@@ -171,6 +171,7 @@ class Checker:
         spec = doc["spec"]["template"]["spec"]
         uid, _, gid = self.image.user.partition(":")
         pod_security = spec.get("securityContext", {})
+        claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
         if not uid.isdigit():
             self.fail(doc, "Dockerfile USER", f"{self.image.user!r}: runAsNonRoot needs a uid")
         for group in ("initContainers", "containers"):
@@ -179,7 +180,7 @@ class Checker:
                 self.image_of(doc, at, container.get("image", ""))
                 security = pod_security | container.get("securityContext", {})
                 self.security(doc, f"{at}.securityContext", security, uid, gid)
-                self.writable(doc, at, container, group == "initContainers")
+                self.writable(doc, at, container, claims, group == "initContainers")
                 self.resources(doc, f"{at}.resources", container.get("resources", {}))
 
     def image_of(self, doc: Doc, at: str, image: str) -> None:
@@ -200,14 +201,16 @@ class Checker:
                 self.fail(doc, f"{at}.{key}", f"{security.get(key)}, but the Dockerfile's "
                           f"USER is {self.image.user}")  # fmt: skip
 
-    def writable(self, doc: Doc, at: str, container: Doc, init: bool) -> None:
-        """With a read-only root, the places a container writes must be volumes."""
+    def writable(self, doc: Doc, at: str, container: Doc, claims: set[str], init: bool) -> None:
+        """The weights volume at HF_HOME (none: weights baked into the image); with a
+        read-only root, volumes where a container writes."""
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         models = env.get("HF_HOME", self.image.env.get("HF_HOME"))
-        if models and models not in mounts:
-            self.fail(doc, f"{at}.volumeMounts", f"nothing at HF_HOME={models} (the "
-                      "Dockerfile's ENV): the models volume must be mounted there")  # fmt: skip
+        on_claims = sorted(path for path, m in mounts.items() if m["name"] in claims)
+        if on_claims and models not in on_claims:
+            self.fail(doc, f"{at}.volumeMounts", f"the models volume is at {on_claims}, but "
+                      f"HF_HOME={models} (the Dockerfile's ENV): mount it there")  # fmt: skip
         for path in INIT_CONTAINER_WRITES if init else ["/tmp", self.image.workdir]:
             mount = mounts.get(path)
             if mount is None or mount.get("readOnly"):
