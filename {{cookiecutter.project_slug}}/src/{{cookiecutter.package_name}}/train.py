@@ -93,6 +93,11 @@ def build_peft_model(config: Config, precision: Precision) -> Any:
 
     from .modeling import load_model, resolve_model
 
+    if config.lora.init == "loftq" and not precision.device.startswith("cuda"):
+        raise UserError(
+            f"lora.init=loftq runs peft's LoftQ, which computes on a CUDA GPU; the device is "
+            f"{precision.device}. Train on a GPU, or use lora.init=default with QLoRA here"
+        )
     model = load_model(
         config.model.name_or_path,
         dtype=precision.dtype,
@@ -133,7 +138,8 @@ def _safetensors_file(source: str) -> str | None:
 def check_padding_free(model: Any) -> None:
     """Padding-free batches are one row of several examples told apart only by their
     position_ids; an attention implementation that ignores them mixes the examples.
-    Two short sequences packed into one row must give the same logits as apart."""
+    Two short sequences packed into one row must give the same logits as apart. Without a
+    cache, as TRL trains: transformers only looks for packed rows when there is none."""
     import torch
 
     first, second = [5, 6, 7, 8], [9, 10, 11]
@@ -145,8 +151,10 @@ def check_padding_free(model: Any) -> None:
             packed = model(
                 input_ids=torch.tensor([first + second], device=device),
                 position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device),
+                use_cache=False,
             ).logits[0, len(first) :]
-            alone = model(input_ids=torch.tensor([second], device=device)).logits[0]
+            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False)
+            alone = alone.logits[0]
     finally:
         model.train(was_training)
     scale = alone.float().std().item() or 1.0
@@ -177,6 +185,7 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
     from trl import SFTConfig
 
     train = config.train
+    padding_free_unpacked = config.data.padding_free and not config.data.packing
     return SFTConfig(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         learning_rate=train.learning_rate,
@@ -204,7 +213,9 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
-        max_length=config.data.max_length,
+        # Examples are already cut to data.max_length (data.overlong); unpacked padding-free
+        # rows have no length of their own to enforce, and TRL refuses one.
+        max_length=None if padding_free_unpacked else config.data.max_length,
         packing=config.data.packing,
         packing_strategy=config.data.packing_strategy,
         padding_free=config.data.padding_free,
