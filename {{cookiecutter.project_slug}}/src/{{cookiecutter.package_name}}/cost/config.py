@@ -85,6 +85,7 @@ class PromptSection(Section):
 class SloSection(Section):
     ttft_s: float = Field(2.0, gt=0)  # time to first token
     e2e_s: float = Field(30.0, gt=0)  # whole request
+    tpot_s: float | None = Field(None, gt=0)  # time per output token; null: not an SLO
     attainment: float = Field(0.9, gt=0, le=1)  # share of requests that must meet both
 
 
