@@ -13,6 +13,7 @@ import pytest
 
 from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH, markdown, validate
 from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markdown_metrics
+from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
 from {{ cookiecutter.package_name }}.cost.config import load_reference_prices, load_token_cost_config
 from {{ cookiecutter.package_name }}.cost.load import (
     Endpoint,
@@ -24,6 +25,7 @@ from {{ cookiecutter.package_name }}.cost.load import (
 from {{ cookiecutter.package_name }}.cost.money import (
     Split,
     api_cost_per_1k_requests,
+    compare_with_apis,
     percentiles,
     serverless_money,
     split_usd,
@@ -179,6 +181,29 @@ def test_config_ships_valid_and_names_a_typo():
         load_token_cost_config(None, ["slo.ttft=1"])
     with pytest.raises(UserError, match=r"load\.concurrency"):
         load_token_cost_config(None, ["load.concurrency=[]"])
+
+
+def test_every_list_price_has_its_source_and_date_and_the_card_shows_them(tmp_path):
+    prices = load_reference_prices(ROOT / "configs" / "prices.yaml")
+    for model in prices.models:
+        assert model.source.startswith("https://"), model
+        assert model.as_of <= prices.taken, model
+    rows = compare_with_apis([m.model_dump() for m in prices.models], 0.5, 200, 50)
+    assert [r["as_of"] for r in rows] == [m.as_of.isoformat() for m in prices.models]
+    text = "\n".join(price_sources_markdown(rows))
+    first = prices.models[0]
+    assert f"- {first.model}: as of {first.as_of.isoformat()}, {first.source}" in text
+    if not first.verified:
+        assert "**unverified**" in text
+    # A price without its source is refused, naming the entry and the field.
+    bad = tmp_path / "prices.yaml"
+    bad.write_text(
+        "taken: 2026-12-01\nsource: x\nmodels:\n"
+        "  - {provider: P, model: m, usd_per_1m_input: 1, usd_per_1m_output: 2,"
+        " as_of: 2026-11-01}\n"
+    )
+    with pytest.raises(UserError, match=r"price file .*: models\.0\.source: Field required"):
+        load_reference_prices(bad)
 
 
 # ------------------------------------------------------------------------------ load client

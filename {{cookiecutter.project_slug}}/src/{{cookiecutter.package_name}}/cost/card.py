@@ -297,7 +297,17 @@ def _serving_markdown(serving: dict[str, Any], card: dict[str, Any]) -> list[str
                 f"{_usd(row['ours_usd_per_1k_requests'])} | {_f(row['ours_over_theirs'])} |"
             )
         lines.append("")
+        lines += _price_sources_markdown(comparison["rows"])
     return lines
+
+
+def _price_sources_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each list price was read and when; unverified ones said so."""
+    lines = []
+    for row in rows:
+        check = "" if row["verified"] else " (**unverified**: not read on the provider's page)"
+        lines.append(f"- {row['model']}: as of {row['as_of']}, {row['source']}{check}")
+    return [*lines, ""]
 
 
 def _metrics_markdown(serving: dict[str, Any]) -> list[str]:

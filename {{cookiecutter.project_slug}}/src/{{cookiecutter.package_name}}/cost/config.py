@@ -124,6 +124,9 @@ class ReferencePrice(Section):
     model: str
     usd_per_1m_input: float = Field(ge=0)
     usd_per_1m_output: float = Field(ge=0)
+    source: str = Field(min_length=1)  # where these numbers were read (a URL)
+    as_of: dt.date  # the date the source gives for them
+    verified: bool = False  # read on the provider's own pricing page
 
 
 class ReferencePrices(Section):
