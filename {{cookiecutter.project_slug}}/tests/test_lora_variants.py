@@ -182,6 +182,24 @@ def test_tensorboard_event_file_in_the_run_folder_holds_the_loss(
         assert logged[step] == pytest.approx(loss, rel=1e-6)
 
 
+def test_a_tracker_that_is_not_installed_names_its_extra(
+    tiny_model_dir, ticket_data, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    config = tiny_config(
+        tiny_model_dir, ticket_data, tmp_path, *TWO_STEPS, "train.report_to=wandb",
+        "output.run_name=wandb",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"report_to=wandb needs the wandb package.*\[wandb\]"):
+        run_training(config)
+    assert not (tmp_path / "wandb").exists(), "refused before the run folder was made"
+
+
 # --- packing and padding-free ----------------------------------------------------------
 
 

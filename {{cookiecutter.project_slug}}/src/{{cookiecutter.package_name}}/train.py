@@ -15,6 +15,7 @@ A run folder holds everything needed to serve, resume and price the run:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -300,6 +301,24 @@ def prepare_run_dir(config: Config, resume: Path | None) -> tuple[Config, Path]:
     return config, run_dir
 
 
+# train.report_to -> the packages the Trainer's integration imports (any one of them).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
+}
+
+
+def check_tracker(report_to: str) -> None:
+    """A missing tracker is a setup mistake: say which extra installs it, before loading."""
+    packages = TRACKERS.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise UserError(
+            f"train.report_to={report_to} needs the {packages[0]} package, which is not "
+            f"installed: pip install -e '.[{report_to}]' (or train.report_to=none)"
+        )
+
+
 def run_training(
     config: Config, resume: Path | None = None, extra_callbacks: tuple[Any, ...] = ()
 ) -> RunResult:
@@ -309,6 +328,7 @@ def run_training(
     from .data import load_splits
     from .modeling import load_tokenizer
 
+    check_tracker(config.train.report_to)
     config, run_dir = prepare_run_dir(config, resume)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
