@@ -79,6 +79,7 @@ MERGEABLE = {
     "pissa": ["lora.init=pissa"],
     "pissa-fast": ["lora.init=pissa_niter_2", "lora.use_rslora=true"],
     "olora": ["lora.init=olora"],
+    "eva": ["lora.init=eva", "lora.r=4", "train.batch_size=16"],
     "lm-head-in-full": ["lora.modules_to_save=[lm_head]"],
 }
 
@@ -105,12 +106,26 @@ def test_variant_trains_and_serves_and_merges_as_trained(
         # Converted to a plain LoRA of the untouched base: twice the rank, default init.
         assert adapter_config["r"] == 32 and adapter_config["init_lora_weights"] is True
         assert probe.initial_b > 0  # started from the base's principal directions
+    elif name == "eva":
+        # Ranks redistributed by explained variance (rho=2: up to 2r per layer, same budget).
+        assert adapter_config["init_lora_weights"] == "eva" and adapter_config["rank_pattern"]
+        assert probe.initial_b == 0  # EVA sets A from the data and leaves B at zero
     else:
         assert adapter_config["r"] == 16
     if name == "dora":
         assert adapter_config["use_dora"] is True
     if name == "lm-head-in-full":
         assert adapter_config["modules_to_save"] == ["lm_head"]
+
+
+def test_eva_that_cannot_converge_stops_with_what_to_change(tiny_model_dir, ticket_data, tmp_path):
+    # 32 components per layer from batches of 4 short answers: too few tokens to converge.
+    config = tiny_config(
+        tiny_model_dir, ticket_data, tmp_path, *TWO_STEPS, "lora.init=eva",
+        "output.run_name=eva-short",
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"lora.init=eva did not converge in 4 passes"):
+        run_training(config)
 
 
 def test_loftq_is_refused_clearly_without_a_gpu(tiny_model_dir, ticket_data, tmp_path):
@@ -126,8 +141,7 @@ def test_loftq_is_refused_clearly_without_a_gpu(tiny_model_dir, ticket_data, tmp
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["lora.init=eva"], "lora.init: Value error, eva initializes LoRA from activations"),
-        (["lora.init=corda"], "corda initializes LoRA from activations"),
+        (["lora.init=corda"], "lora.init: Value error, corda initializes LoRA from activations"),
         (["lora.init=svd"], "lora.init: Value error, must be one of default, gaussian"),
         (["lora.init=loftq"], "set quantization.mode=4bit"),
         (["lora.init=pissa", "quantization.mode=4bit"], "rewrites the base weights"),

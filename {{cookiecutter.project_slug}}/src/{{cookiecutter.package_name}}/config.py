@@ -66,12 +66,15 @@ class DataConfig(Section):
 
 
 # peft's init_lora_weights, by name. default: A random, B zero (the adapter starts as a
-# no-op). pissa/olora start from the base weights' principal directions; loftq from the
-# 4-bit quantization error.
-LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora", "loftq")
+# no-op). pissa/olora start from the base weights' principal directions; eva from those of
+# the layers' inputs on the training data (and redistributes ranks); loftq from the 4-bit
+# quantization error.
+LORA_INITS = (
+    *("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora", "eva", "loftq"),
+)
 PISSA_FAST = re.compile(r"^pissa_niter_\d+$")  # PiSSA with N fast-SVD iterations
-# Inits that need activations from calibration data, which peft collects with a custom loop.
-DATA_INITS = ("eva", "corda")
+# CorDA needs peft's own covariance pass over calibration data, which this project lacks.
+DATA_INITS = ("corda",)
 
 
 class LoraConfig(Section):

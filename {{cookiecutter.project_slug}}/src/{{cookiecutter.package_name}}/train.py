@@ -70,7 +70,7 @@ def quantization_config(config: Config, precision: Precision) -> Any:
 
 
 def peft_lora_config(config: Config) -> Any:
-    from peft import LoraConfig
+    from peft import EvaConfig, LoraConfig
 
     lora = config.lora
     # loftq starts from peft's default init; replace_lora_weights_loftq then refits it.
@@ -85,11 +85,13 @@ def peft_lora_config(config: Config) -> Any:
         init_lora_weights=init,
         bias=lora.bias,
         modules_to_save=lora.modules_to_save,
+        eva_config=EvaConfig() if lora.init == "eva" else None,  # peft's defaults, said outright
         task_type="CAUSAL_LM",
     )
 
 
-def build_peft_model(config: Config, precision: Precision) -> Any:
+def build_peft_model(config: Config, precision: Precision, eva_data: Any = None) -> Any:
+    """The base with LoRA layers; `eva_data` (the encoded train split) feeds lora.init=eva."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from .modeling import load_model, resolve_model
@@ -112,6 +114,14 @@ def build_peft_model(config: Config, precision: Precision) -> Any:
             model, use_gradient_checkpointing=config.train.gradient_checkpointing
         )
     model = get_peft_model(model, peft_lora_config(config))
+    if config.lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        batches = eva_batches(eva_data, config.train.batch_size, model.device)
+        initialize_lora_eva_weights(
+            model, dataloader=batches, forward_fn=_bounded_forward(len(batches) * EVA_PASSES),
+            show_progress_bar=False,
+        )  # fmt: skip
     if config.lora.init == "loftq":
         from peft import replace_lora_weights_loftq
 
@@ -119,6 +129,59 @@ def build_peft_model(config: Config, precision: Precision) -> Any:
         replace_lora_weights_loftq(model, model_path=_safetensors_file(resolve_model(
             config.model.name_or_path)))  # fmt: skip
     return model
+
+
+EVA_PASSES = 4  # passes over the train split before EVA gives up converging
+
+
+def _bounded_forward(limit: int) -> Any:
+    """peft's EVA cycles the data until every layer's components converge, which may be
+    never: stop after `limit` batches with what to change."""
+    calls = 0
+
+    def forward(model: Any, inputs: dict[str, Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > limit:
+            raise UserError(
+                f"lora.init=eva did not converge in {EVA_PASSES} passes over the training data "
+                f"({limit} batches): lower lora.r, raise train.batch_size or add data, or use "
+                "lora.init=default"
+            )
+        return model(**inputs)
+
+    return forward
+
+
+def eva_batches(split: Any, batch_size: int, device: Any) -> list[dict[str, Any]]:
+    """The train split as padded batches for EVA: one pass, in order. EVA takes the SVD of
+    each target layer's inputs at the tokens that carry loss (labels != -100)."""
+    import torch
+
+    from .chat import IGNORE_INDEX
+
+    batches = []
+    examples = split.examples
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        pad = [width - len(e.input_ids) for e in chunk]
+        batches.append(
+            {
+                "input_ids": torch.tensor(
+                    [e.input_ids + [0] * n for e, n in zip(chunk, pad, strict=True)], device=device
+                ),
+                "attention_mask": torch.tensor(
+                    [[1] * len(e.input_ids) + [0] * n for e, n in zip(chunk, pad, strict=True)],
+                    device=device,
+                ),
+                "labels": torch.tensor(
+                    [e.labels + [IGNORE_INDEX] * n for e, n in zip(chunk, pad, strict=True)],
+                    device=device,
+                ),
+            }
+        )
+    return batches
 
 
 def _safetensors_file(source: str) -> str | None:
@@ -346,7 +409,7 @@ def run_training(
             "needs its full weights in one process; use DDP or lora.init=default"
         )
     set_seed(config.train.seed)  # the LoRA init too, so equal configs give equal runs
-    model = build_peft_model(config, precision)
+    model = build_peft_model(config, precision, eva_data=train_split)
     if padding_free(config):
         check_padding_free(model)
     stop_requested = {"stop": False}
