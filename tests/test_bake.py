@@ -52,6 +52,7 @@ EXPECTED_FILES = {
     "tests/data/tokenizer_corpus.txt",
     "tests/test_cli.py",
     "tests/test_lock.py",
+    "tests/test_lora_variants.py",
     "tests/test_tiny_model.py",
     "tests/test_train.py",
     "src/PKG/demo.py",
@@ -180,7 +181,7 @@ def test_default_bake(default_project: Path):
     pyproject = tomllib.loads((default_project / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == "lora-chat"
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
-    extras = {"train", "qlora", "offline", "serve", "dev"}
+    extras = {"train", "qlora", "offline", "serve", "tensorboard", "mlflow", "wandb", "dev"}
     assert set(pyproject["project"]["optional-dependencies"]) == extras
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (default_project / "README.md").read_text()

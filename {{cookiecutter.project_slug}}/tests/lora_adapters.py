@@ -17,15 +17,18 @@ QUESTIONS = [
 ]
 
 
-def random_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
-    """An adapter with random non-zero weights: its outputs differ from the base."""
+def random_adapter(base_dir: Path, out_dir: Path, seed: int = 1, **lora_options) -> Path:
+    """An adapter with random non-zero weights: its outputs differ from the base.
+    `lora_options` go to peft's LoraConfig (use_dora=True, modules_to_save=[...], ...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora_options
+    )
     get_peft_model(model, config).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

@@ -11,18 +11,31 @@ from pathlib import Path
 import httpx
 import pytest
 
-from {{ cookiecutter.package_name }}.cost.card import markdown, validate
+from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH, markdown, validate
+from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markdown_metrics
+from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
 from {{ cookiecutter.package_name }}.cost.config import load_reference_prices, load_token_cost_config
-from {{ cookiecutter.package_name }}.cost.load import Endpoint, LevelRunner, Prompt
+from {{ cookiecutter.package_name }}.cost.load import (
+    Endpoint,
+    LevelRun,
+    LevelRunner,
+    Prompt,
+    RequestResult,
+)
 from {{ cookiecutter.package_name }}.cost.money import (
     Split,
     api_cost_per_1k_requests,
+    compare_with_apis,
     percentiles,
     serverless_money,
     split_usd,
     window_money,
 )
-from {{ cookiecutter.package_name }}.cost.summary import best_level, summarize_level
+from {{ cookiecutter.package_name }}.cost.summary import (
+    METRIC_DEFINITIONS,
+    best_level,
+    summarize_level,
+)
 from {{ cookiecutter.package_name }}.cost.training import peak_tflops, training_cost
 from {{ cookiecutter.package_name }}.errors import UserError
 
@@ -170,6 +183,29 @@ def test_config_ships_valid_and_names_a_typo():
         load_token_cost_config(None, ["load.concurrency=[]"])
 
 
+def test_every_list_price_has_its_source_and_date_and_the_card_shows_them(tmp_path):
+    prices = load_reference_prices(ROOT / "configs" / "prices.yaml")
+    for model in prices.models:
+        assert model.source.startswith("https://"), model
+        assert model.as_of <= prices.taken, model
+    rows = compare_with_apis([m.model_dump() for m in prices.models], 0.5, 200, 50)
+    assert [r["as_of"] for r in rows] == [m.as_of.isoformat() for m in prices.models]
+    text = "\n".join(price_sources_markdown(rows))
+    first = prices.models[0]
+    assert f"- {first.model}: as of {first.as_of.isoformat()}, {first.source}" in text
+    if not first.verified:
+        assert "**unverified**" in text
+    # A price without its source is refused, naming the entry and the field.
+    bad = tmp_path / "prices.yaml"
+    bad.write_text(
+        "taken: 2026-12-01\nsource: x\nmodels:\n"
+        "  - {provider: P, model: m, usd_per_1m_input: 1, usd_per_1m_output: 2,"
+        " as_of: 2026-11-01}\n"
+    )
+    with pytest.raises(UserError, match=r"price file .*: models\.0\.source: Field required"):
+        load_reference_prices(bad)
+
+
 # ------------------------------------------------------------------------------ load client
 def _sse(*events: dict, done: bool = True) -> bytes:
     lines = [f"data: {json.dumps(event)}\n\n" for event in events]
@@ -237,6 +273,95 @@ def test_a_stream_that_ends_with_finish_reason_and_usage_but_no_done_is_complete
         )
     )
     assert {r.error_kind for r in run.results} == {"stream"}
+
+
+def _scripted(index, start, chunks, end, tokens, prompt=10) -> RequestResult:
+    """A request whose text events arrived at `chunks` (seconds after it was sent)."""
+    return RequestResult(
+        index, start, ok=True, status=200, first_token=chunks[0], end=end,
+        chunk_times=list(chunks), prompt_tokens=prompt, completion_tokens=tokens,
+        content_chunks=len(chunks), finish_reason="stop",
+    )  # fmt: skip
+
+
+def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
+    run = LevelRun(
+        2,
+        "concurrency",
+        [
+            # 4 events carry 5 tokens (one event holds two): TTFT 0.5, gaps 0.2 0.3 0.1,
+            # e2e 1.2, TPOT (1.2 - 0.5) / (5 - 1) = 0.175
+            _scripted(0, 0.0, [0.5, 0.7, 1.0, 1.1], 1.2, 5),
+            # TTFT 0.3, gap 0.2, e2e 0.6, TPOT (0.6 - 0.3) / 1 = 0.3
+            _scripted(1, 0.1, [0.3, 0.5], 0.6, 2),
+            # one token: TTFT 2.5, no gap, no TPOT, e2e 2.6
+            _scripted(2, 0.2, [2.5], 2.6, 1),
+            RequestResult(
+                3, 0.3, status=500, error="HTTP 500: boom", error_kind="http_5xx", end=0.1
+            ),
+        ],
+        duration_s=3.0,
+        stopped_by="request count",
+    )
+    level = summarize_level(
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split(),
+        tpot_slo_s=0.25,
+    )  # fmt: skip
+    approx = pytest.approx
+    assert level["ttft_s"] == approx(
+        {"count": 3, "p50": 0.5, "p90": 2.1, "p99": 2.46, "mean": 1.1}
+    )  # sorted 0.3 0.5 2.5: p90 at 1.8 -> 0.5 + 0.8 * 2.0; p99 at 1.98 -> 0.5 + 0.98 * 2.0
+    assert level["itl_s"] == approx(
+        {"count": 4, "p50": 0.2, "p90": 0.27, "p99": 0.297, "mean": 0.2}
+    )
+    assert level["tpot_s"] == approx(
+        {"count": 2, "p50": 0.2375, "p90": 0.2875, "p99": 0.29875, "mean": 0.2375}
+    )
+    assert level["e2e_s"]["mean"] == approx(4.4 / 3) and level["e2e_s"]["p50"] == approx(1.2)
+    # Goodput: only the first request meets TTFT <= 1, e2e <= 5 and TPOT <= 0.25 (the second
+    # misses TPOT, the third TTFT, the fourth failed): 1 request in 3 s.
+    assert level["goodput"]["good_requests"] == 1
+    assert level["goodput"]["requests_per_s"] == approx(1 / 3)
+    assert level["goodput"]["fraction"] == approx(0.25) and not level["goodput"]["meets_slo"]
+    without_tpot = summarize_level(
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split()
+    )
+    assert without_tpot["goodput"]["good_requests"] == 2 and without_tpot["goodput"]["meets_slo"]
+
+    vllm = level["vllm_bench"]
+    assert vllm == approx(
+        {
+            "duration": 3.0, "completed": 3, "failed": 1,
+            "total_input_tokens": 30, "total_output_tokens": 8,
+            "request_throughput": 1.0, "request_goodput": 1 / 3,
+            "output_throughput": 8 / 3, "total_token_throughput": 38 / 3,
+            "mean_ttft_ms": 1100.0, "median_ttft_ms": 500.0, "p50_ttft_ms": 500.0,
+            "p90_ttft_ms": 2100.0, "p99_ttft_ms": 2460.0,
+            "std_ttft_ms": 1000 * math.sqrt((0.36 + 0.64 + 1.96) / 3),
+            "mean_tpot_ms": 237.5, "median_tpot_ms": 237.5, "p50_tpot_ms": 237.5,
+            "p90_tpot_ms": 287.5, "p99_tpot_ms": 298.75, "std_tpot_ms": 62.5,
+            "mean_itl_ms": 200.0, "median_itl_ms": 200.0, "p50_itl_ms": 200.0,
+            "p90_itl_ms": 270.0, "p99_itl_ms": 297.0, "std_itl_ms": 1000 * math.sqrt(0.02 / 4),
+            "mean_e2el_ms": 4400 / 3, "median_e2el_ms": 1200.0, "p50_e2el_ms": 1200.0,
+            "p90_e2el_ms": 2320.0, "p99_e2el_ms": 2572.0,
+            "std_e2el_ms": 1000 * math.sqrt(((1.2 - 4.4 / 3) ** 2 + (0.6 - 4.4 / 3) ** 2
+                                             + (2.6 - 4.4 / 3) ** 2) / 3),
+        }
+    )  # fmt: skip
+
+    # The level and the definitions match the card's schema; the card states each definition.
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.validate(level, {"$defs": schema["$defs"], "$ref": "#/$defs/level"})
+    jsonschema.validate(
+        METRIC_DEFINITIONS, schema["$defs"]["serving"]["properties"]["metric_definitions"]
+    )
+    text = markdown_metrics({"levels": [level], "metric_definitions": METRIC_DEFINITIONS})
+    text = "\n".join(text)
+    assert "| c=2 | 0.237/0.287/0.299 | 0.2/0.297 | 1.1 | 1.47 |" in text
+    assert "(e2e - TTFT) / (output tokens - 1)" in text and "GuideLLM" in text
+    assert "excluding the first token" in text and "mean_ttft_ms" in text
 
 
 def test_errors_are_classified_and_a_failing_endpoint_stops_the_sweep():

@@ -194,6 +194,32 @@ def test_qlora_nf4_trains_the_tiny_model(tiny_model_dir, ticket_data, tmp_path, 
     assert figures["peak_memory_mib"] * MIB < TINY_PEAK_BUDGET, figures
 
 
+class LoraBAtStart(TrainerCallback):
+    """The largest |lora_B| when training starts: zero for peft's default init."""
+
+    largest = 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.largest = max(
+            p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n
+        )
+
+
+def test_loftq_init_fits_the_adapter_to_the_4bit_error(
+    tiny_model_dir, ticket_data, tmp_path, record
+):
+    config = tiny_config(
+        tiny_model_dir, ticket_data, tmp_path, "quantization.mode=4bit", "lora.init=loftq",
+        "train.max_steps=5", "train.logging_steps=1", "data.eval=null", "output.run_name=loftq",
+    )  # fmt: skip
+    start = LoraBAtStart()
+    result = run_training(config, extra_callbacks=(start,))
+    assert result.completed
+    record(lora_b_max_at_start=start.largest)
+    assert start.largest > 0, "LoftQ sets lora_B from the quantization residual; it stayed zero"
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The project's base model from the local Hugging Face cache; never downloaded here."""

@@ -52,7 +52,7 @@ def test_bad_config_is_a_user_error(overrides, adapters, message):
 
 def test_without_a_config_the_base_model_is_served():
     config = load_serve_config(None, ["server.host=0.0.0.0"])  # the image's command
-    assert config.model.name_or_path == "{{ cookiecutter.base_model }}"
+    assert config.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config.base_name == config.model.name_or_path
 
 
@@ -107,6 +107,43 @@ def test_vllm_command_enables_lora_for_adapters(tiny_model_dir, tmp_path):
     assert pairs["--lora-modules"] == f"support={adapter}"
     assert "--trust-remote-code" not in command
     assert command[-2:] == ["--max-num-seqs", "64"]
+
+
+def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix(
+    tiny_model_dir, tmp_path, capsys
+):
+    run = tmp_path / "run-dora"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")  # a run folder: the fix names its merge
+    dora = random_adapter(tiny_model_dir, run / "adapter", use_dora=True)
+    head = random_adapter(tiny_model_dir, tmp_path / "head", modules_to_save=["lm_head"])
+    plain = random_adapter(tiny_model_dir, tmp_path / "plain")
+    adapters = [f"dora={dora}", f"head={head}", f"plain={plain}"]
+    config = load_serve_config(
+        None, ["engine.kind=vllm"], model=str(tiny_model_dir), adapters=adapters
+    )
+    # vLLM is not installed here: the adapters are checked before anything needs it.
+    with pytest.raises(UserError) as error:
+        run_vllm(config)
+    message = str(error.value)
+    assert message.startswith("engine.kind=vllm cannot serve these adapters:")
+    assert f"adapter 'dora' ({dora}): it is a DoRA adapter (lora.use_dora=true)" in message
+    assert f"`{{ cookiecutter.package_name }} merge {run}` and serve {run / 'merged'}" in message
+    assert f"adapter 'head' ({head}): it trains lm_head in full (lora.modules_to_save)" in message
+    assert "merge it into its base" in message  # not a run folder: the generic fix
+    assert "engine.kind=transformers" in message
+    assert "'plain'" not in message
+    # The same through the CLI: exit code 2, the message, no traceback.
+    code = main(
+        ["serve", "--model", str(tiny_model_dir), "engine.kind=vllm", "--adapter", adapters[0]]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "it is a DoRA adapter" in err and "Traceback" not in err
+    # A plain LoRA adapter passes.
+    plain_only = load_serve_config(
+        None, ["engine.kind=vllm"], model=str(tiny_model_dir), adapters=[adapters[2]]
+    )
+    assert "--enable-lora" in vllm_command(plain_only)
 
 
 def test_vllm_gets_the_api_key_from_the_environment_not_argv():

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
 
@@ -23,6 +31,10 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # transformers' attention kernel; auto: the library's choice (sdpa where the model has it)
+    attn_implementation: Literal[
+        "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = "auto"
 
 
 class DataConfig(Section):
@@ -36,6 +48,33 @@ class DataConfig(Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     train_on_prompt: bool = False
     packing: bool = False
+    # TRL's packing: bfd (best-fit decreasing, overflow truncated), bfd_split (overflow split
+    # into more examples), wrapped (one stream cut into rows, examples cut mid-way)
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = "bfd"
+    # Flatten each batch into one row without pad tokens (bfd packing always does)
+    padding_free: bool = False
+
+    @model_validator(mode="after")
+    def _padding_free(self) -> DataConfig:
+        if self.padding_free and self.packing and self.packing_strategy == "wrapped":
+            raise ValueError(
+                "data.padding_free=true with data.packing_strategy=wrapped: wrapped rows join "
+                "examples mid-sequence, so a padding-free batch would let them attend to each "
+                "other; use data.packing_strategy=bfd (always padding-free) or padding_free=false"
+            )
+        return self
+
+
+# peft's init_lora_weights, by name. default: A random, B zero (the adapter starts as a
+# no-op). pissa/olora start from the base weights' principal directions; eva from those of
+# the layers' inputs on the training data (and redistributes ranks); loftq from the 4-bit
+# quantization error.
+LORA_INITS = (
+    *("default", "gaussian", "orthogonal", "pissa", "pissa_niter_<N>", "olora", "eva", "loftq"),
+)
+PISSA_FAST = re.compile(r"^pissa_niter_\d+$")  # PiSSA with N fast-SVD iterations
+# CorDA needs peft's own covariance pass over calibration data, which this project lacks.
+DATA_INITS = ("corda",)
 
 
 class LoraConfig(Section):
@@ -43,6 +82,29 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # weight-decomposed LoRA: a magnitude vector per target layer
+    init: str = "default"
+    bias: Literal["none", "all", "lora_only"] = "none"  # biases trained with the adapter
+    modules_to_save: list[str] | None = None  # layers trained in full and saved, e.g. lm_head
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if value in DATA_INITS:
+            raise ValueError(
+                f"{value} initializes LoRA from activations of calibration data, which this "
+                f"project does not collect; use one of {', '.join(LORA_INITS)}"
+            )
+        if value not in LORA_INITS and not PISSA_FAST.match(value):
+            raise ValueError(f"must be one of {', '.join(LORA_INITS)}")
+        return value
+
+    @property
+    def mutates_base(self) -> bool:
+        """PiSSA and OLoRA move the adapter's start out of the base weights: the adapter is
+        converted into a plain LoRA of the untouched base when it is saved."""
+        return self.init == "olora" or self.init.startswith("pissa")
 
 
 class QuantizationConfig(Section):
@@ -68,6 +130,9 @@ class TrainConfig(Section):
     eval_steps: int = Field(50, ge=1)
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
+    # Experiment tracking through the Trainer's own integrations; tensorboard writes
+    # runs/<run>/tensorboard (offline); mlflow and wandb read their usual environment
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
 
 
 class OutputConfig(Section):
@@ -92,6 +157,21 @@ class Config(Section):
     def _eval_source(self) -> Config:
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("set data.eval (a file) or data.eval_fraction (a split), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_init(self) -> Config:
+        init, quantized = self.lora.init, self.quantization.mode
+        if init == "loftq" and quantized != "4bit":
+            raise ValueError(
+                f"lora.init=loftq fits the adapter to the 4-bit quantization error, but "
+                f"quantization.mode is {quantized}; set quantization.mode=4bit or another lora.init"
+            )
+        if self.lora.mutates_base and quantized != "none":
+            raise ValueError(
+                f"lora.init={init} rewrites the base weights, which a {quantized} base cannot "
+                "take; use quantization.mode=none or lora.init=loftq (4-bit)"
+            )
         return self
 
 
@@ -121,7 +201,9 @@ def describe_error(error: ValidationError, schema: type[BaseModel], source: str)
             lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(choices)})")
         else:
             value = item.get("input")
-            lines.append(f"  {key or '<root>'}: {item['msg']} (got {value!r})")
+            # A check across keys receives the whole section: its message names the keys.
+            got = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"  {key or '<root>'}: {item['msg']}{got}")
     return "\n".join(lines)
 
 

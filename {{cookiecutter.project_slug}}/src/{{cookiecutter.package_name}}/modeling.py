@@ -184,6 +184,7 @@ def load_model(
     device: str = "cpu",
     quantization_config: Any = None,
     trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ) -> Any:
     """A causal LM from safetensors only, in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM
@@ -197,10 +198,22 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    if attn_implementation != "auto":
+        if attn_implementation.startswith("flash_attention") and not device.startswith("cuda"):
+            raise UserError(
+                f"model.attn_implementation={attn_implementation} needs a CUDA GPU (the device "
+                f"is {device}); use sdpa or eager here"
+            )
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
         raise _load_error(name_or_path, error) from error
+    except (ImportError, ValueError) as error:
+        if attn_implementation == "auto":
+            raise
+        # transformers names the missing package (flash-attn) or the unsupported model
+        raise UserError(f"model.attn_implementation={attn_implementation}: {error}") from None
     if quantization_config is None:
         model.to(device)
     log.info("loaded %s (%s, %s)", name_or_path, dtype, device)

@@ -5,6 +5,9 @@ A run folder holds everything needed to serve, resume and price the run:
     runs/<run>/config.yaml          the resolved config (written first, used by --resume)
     runs/<run>/checkpoints/         Trainer checkpoints every train.save_steps
     runs/<run>/adapter/             adapter + tokenizer; renamed into place only when complete
+    runs/<run>/adapter_init/        PiSSA / OLoRA only: the adapter before training, to
+                                    convert the trained one into a LoRA of the untouched base
+    runs/<run>/tensorboard/         train.report_to=tensorboard: the event files
     runs/<run>/metrics.json         loss and eval loss per step, token counts
     runs/<run>/loss.png             the loss curves
     runs/<run>/cost.json            trained tokens, wall time, tokens/s, $ at the GPU-hour price
@@ -12,6 +15,7 @@ A run folder holds everything needed to serve, resume and price the run:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +34,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+INITIAL_ADAPTER_DIR = "adapter_init"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
 
@@ -63,30 +69,169 @@ def quantization_config(config: Config, precision: Precision) -> Any:
     )
 
 
-def build_peft_model(config: Config, precision: Precision) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def peft_lora_config(config: Config) -> Any:
+    from peft import EvaConfig, LoraConfig
 
-    from .modeling import load_model
+    lora = config.lora
+    # loftq starts from peft's default init; replace_lora_weights_loftq then refits it.
+    init = True if lora.init in ("default", "loftq") else lora.init
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=init,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+        eva_config=EvaConfig() if lora.init == "eva" else None,  # peft's defaults, said outright
+        task_type="CAUSAL_LM",
+    )
 
+
+def build_peft_model(config: Config, precision: Precision, eva_data: Any = None) -> Any:
+    """The base with LoRA layers; `eva_data` (the encoded train split) feeds lora.init=eva."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from .modeling import load_model, resolve_model
+
+    if config.lora.init == "loftq" and not precision.device.startswith("cuda"):
+        raise UserError(
+            f"lora.init=loftq runs peft's LoftQ, which computes on a CUDA GPU; the device is "
+            f"{precision.device}. Train on a GPU, or use lora.init=default with QLoRA here"
+        )
     model = load_model(
         config.model.name_or_path,
         dtype=precision.dtype,
         device=precision.device,
         quantization_config=quantization_config(config, precision),
         trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
     )
     if config.quantization.mode != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.train.gradient_checkpointing
         )
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, peft_lora_config(config))
+    if config.lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        batches = eva_batches(eva_data, config.train.batch_size, model.device)
+        initialize_lora_eva_weights(
+            model, dataloader=batches, forward_fn=_bounded_forward(len(batches) * EVA_PASSES),
+            show_progress_bar=False,
+        )  # fmt: skip
+    if config.lora.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        # Reads the unquantized weights from the base model's safetensors.
+        replace_lora_weights_loftq(model, model_path=_safetensors_file(resolve_model(
+            config.model.name_or_path)))  # fmt: skip
+    return model
+
+
+EVA_PASSES = 4  # passes over the train split before EVA gives up converging
+
+
+def _bounded_forward(limit: int) -> Any:
+    """peft's EVA cycles the data until every layer's components converge, which may be
+    never: stop after `limit` batches with what to change."""
+    calls = 0
+
+    def forward(model: Any, inputs: dict[str, Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > limit:
+            raise UserError(
+                f"lora.init=eva did not converge in {EVA_PASSES} passes over the training data "
+                f"({limit} batches): lower lora.r, raise train.batch_size or add data, or use "
+                "lora.init=default"
+            )
+        return model(**inputs)
+
+    return forward
+
+
+def eva_batches(split: Any, batch_size: int, device: Any) -> list[dict[str, Any]]:
+    """The train split as padded batches for EVA: one pass, in order. EVA takes the SVD of
+    each target layer's inputs at the tokens that carry loss (labels != -100)."""
+    import torch
+
+    from .chat import IGNORE_INDEX
+
+    batches = []
+    examples = split.examples
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        pad = [width - len(e.input_ids) for e in chunk]
+        batches.append(
+            {
+                "input_ids": torch.tensor(
+                    [e.input_ids + [0] * n for e, n in zip(chunk, pad, strict=True)], device=device
+                ),
+                "attention_mask": torch.tensor(
+                    [[1] * len(e.input_ids) + [0] * n for e, n in zip(chunk, pad, strict=True)],
+                    device=device,
+                ),
+                "labels": torch.tensor(
+                    [e.labels + [IGNORE_INDEX] * n for e, n in zip(chunk, pad, strict=True)],
+                    device=device,
+                ),
+            }
+        )
+    return batches
+
+
+def _safetensors_file(source: str) -> str | None:
+    """The single safetensors file of a local model folder (what LoftQ reads); None lets
+    peft find it for a hub id."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise UserError(
+            f"lora.init=loftq reads the base weights from one safetensors file; {folder} has "
+            f"{len(files)}. Use lora.init=default with QLoRA instead"
+        )
+    return str(files[0])
+
+
+def check_padding_free(model: Any) -> None:
+    """Padding-free batches are one row of several examples told apart only by their
+    position_ids; an attention implementation that ignores them mixes the examples.
+    Two short sequences packed into one row must give the same logits as apart. Without a
+    cache, as TRL trains: transformers only looks for packed rows when there is none."""
+    import torch
+
+    first, second = [5, 6, 7, 8], [9, 10, 11]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(
+                input_ids=torch.tensor([first + second], device=device),
+                position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device),
+                use_cache=False,
+            ).logits[0, len(first) :]
+            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False)
+            alone = alone.logits[0]
+    finally:
+        model.train(was_training)
+    scale = alone.float().std().item() or 1.0
+    error = (packed.float() - alone.float()).abs().max().item() / scale
+    if error > 0.05:  # low-precision kernels differ by far less; a mixed row by far more
+        implementation = getattr(model.config, "_attn_implementation", "unknown")
+        raise UserError(
+            f"padding-free training needs attention that separates packed examples by their "
+            f"position_ids; with attn_implementation={implementation} this model mixes them "
+            f"(logits off by {error:.2f} std). Set data.padding_free=false and "
+            "data.packing_strategy=wrapped or data.packing=false, or "
+            "model.attn_implementation=flash_attention_2 on a GPU"
+        )
 
 
 def _dataset(split: Any) -> Any:
@@ -104,6 +249,7 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
     from trl import SFTConfig
 
     train = config.train
+    padding_free_unpacked = config.data.padding_free and not config.data.packing
     return SFTConfig(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         learning_rate=train.learning_rate,
@@ -131,11 +277,14 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
-        max_length=config.data.max_length,
+        # Examples are already cut to data.max_length (data.overlong); unpacked padding-free
+        # rows have no length of their own to enforce, and TRL refuses one.
+        max_length=None if padding_free_unpacked else config.data.max_length,
         packing=config.data.packing,
-        packing_strategy="bfd",  # padding-free packing: no pad tokens are computed
+        packing_strategy=config.data.packing_strategy,
+        padding_free=config.data.padding_free,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=train.report_to,
         disable_tqdm=True,  # our own bar below shows loss and tokens/s
         dataloader_num_workers=0,
     )
@@ -215,6 +364,24 @@ def prepare_run_dir(config: Config, resume: Path | None) -> tuple[Config, Path]:
     return config, run_dir
 
 
+# train.report_to -> the packages the Trainer's integration imports (any one of them).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
+}
+
+
+def check_tracker(report_to: str) -> None:
+    """A missing tracker is a setup mistake: say which extra installs it, before loading."""
+    packages = TRACKERS.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise UserError(
+            f"train.report_to={report_to} needs the {packages[0]} package, which is not "
+            f"installed: pip install -e '.[{report_to}]' (or train.report_to=none)"
+        )
+
+
 def run_training(
     config: Config, resume: Path | None = None, extra_callbacks: tuple[Any, ...] = ()
 ) -> RunResult:
@@ -224,6 +391,7 @@ def run_training(
     from .data import load_splits
     from .modeling import load_tokenizer
 
+    check_tracker(config.train.report_to)
     config, run_dir = prepare_run_dir(config, resume)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -235,8 +403,15 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     from transformers import set_seed
 
+    if config.lora.mutates_base and os.environ.get("ACCELERATE_USE_FSDP", "") == "true":
+        raise UserError(
+            f"lora.init={config.lora.init} is not supported under FSDP: converting the adapter "
+            "needs its full weights in one process; use DDP or lora.init=default"
+        )
     set_seed(config.train.seed)  # the LoRA init too, so equal configs give equal runs
-    model = build_peft_model(config, precision)
+    model = build_peft_model(config, precision, eva_data=train_split)
+    if padding_free(config):
+        check_padding_free(model)
     stop_requested = {"stop": False}
     trainer = SFTTrainer(
         model=model,
@@ -249,9 +424,17 @@ def run_training(
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the bar shows the logs instead
+    if config.train.report_to == "tensorboard":
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback):
+                callback.logging_dir = str(run_dir / TENSORBOARD_DIR)  # not under checkpoints/
     main_process = trainer.is_world_process_zero()
     if main_process and resume is None:
         dump_config(config, run_dir / CONFIG_FILE)
+    if main_process and config.lora.mutates_base and resume is None:
+        save_initial_adapter(model, run_dir / INITIAL_ADAPTER_DIR)
     if main_process:
         shutil.rmtree(run_dir / f".{ADAPTER_DIR}.partial", ignore_errors=True)
 
@@ -274,7 +457,7 @@ def run_training(
         if main_process:
             write_metrics(run_dir, trainer, train_split, model)
         return RunResult(run_dir, completed=False)
-    save_adapter(run_dir, trainer, main_process)
+    save_adapter(run_dir, trainer, main_process, config.lora.mutates_base)
     if main_process:
         write_metrics(run_dir, trainer, train_split, model)
         tokens = trainer.state.num_input_tokens_seen - tokens_before
@@ -282,16 +465,41 @@ def run_training(
     return RunResult(run_dir, completed=True)
 
 
-def save_adapter(run_dir: Path, trainer: Any, main_process: bool) -> None:
+def padding_free(config: Config) -> bool:
+    """Whether TRL flattens batches into one row: asked for, or implied by bfd packing."""
+    data = config.data
+    return data.padding_free or (data.packing and data.packing_strategy != "wrapped")
+
+
+def save_initial_adapter(model: Any, folder: Path) -> None:
+    """The PiSSA/OLoRA adapter before training, saved as peft's conversion expects it: with
+    init_lora_weights=True, so that loading it does not rewrite the base weights again."""
+    lora = model.peft_config["default"]
+    init, lora.init_lora_weights = lora.init_lora_weights, True
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        lora.init_lora_weights = init
+
+
+def save_adapter(run_dir: Path, trainer: Any, main_process: bool, convert: bool = False) -> None:
     """Write into a scratch folder and rename it: a crash never leaves a half adapter.
 
     Every process calls this: under FSDP `save_model` gathers the sharded weights.
+    With `convert` (PiSSA, OLoRA) the weights are rewritten as the difference from the
+    initial adapter: a plain LoRA (rank 2r) of the original base, which merging, vLLM and
+    any peft user can load without rewriting the base.
     """
     partial = run_dir / f".{ADAPTER_DIR}.partial"
     trainer.save_model(str(partial))  # adapter files and the tokenizer (processing_class)
     trainer.accelerator.wait_for_everyone()
     if not main_process:
         return
+    if convert:
+        trainer.model.save_pretrained(
+            str(partial),
+            path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER_DIR),
+        )
     (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing loads it
     final = run_dir / ADAPTER_DIR
     shutil.rmtree(final, ignore_errors=True)

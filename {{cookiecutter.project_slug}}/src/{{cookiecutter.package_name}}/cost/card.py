@@ -194,7 +194,9 @@ def _serving_markdown(serving: dict[str, Any], card: dict[str, Any]) -> list[str
         "",
         f"Endpoint {endpoint['url']} ({who}), "
         f"model `{endpoint['model']}`; prompts: {serving['load']['prompts']['description']}; "
-        f"SLO: TTFT <= {slo['ttft_s']:g} s and e2e <= {slo['e2e_s']:g} s for "
+        f"SLO: TTFT <= {slo['ttft_s']:g} s and e2e <= {slo['e2e_s']:g} s"
+        + (f" and TPOT <= {slo['tpot_s']:g} s" if slo.get("tpot_s") else "")
+        + " for "
         f"{slo['attainment']:.0%} of requests.",
         "",
         "| level | status | ok/err | req/s | in tok/s | out tok/s | TTFT p50/p90/p99 s | "
@@ -240,6 +242,7 @@ def _serving_markdown(serving: dict[str, Any], card: dict[str, Any]) -> list[str
         against.append("the server's own counters")
     verdict = "consistent" if consistent else "**INCONSISTENT, see the JSON**"
     lines += [f"Token counts: server `usage`, checked against {', '.join(against)}: {verdict}.", ""]
+    lines += _metrics_markdown(serving)
     cold = serving["cold_start"]
     if cold and cold["measured"]:
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in cold["server_phases_s"].items())
@@ -294,6 +297,43 @@ def _serving_markdown(serving: dict[str, Any], card: dict[str, Any]) -> list[str
                 f"{_usd(row['ours_usd_per_1k_requests'])} | {_f(row['ours_over_theirs'])} |"
             )
         lines.append("")
+        lines += _price_sources_markdown(comparison["rows"])
+    return lines
+
+
+def _price_sources_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each list price was read and when; unverified ones said so."""
+    lines = []
+    for row in rows:
+        check = "" if row["verified"] else " (**unverified**: not read on the provider's page)"
+        lines.append(f"- {row['model']}: as of {row['as_of']}, {row['source']}{check}")
+    return [*lines, ""]
+
+
+def _metrics_markdown(serving: dict[str, Any]) -> list[str]:
+    """TPOT per level and what every metric means; the JSON has each level under
+    `vllm bench serve`'s names too (levels[].vllm_bench)."""
+    lines = [
+        "### Metrics as defined here",
+        "",
+        "| level | TPOT p50/p90/p99 s | ITL p50/p99 s | TTFT mean s | e2e mean s |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for level in serving["levels"]:
+        tpot, itl = level["tpot_s"], level["itl_s"]
+        lines.append(
+            f"| {level['label']} | {_f(tpot['p50'])}/{_f(tpot['p90'])}/{_f(tpot['p99'])} | "
+            f"{_f(itl['p50'])}/{_f(itl['p99'])} | {_f(level['ttft_s']['mean'])} | "
+            f"{_f(level['e2e_s']['mean'])} |"
+        )
+    lines.append("")
+    lines += [f"- **{name}**: {text}" for name, text in serving["metric_definitions"].items()]
+    lines += [
+        "- The JSON repeats each level under the field names of `vllm bench serve` "
+        "(`levels[].vllm_bench`: mean_ttft_ms, median_tpot_ms, p99_itl_ms, "
+        "output_throughput, request_goodput, ...).",
+        "",
+    ]
     return lines
 
 

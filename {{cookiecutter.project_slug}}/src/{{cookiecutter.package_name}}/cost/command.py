@@ -147,7 +147,7 @@ def measure_serving(
     from .card import SCHEMA_VERSION  # noqa: F401  (fail early if the package is broken)
     from .coldstart import OwnServer, cold_start_section, counter_delta, scrape, token_counters
     from .load import Endpoint, LevelRunner, stream_request
-    from .summary import best_level, summarize_level
+    from .summary import METRIC_DEFINITIONS, best_level, summarize_level
 
     hooks = hooks or Hooks()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
@@ -289,6 +289,7 @@ def measure_serving(
                 split=config.price.split_rule(),
                 tokenizer=tokenizer,
                 counters=counter_delta(before, after),
+                tpot_slo_s=config.slo.tpot_s,
             )
             levels.append(summary)
             if run.aborted:
@@ -336,6 +337,7 @@ def measure_serving(
             "prompts": prompt_info,
         },
         "slo": config.slo.model_dump(),
+        "metric_definitions": METRIC_DEFINITIONS,
         "cold_start": cold,
         "levels": levels,
         "best": best,

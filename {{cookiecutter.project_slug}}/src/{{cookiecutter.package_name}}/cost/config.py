@@ -85,6 +85,7 @@ class PromptSection(Section):
 class SloSection(Section):
     ttft_s: float = Field(2.0, gt=0)  # time to first token
     e2e_s: float = Field(30.0, gt=0)  # whole request
+    tpot_s: float | None = Field(None, gt=0)  # time per output token; null: not an SLO
     attainment: float = Field(0.9, gt=0, le=1)  # share of requests that must meet both
 
 
@@ -123,6 +124,9 @@ class ReferencePrice(Section):
     model: str
     usd_per_1m_input: float = Field(ge=0)
     usd_per_1m_output: float = Field(ge=0)
+    source: str = Field(min_length=1)  # where these numbers were read (a URL)
+    as_of: dt.date  # the date the source gives for them
+    verified: bool = False  # read on the provider's own pricing page
 
 
 class ReferencePrices(Section):

@@ -235,6 +235,9 @@ def compare_with_apis(
                 "usd_per_1m_input": ref["usd_per_1m_input"],
                 "usd_per_1m_output": ref["usd_per_1m_output"],
                 "usd_per_1k_requests": theirs,
+                "source": ref["source"],
+                "as_of": ref["as_of"].isoformat(),
+                "verified": ref["verified"],
                 "ours_usd_per_1k_requests": ours_usd_per_1k_requests,
                 "ours_over_theirs": (
                     ours_usd_per_1k_requests / theirs

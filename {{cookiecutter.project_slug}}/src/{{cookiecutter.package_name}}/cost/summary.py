@@ -1,26 +1,42 @@
 """One load level's requests -> the numbers of the card: latencies, rates, tokens, SLO, money.
 
-Definitions (all times measured by the client, from sending the request):
-- TTFT: to the first event that carries text. Requests that produce no text (an immediate
-  EOS) have no TTFT; they are counted in `no_text_requests` and judged on e2e alone.
-- ITL: gaps between consecutive text events of a request, pooled over requests (a server
-  that sends several tokens in one event shows fewer, longer gaps).
-- TPOT: per request, (last event - first text event) / (output tokens - 1).
-- e2e: to `data: [DONE]`.
-- Throughput: tokens of successful requests / the level's wall time, first send to last
-  answer. Tokens are the server's `usage`; the stream is counted as a cross-check.
-- Goodput: successful requests that met both SLO bounds, per second. A level meets the
-  SLO when that share of its requests (errors count as misses; requests cancelled at the
-  time limit are left out) reaches `slo.attainment`.
+Every metric is measured by the client from sending the request, and defined as `vllm bench
+serve` defines it (METRIC_DEFINITIONS below, written on every card), so our numbers and
+vLLM's can be compared; `vllm_bench_fields` writes them under vLLM's own JSON names.
+Tokens are the server's `usage`; the stream is counted as a cross-check. Requests cancelled
+at the level's time limit are left out of everything; failed requests count as misses.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from .load import LevelRun, RequestResult
 from .money import Split, percentiles, window_money
+
+METRIC_DEFINITIONS = {
+    "ttft": "time to first token: from sending the request to the first streamed event that "
+    "carries text (requests that produce no text have none and are judged on e2e alone)",
+    "itl": "inter-token latency: the gaps between consecutive text events of a request, "
+    "excluding the first token (the wait for it is TTFT), pooled over requests; a server "
+    "that sends several tokens per event shows fewer, longer gaps",
+    "tpot": "time per output token: (e2e - TTFT) / (output tokens - 1) per request with more "
+    "than one token, as `vllm bench serve` computes it. GuideLLM's TPOT differs: it divides "
+    "the time from first to last token by all output tokens, the first one included, so its "
+    "TPOT is lower for the same stream (its ITL is close to this TPOT)",
+    "e2e": "end-to-end latency: from sending the request to the end of its stream "
+    "(data: [DONE], or the last chunk with finish_reason and usage)",
+    "output_throughput": "output tokens of successful requests / the level's wall time, "
+    "first send to last answer",
+    "goodput": "requests per second that met every SLO (TTFT, e2e, and TPOT where set), "
+    "over the level's wall time; a level meets the SLO when that share of its requests "
+    "reaches slo.attainment",
+}
+# `vllm bench serve --save-result` names: {mean,median,std,p<N>}_<metric>_ms.
+VLLM_METRICS = {"ttft_s": "ttft", "tpot_s": "tpot", "itl_s": "itl", "e2e_s": "e2el"}
 
 
 def _level_label(mode: str, value: float) -> str:
@@ -93,6 +109,7 @@ def summarize_level(
     split: Split,
     tokenizer: Any = None,
     counters: dict[str, float] | None = None,
+    tpot_slo_s: float | None = None,
 ) -> dict[str, Any]:
     counted = [r for r in run.results if not r.cancelled]
     cancelled = len(run.results) - len(counted)
@@ -100,21 +117,18 @@ def summarize_level(
     failed = [r for r in counted if not r.ok]
     duration = run.duration_s
     input_tokens = sum(r.prompt_tokens or 0 for r in ok)
-    output_tokens = sum(
-        r.completion_tokens if r.completion_tokens is not None else r.content_chunks for r in ok
-    )
+    output_tokens = sum(_output_tokens(r) for r in ok)
     ttft = [r.first_token for r in ok if r.first_token is not None]
     e2e = [r.end for r in ok if r.end is not None]
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
-    tpot = [
-        (r.chunk_times[-1] - r.first_token) / (r.completion_tokens - 1)
-        for r in ok
-        if r.first_token is not None and r.completion_tokens and r.completion_tokens > 1
-    ]
+    tpot = [t for r in ok if (t := request_tpot(r)) is not None]
 
     def good(r: RequestResult) -> bool:
         first = r.first_token if r.first_token is not None else r.end
-        return first is not None and first <= ttft_slo_s and (r.end or 0.0) <= e2e_slo_s
+        if first is None or first > ttft_slo_s or (r.end or 0.0) > e2e_slo_s:
+            return False
+        # vLLM counts a request of one token as TPOT 0 against the SLO.
+        return tpot_slo_s is None or (request_tpot(r) or 0.0) <= tpot_slo_s
 
     good_requests = [r for r in ok if good(r)]
     fraction = len(good_requests) / len(counted) if counted else None
@@ -172,7 +186,69 @@ def summarize_level(
         },
         "tokens": token_check(ok, tokenizer, counters),
         "money": money,
+        "vllm_bench": vllm_bench_fields(
+            duration,
+            len(ok),
+            len(failed),
+            input_tokens,
+            output_tokens,
+            len(good_requests),
+            {"ttft_s": ttft, "tpot_s": tpot, "itl_s": itl, "e2e_s": e2e},
+        ),
     }
+
+
+def _output_tokens(r: RequestResult) -> int:
+    return r.completion_tokens if r.completion_tokens is not None else r.content_chunks
+
+
+def request_tpot(r: RequestResult) -> float | None:
+    """(e2e - TTFT) / (output tokens - 1), as `vllm bench serve`; None below two tokens."""
+    tokens = _output_tokens(r)
+    if r.first_token is None or r.end is None or tokens < 2:
+        return None
+    return (r.end - r.first_token) / (tokens - 1)
+
+
+def vllm_bench_fields(
+    duration: float,
+    completed: int,
+    failed: int,
+    input_tokens: int,
+    output_tokens: int,
+    good_requests: int,
+    samples: dict[str, Sequence[float]],
+) -> dict[str, Any]:
+    """The level under the field names of `vllm bench serve --save-result` (vllm/benchmarks/
+    serve.py): milliseconds, population std as numpy's, percentiles interpolated as
+    numpy's; None where we have no sample (vLLM writes 0 there)."""
+    rate = (lambda n: n / duration) if duration > 0 else (lambda n: None)
+    fields: dict[str, Any] = {
+        "duration": duration,
+        "completed": completed,
+        "failed": failed,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": rate(completed),
+        "request_goodput": rate(good_requests),
+        "output_throughput": rate(output_tokens),
+        "total_token_throughput": rate(input_tokens + output_tokens),
+    }
+    for ours, name in VLLM_METRICS.items():
+        values = samples[ours]
+        stats = percentiles(values)
+        ms = {key: None if v is None else v * 1000 for key, v in stats.items() if key != "count"}
+        fields[f"mean_{name}_ms"] = ms["mean"]
+        fields[f"median_{name}_ms"] = ms["p50"]
+        fields[f"std_{name}_ms"] = _std(values) * 1000 if values else None
+        for point in ("p50", "p90", "p99"):
+            fields[f"{point}_{name}_ms"] = ms[point]
+    return fields
+
+
+def _std(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 def best_level(levels: list[dict[str, Any]]) -> dict[str, Any]:

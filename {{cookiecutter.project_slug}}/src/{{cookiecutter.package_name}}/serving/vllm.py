@@ -13,11 +13,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..inference import check_adapter_dir
 from .config import ServeConfig
 
+PROGRAM = __package__.partition(".")[0]  # the CLI's name
 VLLM_DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -44,6 +46,7 @@ def vllm_command(config: ServeConfig) -> list[str]:
     if model.trust_remote_code:
         command.append("--trust-remote-code")
     if config.adapters:
+        check_vllm_adapters(config.adapters)
         ranks = [int(check_adapter_dir(path).get("r", 16)) for path in config.adapters.values()]
         command += ["--enable-lora", "--max-loras", str(len(config.adapters))]
         command += ["--max-lora-rank", str(_supported_rank(max(ranks)))]
@@ -51,6 +54,44 @@ def vllm_command(config: ServeConfig) -> list[str]:
         command += [f"{name}={Path(path).expanduser()}" for name, path in config.adapters.items()]
     command += list(config.engine.vllm_args)
     return command
+
+
+def vllm_refusals(adapter_config: dict[str, Any]) -> list[str]:
+    """Why vLLM would refuse (or wrongly serve) this adapter: vllm/lora/peft_helper.py rejects
+    DoRA and modules_to_save; LoRA biases were removed in vLLM 0.11 (vllm-project/vllm#25807)."""
+    reasons = []
+    if adapter_config.get("use_dora"):
+        reasons.append("it is a DoRA adapter (lora.use_dora=true), which vLLM does not load")
+    if adapter_config.get("modules_to_save"):
+        modules = ", ".join(adapter_config["modules_to_save"])
+        reasons.append(
+            f"it trains {modules} in full (lora.modules_to_save), which vLLM does not load"
+        )
+    if adapter_config.get("bias", "none") != "none":
+        reasons.append(f"it trains biases (lora.bias={adapter_config['bias']}), which vLLM ignores")
+    return reasons
+
+
+def check_vllm_adapters(adapters: dict[str, str]) -> None:
+    """Refuse at start, naming each adapter vLLM cannot serve, why, and the fix: merge it."""
+    problems = []
+    for name, path in adapters.items():
+        reasons = vllm_refusals(check_adapter_dir(path))
+        if not reasons:
+            continue
+        folder = Path(path).expanduser()
+        run = folder.parent if (folder.parent / "config.yaml").is_file() else None
+        merge = (
+            f"`{PROGRAM} merge {run}` and serve {run / 'merged'} as model.name_or_path"
+            if run
+            else "merge it into its base (peft's merge_and_unload) and serve the merged folder"
+        )
+        problems.append(
+            f"  adapter {name!r} ({path}): {'; '.join(reasons)}.\n"
+            f"    Fix: {merge} without the adapter, or serve it with engine.kind=transformers."
+        )
+    if problems:
+        raise UserError("engine.kind=vllm cannot serve these adapters:\n" + "\n".join(problems))
 
 
 def _supported_rank(rank: int) -> int:
@@ -74,12 +115,12 @@ def vllm_environment(config: ServeConfig, environ: dict[str, str] | None = None)
 
 
 def run_vllm(config: ServeConfig) -> int:
+    command = vllm_command(config)  # checks the adapters first: a wrong one is a config mistake
     if importlib.util.find_spec("vllm") is None:
         raise UserError(
             "engine.kind=vllm needs vLLM, which is not installed in this environment: "
             "`pip install vllm` (Linux with a CUDA GPU), or use engine.kind=transformers"
         )
-    command = vllm_command(config)
     executable = shutil.which("vllm")
     if executable is None:  # installed as a package without the console script
         command = [sys.executable, "-m", "vllm.entrypoints.cli.main", *command[1:]]
