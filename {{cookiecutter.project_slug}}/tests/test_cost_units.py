@@ -4,8 +4,10 @@ card schema, and the load client's fault handling against a scripted HTTP transp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,12 @@ import pytest
 from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH, markdown, validate
 from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markdown_metrics
 from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
-from {{ cookiecutter.package_name }}.cost.config import load_reference_prices, load_token_cost_config
+from {{ cookiecutter.package_name }}.cost.config import (
+    ServerlessSection,
+    load_reference_prices,
+    load_token_cost_config,
+)
+from {{ cookiecutter.package_name }}.cost.container import serverless_cold_start
 from {{ cookiecutter.package_name }}.cost.load import (
     Endpoint,
     LevelRun,
@@ -431,3 +438,46 @@ def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
     card["partial"] = True  # partial without a reason
     with pytest.raises(ValueError, match="partial_reasons"):
         validate(card)
+
+
+def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
+    """The report tools/image_report.py writes (its own phases_summary) feeds the card."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import image_report
+
+    starts = [
+        image_report.Start(True, True, pull, 1.0, pull + 9, pull + 10) for pull in (11, 12, 14)
+    ]
+    starts.append(image_report.Start(False, True, 0.0, 0.5, 9.5, 10.0))
+    report = {
+        "measured_at": "2026-12-01T22:31:41+00:00",
+        "host": {"machine": "x86_64", "cpus": 2, "docker": "20.10.24"},
+        "size": {"image": "img:local"},
+        "cold_start": {
+            "runs": [dataclasses.asdict(start) for start in starts],
+            "from_registry": image_report.phases_summary(starts[:3]),
+            "already_pulled": image_report.phases_summary(starts[3:]),
+        },
+    }
+    path = tmp_path / "image.json"
+    path.write_text(json.dumps(report))
+    process = {"ready_s": 7.0}
+    seconds, source = serverless_cold_start(
+        ServerlessSection(container_cold_start=str(path)), process
+    )
+    assert seconds == 22.0  # median of 21, 22, 24: pull to first token
+    assert "img:local" in source and "median of 3" in source and "2026-12-01" in source
+    assert serverless_cold_start(ServerlessSection(), process) == (
+        7.0,
+        "measured: process spawn to ready",
+    )
+    explicit = ServerlessSection(
+        cold_start_s=3.0, container_cold_start=str(path), extra_cold_start_s=1
+    )
+    assert serverless_cold_start(explicit, process)[0] == 4.0
+    assert serverless_cold_start(ServerlessSection(), None) is None
+    (tmp_path / "bare.json").write_text(json.dumps({"size": {}}))
+    with pytest.raises(UserError, match=r"no cold_start section.*--cold-start"):
+        serverless_cold_start(
+            ServerlessSection(container_cold_start=str(tmp_path / "bare.json")), None
+        )

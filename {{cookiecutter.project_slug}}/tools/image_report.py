@@ -35,7 +35,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,9 @@ def build(tag: str, build_args: list[str]) -> None:
     command = ["docker", "build", "-t", tag, *build_args, str(ROOT)]
     print("$", " ".join(command), flush=True)
     reason = None
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as p:
         for line in p.stdout:
             sys.stdout.write(line)
             if line.startswith("image build failed:"):
@@ -117,14 +118,15 @@ class SizeReport:
 
 def layers(tag: str) -> list[Layer]:
     """The image's layers bottom-up (steps that only set metadata are left out)."""
-    rows = [json.loads(line) for line in docker("history", "--no-trunc", "--human=false",
-                                                "--format", "{{json .}}", tag).splitlines()]  # fmt: skip
+    history = docker("history", "--no-trunc", "--human=false", "--format", "{{json .}}", tag)
+    rows = [json.loads(line) for line in history.splitlines()]
     found = []
     for row in reversed(rows):
         created_by = row["CreatedBy"].replace("/bin/sh -c ", "").replace("#(nop) ", "").strip()
         is_layer = not row["CreatedBy"].count("#(nop)") or created_by.startswith(("COPY", "ADD"))
         if is_layer:
-            found.append(Layer(" ".join(created_by.split())[:160], int(row["Size"])))
+            label = " ".join(created_by.split())[:160] or "(base image)"
+            found.append(Layer(label, int(row["Size"])))
     return found
 
 
@@ -235,12 +237,17 @@ def drop_page_cache() -> bool:
 
 def first_token(base_url: str, model: str) -> None:
     """One streamed chat request; returns when its first content chunk arrives."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Hello"}],
-            "max_tokens": 8, "stream": True}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
     request = urllib.request.Request(
-        f"{base_url}/v1/chat/completions", json.dumps(body).encode(),
+        f"{base_url}/v1/chat/completions",
+        json.dumps(body).encode(),
         {"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     with urllib.request.urlopen(request, timeout=120) as answer:
         for raw in answer:
             line = raw.decode().strip()
@@ -260,7 +267,9 @@ def server_phases(base_url: str) -> dict[str, float]:
     return phases
 
 
-def one_start(image: str, serve_args: list[str], mounts: list[str], pull: bool, model: str) -> Start:
+def one_start(
+    image: str, serve_args: list[str], mounts: list[str], pull: bool, model: str
+) -> Start:
     dropped = drop_page_cache()
     t0 = time.perf_counter()
     if pull:
@@ -284,12 +293,21 @@ def one_start(image: str, serve_args: list[str], mounts: list[str], pull: bool, 
         first = time.perf_counter()
         phases = server_phases(base)
     except ImageError as error:
-        done = subprocess.run(["docker", "logs", "--tail", "20", container], capture_output=True, text=True)
+        done = subprocess.run(
+            ["docker", "logs", "--tail", "20", container], capture_output=True, text=True
+        )
         raise ImageError(f"{error}; container log:\n{done.stdout}{done.stderr}") from None
     finally:
         docker("rm", "-f", container, check=False)
-    return Start(pull, dropped, round(pulled - t0, 3), round(started - pulled, 3),
-                 round(ready - t0, 3), round(first - t0, 3), phases)  # fmt: skip
+    return Start(
+        pull,
+        dropped,
+        round(pulled - t0, 3),
+        round(started - pulled, 3),
+        round(ready - t0, 3),
+        round(first - t0, 3),
+        phases,
+    )
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -303,8 +321,7 @@ def host() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "docker": docker("version", "--format", "{{.Server.Version}}").strip(),
-        "base_image": docker("image", "inspect", "-f", "{{json .RepoTags}}",
-                             *base_image()).strip(),  # fmt: skip
+        "base_image": docker("image", "inspect", "-f", "{{json .RepoTags}}", *base_image()).strip(),
     }
 
 
@@ -351,10 +368,13 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
     if args.model_dir:
         mounts = ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
         serve_args = [
-            PACKAGE, "serve", "server.host=0.0.0.0",
-            f"server.port={SERVER_PORT}", "model.name_or_path=/models/served",
+            PACKAGE,
+            "serve",
+            "server.host=0.0.0.0",
+            f"server.port={SERVER_PORT}",
+            "model.name_or_path=/models/served",
             f"model.served_name={model}",
-        ]  # fmt: skip
+        ]
     with Registry(args.registry) as registry:
         remote = f"{registry.address}/{repository}:{version}"
         docker("tag", args.tag, remote)
@@ -370,8 +390,11 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
                 if pull:  # every tag of the image, so that the pull is a real one
                     docker("rmi", "-f", args.tag, remote)
                 start = one_start(remote, serve_args, mounts, pull, model)
-                print(f"start {run + 1}/{args.runs} ({'pull' if pull else 'pulled'}): "
-                      f"first token after {start.first_token_s:.2f} s", flush=True)  # fmt: skip
+                print(
+                    f"start {run + 1}/{args.runs} ({'pull' if pull else 'pulled'}): "
+                    f"first token after {start.first_token_s:.2f} s",
+                    flush=True,
+                )
                 starts.append(start)
         docker("tag", remote, args.tag)
         docker("rmi", remote, check=False)
@@ -422,7 +445,9 @@ def markdown(report: dict[str, Any]) -> str:
     for layer in size["layers"]:
         packed = layer["compressed_bytes"]
         packed_text = f"{packed / mb:.1f}" if packed is not None else "-"
-        lines.append(f"| `{layer['created_by'][:90]}` | {layer['bytes'] / mb:.1f} | {packed_text} |")
+        lines.append(
+            f"| `{layer['created_by'][:90]}` | {layer['bytes'] / mb:.1f} | {packed_text} |"
+        )
     lines += ["", "| largest packages | MB |", "| --- | ---: |"]
     lines += [f"| {name} | {nbytes / mb:.1f} |" for name, nbytes in size["largest_packages"]]
     cold = report.get("cold_start")
@@ -438,8 +463,12 @@ def markdown(report: dict[str, Any]) -> str:
             "| --- | ---: | ---: |",
         ]
         fresh, warm = cold["from_registry"], cold["already_pulled"]
-        rows = [("pull", "pull_s"), ("create + start", "create_start_s"),
-                ("ready (/ready 200)", "ready_s"), ("first token", "first_token_s")]  # fmt: skip
+        rows = [
+            ("pull", "pull_s"),
+            ("create + start", "create_start_s"),
+            ("ready (/ready 200)", "ready_s"),
+            ("first token", "first_token_s"),
+        ]
         for label, key in rows:
             lines.append(f"| {label} | {triple(fresh[key])} | {triple(warm[key])} |")
         for name, values in fresh["server_phases_s"].items():
@@ -479,7 +508,7 @@ def write(report: dict[str, Any], out: Path) -> None:
 def measure(args: argparse.Namespace, build_args: list[str]) -> None:
     size = size_report(args.tag)
     report: dict[str, Any] = {
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": host(),
         "size": asdict(size),
     }
@@ -487,7 +516,9 @@ def measure(args: argparse.Namespace, build_args: list[str]) -> None:
         cold = cold_start(args, build_args)
         report["cold_start"] = cold
         if len(cold["compressed_layers"]) == len(size.layers):  # pair them bottom-up
-            for layer, packed in zip(report["size"]["layers"], cold["compressed_layers"]):
+            for layer, packed in zip(
+                report["size"]["layers"], cold["compressed_layers"], strict=True
+            ):
                 layer["compressed_bytes"], layer["digest"] = packed["bytes"], packed["digest"]
     write(report, Path(args.out))
 

@@ -24,6 +24,7 @@ import httpx
 
 from ..errors import UserError
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
+from .container import serverless_cold_start
 from .money import compare_with_apis, serverless_money
 
 log = logging.getLogger(__name__)
@@ -359,16 +360,11 @@ def _serverless(
         notes.append("serverless: no complete level to take the service time from")
         return None
     lowest = min(usable, key=lambda lv: lv["value"])
-    if spec.cold_start_s is not None:
-        cold_s, source = spec.cold_start_s, "serverless.cold_start_s"
-    elif cold and cold.get("ready_s") is not None:
-        cold_s, source = cold["ready_s"], "measured: process spawn to ready"
-    else:
+    chosen = serverless_cold_start(spec, cold)
+    if chosen is None:
         notes.append("serverless: no cold start measured (external endpoint); set it in serverless")
         return None
-    if spec.extra_cold_start_s:
-        source += f" + {spec.extra_cold_start_s:g} s serverless.extra_cold_start_s"
-    cold_s += spec.extra_cold_start_s
+    cold_s, source = chosen
     best_level = next((lv for lv in levels if lv["label"] == best["label"]), None)
     capacity = best_level["request_rate"] if best_level and best["meets_slo"] else None
     profiles = [

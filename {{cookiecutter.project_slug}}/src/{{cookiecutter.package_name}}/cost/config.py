@@ -94,7 +94,9 @@ class ServerlessSection(Section):
     requests_per_hour: list[float] = [1.0, 10.0, 60.0, 600.0, 3600.0]
     idle_timeout_s: float = Field(300.0, ge=0)  # scale to zero after this long without a request
     cold_start_s: float | None = Field(None, ge=0)  # null: measured (start to ready)
-    extra_cold_start_s: float = Field(0.0, ge=0)  # e.g. image pull + container start
+    # reports/image.json of `nox -s docker -- --cold-start`: the container's pull to first token
+    container_cold_start: str | None = None
+    extra_cold_start_s: float = Field(0.0, ge=0)  # what neither measures, e.g. node start
 
 
 class ReportSection(Section):

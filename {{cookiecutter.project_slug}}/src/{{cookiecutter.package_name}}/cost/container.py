@@ -1,0 +1,82 @@
+"""The cold start that serverless billing pays: the container's (pull to first token) when
+`nox -s docker -- --cold-start` measured it, else our server process's.
+
+The container's is read from the report tools/image_report.py writes (reports/image.json):
+under per-second billing the pull and the container start are billed too, and they are
+most of a cold start (README "Image").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .config import ServerlessSection
+
+
+@dataclass(frozen=True)
+class ContainerColdStart:
+    """Median seconds from `docker pull` (from a registry) to the first streamed token."""
+
+    first_token_s: float
+    pull_s: float
+    runs: int
+    image: str
+    measured_at: str
+    host: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> ContainerColdStart:
+        path = Path(path)
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"serverless.container_cold_start: cannot read {path} ({error}); write it "
+                "with `nox -s docker -- --cold-start`, or set the key to null"
+            ) from None
+        cold = report.get("cold_start")
+        if not cold:
+            raise UserError(
+                f"serverless.container_cold_start: {path} has no cold_start section (it was "
+                "written without --cold-start); rerun `nox -s docker -- --cold-start`"
+            )
+        fresh = cold["from_registry"]
+        host = report["host"]
+        return cls(
+            first_token_s=fresh["first_token_s"]["median"],
+            pull_s=fresh["pull_s"]["median"],
+            runs=sum(1 for run in cold["runs"] if run["pulled"]),
+            image=report["size"]["image"],
+            measured_at=report["measured_at"],
+            host=f"{host['machine']}, {host['cpus']} CPUs, Docker {host['docker']}",
+        )
+
+    def describe(self, path: str | Path) -> str:
+        return (
+            f"container: {self.image} pulled from a registry to first token, median of "
+            f"{self.runs} (pull {self.pull_s:.1f} s; {path}, {self.measured_at}, {self.host})"
+        )
+
+
+def serverless_cold_start(
+    spec: ServerlessSection, measured: dict[str, Any] | None
+) -> tuple[float, str] | None:
+    """(seconds, where they come from) for the serverless profiles, or None when unknown.
+    In order: serverless.cold_start_s, the container's, our server's measured spawn to
+    ready; serverless.extra_cold_start_s is added to each."""
+    if spec.cold_start_s is not None:
+        seconds, source = spec.cold_start_s, "serverless.cold_start_s"
+    elif spec.container_cold_start:
+        container = ContainerColdStart.read(spec.container_cold_start)
+        seconds, source = container.first_token_s, container.describe(spec.container_cold_start)
+    elif measured and measured.get("ready_s") is not None:
+        seconds, source = measured["ready_s"], "measured: process spawn to ready"
+    else:
+        return None
+    if spec.extra_cold_start_s:
+        source += f" + {spec.extra_cold_start_s:g} s serverless.extra_cold_start_s"
+    return seconds + spec.extra_cold_start_s, source
