@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PARTS = ("serving", "cold_start", "meter", "training", "env_size")
+PARTS = ("serving", "cold_start", "meter", "training", "env_size", "image")
+# Model-independent parts: measured once per run, not per model.
+SINGLE_PARTS = ("env_size", "image")
 MODELS = ("tiny", "smollm2")
 SERVERS = ("ours", "peer", "peer_cb")
 SERVER_LABELS = {
@@ -53,6 +56,7 @@ VERSIONS = (
     "torch", "transformers", "peft", "trl", "accelerate", "fastapi", "uvicorn", "httpx",
     "openai", "tokenizers",
 )  # fmt: skip
+IMAGE_TARGET_BYTES = 1.0e9  # the CPU image on the stand-in base
 TARGETS = {
     "serving_throughput": (">=", 1.0),
     "serving_ttft": (">=", 1.0),
@@ -505,6 +509,54 @@ def env_size(project: Project, scratch: Path) -> dict:
     }
 
 
+def image(project: Project, scratch: Path) -> dict:
+    """The serving image of the baked project (its `nox -s docker -- --cold-start
+    --code-change` tool): size by layer and package, cold start from a local registry serving
+    SmolLM2, a one-line code change's pull. Needs a Docker engine and docker-registry."""
+    if (
+        shutil.which("docker") is None
+        or subprocess.run(["docker", "info"], capture_output=True).returncode
+    ):
+        return {"skipped": "no Docker engine (`docker info` failed)"}
+    model = scratch / "image-model"  # readable by the container's user (uid 10001)
+    shutil.copytree(project.model_folder("smollm2", scratch), model, dirs_exist_ok=True)
+    for path in [model, *model.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    index = os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
+    tool = [sys.executable, str(project.folder / "tools" / "image_report.py")]
+    common = [
+        "--tag",
+        "bench-image:local",
+        f"--build-arg=TORCH_INDEX_URL={index}",
+        "--network",
+        "host",
+    ]
+    out = scratch / "image"
+    measure = [
+        "--cold-start",
+        "--runs",
+        "3",
+        "--code-change",
+        "--model-dir",
+        str(model),
+        "--out",
+        str(out),
+    ]
+    for step in (["build", *common], ["measure", *common, *measure]):
+        say(" ".join(tool + step))
+        with (scratch / "image.log").open("a") as sink:
+            done = subprocess.run(
+                [*tool, *step], cwd=project.folder, stdout=sink, stderr=subprocess.STDOUT
+            )
+        if done.returncode:
+            tail = (scratch / "image.log").read_text(errors="replace")[-2000:]
+            return {"error": f"image_report.py {step[0]} exited {done.returncode}:\n{tail}"}
+    report = json.loads(out.with_suffix(".json").read_text())
+    report["pass"] = report["size"]["bytes"] <= IMAGE_TARGET_BYTES
+    report["code_change_pass"] = report["cold_start"]["code_change"]["new_compressed_bytes"] < 5e6
+    return report
+
+
 def meter(project: Project, model: str, folder: Path, sizing: dict, scratch: Path) -> dict:
     size = sizing["meter"][model]
     out = scratch / f"meter-{model}.json"
@@ -600,24 +652,26 @@ def main() -> int:
     shown = [a for i, a in enumerate(argv) if i not in skip and not a.startswith("--project")]
     if results.get("quick") != args.quick:
         results = {}
-    results.update(
-        {
-            "quick": args.quick,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
-            "versions": versions(),
-            "sizing": {k: v for k, v in sizing.items()},
-            "command": "`" + " ".join(["nox -s bench", *(["--", *shown] if shown else [])]) + "`",
-            "threads": args.threads or "library default",
-        }
-    )
+    run = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "`" + " ".join(["nox -s bench", *(["--", *shown] if shown else [])]) + "`",
+        "threads": args.threads or "library default",
+    }
+    if (set(parts) == set(PARTS) and set(models) >= set(MODELS)) or not results:
+        results.update(
+            {"quick": args.quick, "machine": machine(), "versions": versions(),
+             "sizing": dict(sizing), **run, "subset_runs": []}
+        )  # fmt: skip
+    else:  # the header keeps describing the whole run; this one is listed beside it
+        results.setdefault("subset_runs", []).append({**run, "parts": parts, "models": models})
     # Environment size first: bytes on disk do not depend on what else the machine runs.
     # Training on the larger model, the slowest part, last: a run cut short keeps what it
     # measured (results.json is written after every part).
-    per_model = [p for p in parts if p != "env_size"]
+    per_model = [p for p in parts if p not in SINGLE_PARTS]
     tasks = [(None, "env_size")] if "env_size" in parts else []
     tasks += [(m, p) for m in models for p in per_model if not (m != "tiny" and p == "training")]
     tasks += [(m, "training") for m in models if m != "tiny" and "training" in parts]
+    tasks += [(None, "image")] if "image" in parts else []  # builds: minutes of both cores
     logs = args.project.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.project.parent) as tmp:
@@ -637,7 +691,8 @@ def main() -> int:
             say(f"{part} on {model or 'no model'}")
             try:
                 if model is None:
-                    section[part] = env_size(project, scratch)
+                    single = env_size if part == "env_size" else image
+                    section[part] = single(project, scratch)
                 else:
                     folder = project.model_folder(model, scratch)
                     section["parameters"] = parameters(folder)
@@ -687,8 +742,9 @@ def broken(results: dict) -> list[str]:
     found = []
     for model, section in results.get("models", {}).items():
         found += [f"{model} {part}: {v['error']}" for part, v in section.items() if _err(v)]
-    if _err(results.get("env_size")):
-        found.append(f"env_size: {results['env_size']['error']}")
+    for part in SINGLE_PARTS:
+        if _err(results.get(part)):
+            found.append(f"{part}: {results[part]['error']}")
     return found
 
 

@@ -69,6 +69,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{machine.get('memory_gib', '?')} GiB memory, {machine.get('cpu_model', 'unknown CPU')}, "
         f"GPU: {machine.get('gpu', 'none')} ({machine.get('platform', '')})",
         f"- **torch threads per measured process**: {results.get('threads', 'library default')}",
+        *[
+            f"- **Later run of {', '.join(r['parts'])}** (its figures replace those of the "
+            f"run above): {r['command']}, {r['date']}"
+            for r in results.get("subset_runs", [])
+        ],
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "- **Models**: "
         + "; ".join(
@@ -87,6 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _training(results)
     lines += _env(results)
     lines += _meter(results)
+    lines += _image(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -95,7 +101,7 @@ def _params(count: int | None) -> str:
 
 
 def _summary_rows(results: dict) -> list[str]:
-    rows = []
+    rows = _image_summary(results)
     for model, section in results.get("models", {}).items():
         label = MODEL_LABELS.get(model, model)
         serving = section.get("serving") or {}
@@ -451,3 +457,96 @@ def plot(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+# Published image sizes to read ours against (not measured here).
+IMAGE_ANCHORS = [
+    ("Miniconda + PyTorch (the seed's comparison, EKS c5.xlarge)", "1.8 GB"),
+    ("full Anaconda image (same comparison)", "3.4 GB"),
+    ("vllm/vllm-openai (vLLM PR #22377)", "about 28.6 GB"),
+]
+
+
+def _image_summary(results: dict) -> list[str]:
+    image = results.get("image")
+    if not image or "size" not in image:
+        return []
+    change = image["cold_start"]["code_change"]
+    return [
+        f"| [serving image size](#image) | CPU variant | {image['size']['bytes'] / 1e9:.3f} GB | "
+        f"≤ 1.0 GB | {_verdict(image['pass'])} |",
+        f"| [code change re-pull](#image) | CPU variant | "
+        f"{change['new_compressed_bytes'] / 1e6:.2f} MB | < 5 MB | "
+        f"{_verdict(image['code_change_pass'])} |",
+    ]
+
+
+def _image(results: dict) -> list[str]:
+    image = results.get("image")
+    if not image:
+        return []
+    lines = [f"## 6. {_anchor('image')}Serving image", ""]
+    if "size" not in image:
+        return [*lines, *_error(image), image.get("skipped", ""), ""]
+    host, size, cold = image["host"], image["size"], image["cold_start"]
+    mb = 1e6
+    lines += [
+        "The baked project's `nox -s docker -- --cold-start --code-change` (tools/image_report.py)",
+        "on the CPU variant, serving SmolLM2-135M-Instruct from a folder mounted read-only.",
+        f"Measured {image['measured_at']} on a {host['cpus']}-CPU {host['machine']} host (no GPU),",
+        f"Docker {host['docker']} with the legacy builder, on a **stand-in base image**",
+        f"({host['base_image']}: Debian bookworm minbase with Debian's Python, built locally by",
+        "shared/docker/standin.sh because no registry can be reached here; about 60 MB larger",
+        "than the official slim image). The registry is Debian's docker-registry on 127.0.0.1, so",
+        "a pull moves no bytes over a network: it is decompression and extraction.",
+        "",
+        "| image | size |",
+        "| --- | --- |",
+        f"| **ours, CPU variant** (measured) | **{size['bytes'] / 1e9:.2f} GB** "
+        f"({cold['compressed_bytes'] / mb:.0f} MB compressed) |",
+        *[f"| {name} | {figure} |" for name, figure in IMAGE_ANCHORS],
+        "",
+        "| layer | MB | compressed MB |",
+        "| --- | ---: | ---: |",
+    ]
+    for layer in size["layers"]:
+        packed = layer.get("compressed_bytes")
+        packed_text = "-" if packed is None else f"{packed / mb:.1f}"
+        lines.append(
+            f"| `{layer['created_by'][:80]}` | {layer['bytes'] / mb:.1f} | {packed_text} |"
+        )
+    lines += ["", "| largest packages | MB |", "| --- | ---: |"]
+    lines += [f"| {name} | {nbytes / mb:.1f} |" for name, nbytes in size["largest_packages"]]
+    fresh, warm = cold["from_registry"], cold["already_pulled"]
+    runs = sum(1 for run in cold["runs"] if run["pulled"])
+    lines += [
+        "",
+        f"### {_anchor('container-cold-start')}Container cold start by phase",
+        "",
+        f"{runs} starts each, page cache dropped before each: {fresh['page_cache_dropped']}. "
+        "Seconds from `docker pull` (or `docker run` when already pulled), median [min, max].",
+        "",
+        "| phase | from the registry | already pulled |",
+        "| --- | --- | --- |",
+    ]
+    rows = [("pull", "pull_s"), ("create + start", "create_start_s"),
+            ("ready (/ready 200)", "ready_s"), ("first token", "first_token_s")]  # fmt: skip
+    lines += [f"| {label} | {_spread(fresh[key])} | {_spread(warm[key])} |" for label, key in rows]
+    for name in ("imports", "weights", "warmup"):
+        lines.append(
+            f"| server: {name} | {_spread(fresh['server_phases_s'].get(name))} | "
+            f"{_spread(warm['server_phases_s'].get(name))} |"
+        )
+    projection = cold["projected_pull_transfer_s"]
+    change = cold["code_change"]
+    lines += [
+        "",
+        f"Projected transfer of the {cold['compressed_bytes'] / mb:.0f} MB compressed image "
+        f"(a projection, not measured): {projection['1_gbit']} s at 1 Gbit/s, "
+        f"{projection['10_gbit']} s at 10 Gbit/s, before the extraction measured above.",
+        f"A one-line change to `{change['changed_file']}`, rebuilt and pushed: "
+        f"{change['new_layers']} new layer, {change['new_compressed_bytes'] / mb:.2f} MB "
+        "compressed to pull.",
+        "",
+    ]
+    return lines

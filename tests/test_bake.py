@@ -40,6 +40,8 @@ EXPECTED_FILES = {
     "certs/README.md",
     "tests/test_slim_env.py",
     "tests/test_serve_stop.py",
+    "tests/test_image_build.py",
+    "tools/image_report.py",
     "README.md",
     "noxfile.py",
     "pyproject.toml",

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import bake
 
 STANDIN_INDEX = "http://127.0.0.1:8765/"
@@ -155,7 +154,10 @@ def test_a_wrong_torch_build_fails_and_leaves_the_tag_as_it_was(project):
     built = nox_docker(project, torch_index(), "--build-arg=TORCH_BACKEND=cu128")
     output = built.stdout + built.stderr
     assert built.returncode != 0
-    assert "image build failed: torch 2.13.0+cpu" in output and "for cu128" in output, output[-3000:]
+    failure = (
+        "image build failed: torch 2.13.0+cpu (CPU build) is installed, but this image is for cu128"
+    )
+    assert failure in output, output[-3000:]
     assert image_id() == before
 
 
@@ -171,40 +173,44 @@ def test_an_unreachable_torch_index_fails_within_a_minute_naming_it(project):
 
 
 def test_serves_the_openai_client_and_drains_on_docker_stop(tiny_model):
-    import httpx
     import openai
 
     container, url = serve(tiny_model, "limits.max_tokens_cap=480")
     try:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         reply = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
         )
         assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason
-        events: list[str] = []
+        chunks: list = []
+        failures: list[Exception] = []
         streaming = threading.Event()
-        body = {"model": "tiny", "prompt": "Tell", "max_tokens": 480, "temperature": 0,
-                "stream": True}  # fmt: skip
 
         def consume() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as answer:
-                for line in answer.iter_lines():
-                    if line:
-                        events.append(line)
-                        streaming.set()
+            try:
+                stream = client.completions.create(
+                    model="tiny", prompt="Tell", max_tokens=480, temperature=0, stream=True
+                )
+                for chunk in stream:
+                    chunks.append(chunk)
+                    streaming.set()
+            except Exception as error:  # the test reads it below
+                failures.append(error)
 
         reader = threading.Thread(target=consume)
         reader.start()
         assert streaming.wait(30)
+        at_stop = len(chunks)
         docker("stop", container, timeout=30)  # SIGTERM, then SIGKILL after Docker's 10 s
         reader.join(30)
-        assert events[-1] == "data: [DONE]", events[-3:]
-        last = json.loads(events[-2].removeprefix("data: "))
-        assert "error" in last or last["choices"][0]["finish_reason"] in {"stop", "length"}
+        assert not failures, failures
+        assert len(chunks) > at_stop, "the stream had ended before the stop"
+        assert chunks[-1].choices[0].finish_reason in {"stop", "length"}, "the stream was cut"
         state = json.loads(docker("inspect", "-f", "{{json .State}}", container).stdout)
-        assert state["ExitCode"] == 0, state
+        assert state["ExitCode"] == 0 and not state["OOMKilled"], state
         logs = docker("logs", container)
         assert "Traceback" not in logs.stdout + logs.stderr
+        assert "draining" in logs.stdout + logs.stderr
     finally:
         docker("rm", "-f", container, check=False)
 
@@ -236,5 +242,5 @@ def test_cold_start_is_measured_by_phase_and_a_code_change_pulls_little(project,
     for phase in ("pull_s", "create_start_s", "ready_s", "first_token_s"):
         assert fresh[phase]["median"] > 0
     assert {"imports", "weights", "warmup"} <= set(fresh["server_phases_s"])
-    assert fresh["first_token_s"]["median"] > cold["already_pulled"]["first_token_s"]["median"]
+    assert cold["already_pulled"]["pull_s"]["max"] == 0.0  # the image was there: no pull
     assert cold["code_change"]["new_compressed_bytes"] < 5e6, cold["code_change"]

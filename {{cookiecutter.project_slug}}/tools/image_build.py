@@ -95,32 +95,40 @@ def deps(args: argparse.Namespace) -> None:
     (venv / "installed.txt").write_text(frozen.stdout)
 
 
-def torch_version(venv: Path) -> str:
-    """torch's installed version, from its metadata (no import: seconds, and no CUDA probe)."""
-    code = "import importlib.metadata as m; print(m.version('torch'))"
+def torch_build(venv: Path) -> tuple[str, str | None]:
+    """torch's version and the CUDA version it was built for (None: a CPU build), from torch
+    itself: PyPI's default build carries no local tag (+cu130) in its version."""
+    code = "import torch; print(torch.__version__, torch.version.cuda)"
     python = str(venv / "bin" / "python")
-    return subprocess.run(
-        [python, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise BuildError(f"torch does not import: {done.stderr.strip().splitlines()[-1:]}")
+    version, cuda = done.stdout.split()
+    return version, None if cuda == "None" else cuda
 
 
-def check_build(version: str, backend: str) -> None:
-    """The local version tag (+cpu, +cu128, ...) must name the backend."""
-    _, _, tag = version.partition("+")
-    if tag == backend:
+def check_build(version: str, cuda: str | None, backend: str) -> None:
+    """The build must be the backend's: cpu has no CUDA, cu128 is CUDA 12.8, and so on."""
+    found = f"CUDA {cuda}" if cuda else "CPU"
+    if backend == "cpu":
+        wanted = None
+    else:
+        digits = backend.removeprefix("cu")
+        wanted = f"{digits[:-1]}.{digits[-1]}"
+    if cuda == wanted:
         return
-    found = f"+{tag}" if tag else "no local tag: PyPI's default build, CUDA 13"
     raise BuildError(
-        f"torch {version} ({found}) is installed, but this image is for {backend}: the torch "
-        f"index did not serve torch+{backend}; pass --build-arg TORCH_INDEX_URL=<an index with "
-        f"+{backend} wheels> (default https://download.pytorch.org/whl/{backend})"
+        f"torch {version} ({found} build) is installed, but this image is for {backend}: the "
+        f"torch index did not serve a {backend} build; pass --build-arg TORCH_INDEX_URL=<an "
+        f"index with {backend} wheels> (default https://download.pytorch.org/whl/{backend})"
     )
 
 
 def verify(args: argparse.Namespace) -> None:
-    version = torch_version(Path(args.venv))
-    check_build(version, args.backend)
-    print(f"image_build: torch {version} matches the {args.backend} backend")
+    version, cuda = torch_build(Path(args.venv))
+    check_build(version, cuda, args.backend)
+    build = f"CUDA {cuda}" if cuda else "CPU"
+    print(f"image_build: torch {version} ({build} build) matches {args.backend}")
 
 
 def project(args: argparse.Namespace) -> None:
