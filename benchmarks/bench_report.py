@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -495,7 +496,7 @@ def _image(results: dict) -> list[str]:
         "on the CPU variant, serving SmolLM2-135M-Instruct from a folder mounted read-only.",
         f"Measured {image['measured_at']} on a {host['cpus']}-CPU {host['machine']} host (no GPU),",
         f"Docker {host['docker']} with the legacy builder, on a **stand-in base image**",
-        f"({host['base_image']}: Debian bookworm minbase with Debian's Python, built locally by",
+        f"({', '.join(json.loads(host['base_image']))}: Debian bookworm minbase with Debian's Python, built locally by",
         "shared/docker/standin.sh because no registry can be reached here; about 60 MB larger",
         "than the official slim image). The registry is Debian's docker-registry on 127.0.0.1, so",
         "a pull moves no bytes over a network: it is decompression and extraction.",

@@ -42,6 +42,7 @@ EXPECTED_FILES = {
     "tests/test_serve_stop.py",
     "tests/test_image_build.py",
     "tools/image_report.py",
+    "src/PKG/cost/container.py",
     "README.md",
     "noxfile.py",
     "pyproject.toml",
