@@ -25,7 +25,7 @@ from pathlib import Path
 PROBE_TIMEOUT_S = 15
 # pip's own defaults are 5 retries of 15 s per package; an index that answers needs few.
 PIP_NETWORK = ["--retries", "2", "--timeout", "20"]
-FIX = "pass a reachable mirror with --build-arg {arg}=URL (README: 'Building the image')"
+FIX = "pass a reachable mirror with --build-arg {arg}=URL (README: 'The serving image')"
 
 
 class BuildError(Exception):

@@ -93,8 +93,9 @@ def build(tag: str, build_args: list[str]) -> None:
     ) as p:
         for line in p.stdout:
             sys.stdout.write(line)
-            if line.startswith("image build failed:"):
-                reason = line.strip()
+            found = line.find("image build failed:")  # after the builder's colour codes
+            if found >= 0:
+                reason = line[found:].strip()
     if p.returncode:
         raise ImageError(reason or f"docker build failed (exit {p.returncode}); see above")
 
