@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -490,16 +489,19 @@ def _image(results: dict) -> list[str]:
     if "size" not in image:
         return [*lines, *_error(image), image.get("skipped", ""), ""]
     host, size, cold = image["host"], image["size"], image["cold_start"]
+    base = host["base_image"].strip('[]"')  # older reports wrote the tag list as JSON
     mb = 1e6
     lines += [
         "The baked project's `nox -s docker -- --cold-start --code-change` (tools/image_report.py)",
         "on the CPU variant, serving SmolLM2-135M-Instruct from a folder mounted read-only.",
         f"Measured {image['measured_at']} on a {host['cpus']}-CPU {host['machine']} host (no GPU),",
         f"Docker {host['docker']} with the legacy builder, on a **stand-in base image**",
-        f"({', '.join(json.loads(host['base_image']))}: Debian bookworm minbase with Debian's Python, built locally by",
-        "shared/docker/standin.sh because no registry can be reached here; about 60 MB larger",
-        "than the official slim image). The registry is Debian's docker-registry on 127.0.0.1, so",
-        "a pull moves no bytes over a network: it is decompression and extraction.",
+        f"({base}: Debian bookworm minbase with Debian's Python,",
+        "built locally by shared/docker/standin.sh because no registry can be reached here;",
+        "about 60 MB larger than the official slim image). The registry is Debian's",
+        "docker-registry on 127.0.0.1, so a pull moves no bytes over a network: it is",
+        "decompression and extraction, and the base image's layers stay on the host (as on a",
+        "node that already has the base); the projection below counts every layer.",
         "",
         "| image | size |",
         "| --- | --- |",

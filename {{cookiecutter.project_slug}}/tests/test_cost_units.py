@@ -477,6 +477,11 @@ def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
     assert serverless_cold_start(explicit, process)[0] == 4.0
     assert serverless_cold_start(ServerlessSection(), None) is None
     (tmp_path / "bare.json").write_text(json.dumps({"size": {}}))
+    (tmp_path / "old.json").write_text(json.dumps({"cold_start": {"runs": []}}))
+    with pytest.raises(UserError, match=r"old.json is not a report of tools/image_report.py"):
+        serverless_cold_start(
+            ServerlessSection(container_cold_start=str(tmp_path / "old.json")), None
+        )
     with pytest.raises(UserError, match=r"no cold_start section.*--cold-start"):
         serverless_cold_start(
             ServerlessSection(container_cold_start=str(tmp_path / "bare.json")), None

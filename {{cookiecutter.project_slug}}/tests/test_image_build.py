@@ -76,3 +76,11 @@ def test_another_build_fails_naming_both(version, cuda, backend, found):
     message = str(caught.value)
     assert f"torch {version} ({found}) is installed, but this image is for {backend}" in message
     assert f"whl/{backend}" in message
+
+
+def test_a_ca_bundle_that_is_not_there_is_named(index_server, tmp_path):
+    missing = str(tmp_path / "certs" / "proxy-ca.pem")
+    with pytest.raises(
+        image_build.BuildError, match=r"CA_BUNDLE=.*proxy-ca.pem is not a file.*certs/"
+    ):
+        image_build.probe(index_server, "torch", "TORCH_INDEX_URL", missing)

@@ -39,6 +39,11 @@ def probe(index: str, project: str, arg: str, ca_bundle: str | None = None) -> N
     if ca_bundle:
         import ssl
 
+        if not Path(ca_bundle).is_file():
+            raise BuildError(
+                f"CA_BUNDLE={ca_bundle} is not a file in the build context; put the PEM file "
+                "under certs/ and pass its path, e.g. --build-arg CA_BUNDLE=certs/proxy-ca.pem"
+            )
         context = ssl.create_default_context(cafile=ca_bundle)
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as answer:

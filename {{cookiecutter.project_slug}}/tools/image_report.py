@@ -1,11 +1,10 @@
 """Build the serving image, and measure what a start of it costs: `nox -s docker` runs this.
 
     python tools/image_report.py build  --tag IMAGE [docker build args...]
-    python tools/image_report.py size   --tag IMAGE
-    python tools/image_report.py cold-start --tag IMAGE [--registry 127.0.0.1:5000]
+    python tools/image_report.py measure --tag IMAGE [--cold-start] [--registry HOST:PORT]
                                         [--model-dir DIR] [--runs 3] [--code-change]
 
-`size` writes the image's size by layer and its 10 largest packages. `cold-start` pushes the
+`measure` writes the image's size by layer and its 10 largest packages. --cold-start pushes the
 image to a registry on this machine (Debian's `docker-registry` is started on 127.0.0.1
 when none is given), removes it locally, and times each start by phase, with the page
 cache dropped: pull, create and start, the server's own phases (imports, weights, warm-up)
@@ -124,8 +123,11 @@ def layers(tag: str) -> list[Layer]:
     found = []
     for row in reversed(rows):
         created_by = row["CreatedBy"].replace("/bin/sh -c ", "").replace("#(nop) ", "").strip()
-        is_layer = not row["CreatedBy"].count("#(nop)") or created_by.startswith(("COPY", "ADD"))
-        if is_layer:
+        # Legacy builder: a RUN has no "#(nop)"; BuildKit names RUN, COPY and ADD outright.
+        legacy_run = "#(nop)" not in row["CreatedBy"] and not row["CreatedBy"].startswith(
+            ("ENV", "CMD", "USER", "WORKDIR", "EXPOSE", "HEALTHCHECK", "STOPSIGNAL", "ARG", "LABEL")
+        )
+        if legacy_run or created_by.startswith(("RUN", "COPY", "ADD")):
             label = " ".join(created_by.split())[:160] or "(base image)"
             found.append(Layer(label, int(row["Size"])))
     return found
@@ -169,7 +171,13 @@ class Registry:
             log = (self.folder / "registry.log").open("w")
             self.process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=log)
             self.address = f"127.0.0.1:{port}"
-            wait_for(lambda: http_status(f"http://{self.address}/v2/") == 200, 30, "the registry")
+            try:
+                wait_for(
+                    lambda: http_status(f"http://{self.address}/v2/") == 200, 30, "the registry"
+                )
+            except ImageError:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -257,6 +265,12 @@ def first_token(base_url: str, model: str) -> None:
     raise ImageError("the first request streamed no token")
 
 
+def served_model(base_url: str) -> str:
+    """The first model the server lists (the base model of the image's own command)."""
+    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as answer:
+        return json.load(answer)["data"][0]["id"]
+
+
 def server_phases(base_url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as answer:
         text = answer.read().decode()
@@ -290,10 +304,10 @@ def one_start(
     try:
         wait_for(ready, 900, "the server in the container")
         ready = time.perf_counter()
-        first_token(base, model)
+        first_token(base, model or served_model(base))
         first = time.perf_counter()
         phases = server_phases(base)
-    except ImageError as error:
+    except (ImageError, OSError) as error:  # urllib's HTTP and connection errors are OSErrors
         done = subprocess.run(
             ["docker", "logs", "--tail", "20", container], capture_output=True, text=True
         )
@@ -322,16 +336,16 @@ def host() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "docker": docker("version", "--format", "{{.Server.Version}}").strip(),
-        "base_image": docker("image", "inspect", "-f", "{{json .RepoTags}}", *base_image()).strip(),
+        "base_image": base_image(),
     }
 
 
-def base_image() -> list[str]:
+def base_image() -> str:
     """The Dockerfile's default PYTHON_IMAGE (what the runtime stage is built on)."""
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("ARG PYTHON_IMAGE="):
-            return [line.partition("=")[2]]
-    return []
+            return line.partition("=")[2]
+    return "unknown"
 
 
 def code_change(tag: str, build_args: list[str], registry: Registry, base: dict) -> dict[str, Any]:
@@ -365,8 +379,9 @@ def split(tag: str) -> tuple[str, str]:
 
 def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any]:
     repository, version = split(args.tag)
-    mounts, serve_args, model = [], [], args.served_name
+    mounts, serve_args, model = [], [], None  # None: the image's own command and model
     if args.model_dir:
+        model = args.served_name
         mounts = ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
         serve_args = [
             PACKAGE,
@@ -386,22 +401,29 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
         # the final stage, so a rebuild after them would remake every layer of that stage.
         change = code_change(args.tag, build_args, registry, manifest) if args.code_change else None
         starts = []
-        for pull in (True, False):
-            for run in range(args.runs):
-                if pull:  # every tag of the image, so that the pull is a real one
-                    docker("rmi", "-f", args.tag, remote)
-                start = one_start(remote, serve_args, mounts, pull, model)
-                print(
-                    f"start {run + 1}/{args.runs} ({'pull' if pull else 'pulled'}): "
-                    f"first token after {start.first_token_s:.2f} s",
-                    flush=True,
-                )
-                starts.append(start)
-        docker("tag", remote, args.tag)
-        docker("rmi", remote, check=False)
+        try:
+            for pull in (True, False):
+                for run in range(args.runs):
+                    if pull:  # every tag of the image, so that the pull is a real one
+                        docker("rmi", "-f", args.tag, remote)
+                    start = one_start(remote, serve_args, mounts, pull, model)
+                    print(
+                        f"start {run + 1}/{args.runs} ({'pull' if pull else 'pulled'}): "
+                        f"first token after {start.first_token_s:.2f} s",
+                        flush=True,
+                    )
+                    starts.append(start)
+        finally:  # the user's tag back, even after a failed start (pulled again if need be)
+            if subprocess.run(
+                ["docker", "image", "inspect", remote], capture_output=True
+            ).returncode:
+                docker("pull", "-q", remote, check=False)
+            docker("tag", remote, args.tag, check=False)
+            docker("rmi", remote, check=False)
     compressed = sum(layer["size"] for layer in manifest["layers"])
     return {
-        "registry": "local registry on 127.0.0.1 (pull over loopback: no network transfer)",
+        "registry": "local registry on 127.0.0.1 (pull over loopback: no network transfer; the "
+        "base image's layers stay on the host, as on a node that already has the base)",
         "compressed_bytes": compressed,
         "compressed_layers": [
             {"digest": layer["digest"], "bytes": layer["size"]} for layer in manifest["layers"]

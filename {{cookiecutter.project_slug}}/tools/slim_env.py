@@ -3,19 +3,19 @@
     python tools/slim_env.py /opt/venv            # what the image's build runs
     python tools/slim_env.py --dry-run /opt/venv  # measure only
 
-Measured on the CPU build (torch 2.13.0+cpu, Python 3.11, 2026-12-01; the numbers are in
-reports/image.md of `nox -s docker`):
-- Tests: torch's native test executables (`torch/test`, `torch/bin/*test*`), 121 MiB on the
-  CPU build and none in the CUDA build's wheel; the test suites other wheels ship
-  (numpy/_core/tests, sympy/*/tests, ...) from which serving imports nothing, 23 MiB.
-- Type stubs (`*.pyi`, 4 MiB): read by type checkers, never imported.
-- torch's C++ headers (`torch/include`, 62 MiB): only compiling an extension or a
-  torch.compile kernel reads them, and serving on a CPU does neither. Kept in CUDA builds:
-  whether serving there compiles anything waits for a GPU run (README "Image").
-- Bytecode: compiling every module would add 216 MiB of .pyc; serving imports 2,400 of them
-  (about 60 MiB of .pyc). Only those are compiled (`tools/serving_modules.txt`, recorded from
-  a served request and checked by tests/test_slim_env.py); the rest would be compiled in
-  memory on the rare import, and the image runs with PYTHONDONTWRITEBYTECODE.
+Measured on 2026-12-01 (torch 2.13.0, Python 3.11; BENCHMARKS.md of the template, "Serving
+image"), CPU build / CUDA 13.0 build:
+- Tests: torch's native test executables (`torch/test`, `torch/bin/*test*`, none in the CUDA
+  wheel) and the test suites other wheels ship (numpy/_core/tests, sympy/*/tests, ...) from
+  which serving imports nothing: 140 MiB / 19 MiB.
+- Type stubs (`*.pyi`): read by type checkers, never imported: 4 MiB / 4 MiB.
+- torch's C++ headers (`torch/include`): only compiling an extension or a torch.compile
+  kernel reads them, and serving on a CPU does neither: 37 MiB / kept. Whether serving on a
+  GPU compiles anything waits for a GPU run (README "The serving image").
+- Bytecode: compiling every module would write 216 MiB of .pyc; only the 3,181 modules a
+  served request imports are compiled (77 MiB): `tools/serving_modules.txt`, recorded from a
+  served request and checked by tests/test_slim_env.py. A module outside it is compiled in
+  memory on the rare import (the image runs with PYTHONDONTWRITEBYTECODE).
 Standard library only.
 """
 

@@ -24,7 +24,7 @@ import httpx
 
 from ..errors import UserError
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
-from .container import serverless_cold_start
+from .container import ContainerColdStart, serverless_cold_start
 from .money import compare_with_apis, serverless_money
 
 log = logging.getLogger(__name__)
@@ -529,6 +529,8 @@ def token_cost_command(args: Any) -> int:
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
     config = load_token_cost_config(path, args.overrides, extra)
+    if config.serverless.container_cold_start:  # a bad report fails now, not after the sweep
+        ContainerColdStart.read(config.serverless.container_cold_start)
     if args.gpu_hourly_usd is not None:
         price_source = "--gpu-hourly-usd"
     elif any(o.startswith("price.gpu_hourly_usd=") for o in args.overrides):

@@ -44,21 +44,28 @@ class ContainerColdStart:
                 f"serverless.container_cold_start: {path} has no cold_start section (it was "
                 "written without --cold-start); rerun `nox -s docker -- --cold-start`"
             )
-        fresh = cold["from_registry"]
-        host = report["host"]
-        return cls(
-            first_token_s=fresh["first_token_s"]["median"],
-            pull_s=fresh["pull_s"]["median"],
-            runs=sum(1 for run in cold["runs"] if run["pulled"]),
-            image=report["size"]["image"],
-            measured_at=report["measured_at"],
-            host=f"{host['machine']}, {host['cpus']} CPUs, Docker {host['docker']}",
-        )
+        try:
+            fresh, host = cold["from_registry"], report["host"]
+            return cls(
+                first_token_s=float(fresh["first_token_s"]["median"]),
+                pull_s=float(fresh["pull_s"]["median"]),
+                runs=sum(1 for run in cold["runs"] if run["pulled"]),
+                image=report["size"]["image"],
+                measured_at=report["measured_at"],
+                host=f"{host['machine']}, {host['cpus']} CPUs, Docker {host['docker']}",
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(
+                f"serverless.container_cold_start: {path} is not a report of "
+                f"tools/image_report.py (missing or bad {error}); rerun "
+                "`nox -s docker -- --cold-start`"
+            ) from None
 
     def describe(self, path: str | Path) -> str:
         return (
             f"container: {self.image} pulled from a registry to first token, median of "
-            f"{self.runs} (pull {self.pull_s:.1f} s; {path}, {self.measured_at}, {self.host})"
+            f"{self.runs} (pull {self.pull_s:.1f} s, base layers already on the host; {path}, "
+            f"{self.measured_at}, {self.host})"
         )
 
 
