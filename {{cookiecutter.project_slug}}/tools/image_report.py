@@ -296,14 +296,14 @@ def one_start(
     started = time.perf_counter()
     base = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
+    def answers_ready() -> bool:
         if docker("inspect", "-f", "{{.State.Running}}", container).strip() != "true":
             raise ImageError("the container exited before it was ready")
         return http_status(f"{base}/ready") == 200
 
     try:
-        wait_for(ready, 900, "the server in the container")
-        ready = time.perf_counter()
+        wait_for(answers_ready, 900, "the server in the container")
+        ready_at = time.perf_counter()
         first_token(base, model or served_model(base))
         first = time.perf_counter()
         phases = server_phases(base)
@@ -319,7 +319,7 @@ def one_start(
         dropped,
         round(pulled - t0, 3),
         round(started - pulled, 3),
-        round(ready - t0, 3),
+        round(ready_at - t0, 3),
         round(first - t0, 3),
         phases,
     )
