@@ -250,6 +250,18 @@ def test_models_endpoint(client):
     assert models["tiny"].model_extra["max_model_len"] == 512
 
 
+def test_info_names_device_precision_and_tokenizers(server):
+    info = httpx.get(f"{server.url}/info", timeout=10).json()
+    assert info["engine"] == "transformers-continuous-batching"
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")
+    assert info["device_name"]
+    models = {m["id"]: m for m in info["models"]}
+    assert set(models) == {"tiny", "stopper", "random"}
+    assert models["random"]["parent"] == "tiny"
+    assert models["tiny"]["tokenizer"] == models["tiny"]["source"]
+    assert models["tiny"]["max_model_len"] == 512
+
+
 def test_seed_gives_the_same_sample_whatever_the_batch(client):
     def sample(seed: int) -> str:
         reply = client.completions.create(

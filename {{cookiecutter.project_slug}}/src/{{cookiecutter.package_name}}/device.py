@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,20 @@ def check_driver(built_for: str | None, driver: tuple[int, int] | None) -> None:
             f"Update the driver, or use a build for CUDA {driver[0]}.x (torch_backend, "
             "TORCH_INDEX_URL)"
         )
+
+
+def device_name(device: str) -> str:
+    """The hardware behind a torch device string: the GPU's name, or the CPU's model."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pick_precision(requested_device: str = "auto", requested_dtype: str = "auto") -> Precision:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 POST /v1/chat/completions and /v1/completions (SSE streaming or not), GET /v1/models,
-/health (liveness), /ready (loaded and warm), /metrics (Prometheus). Errors use OpenAI's
-error JSON. Generation and batching are in engine.py.
+/info (device, precision, models), /health (liveness), /ready (loaded and warm), /metrics
+(Prometheus). Errors use OpenAI's error JSON. Generation and batching are in engine.py.
 """
 
 from __future__ import annotations
@@ -426,6 +426,14 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
             return JSONResponse({"ready": True, "models": list(runtime.engines)})
         phase = "draining" if runtime.draining else runtime.phase
         return JSONResponse({"ready": False, "phase": phase}, status_code=503)
+
+    @app.get("/info")
+    async def info() -> JSONResponse:
+        described = runtime.info()
+        if described is None:
+            message = f"the server is {'draining' if runtime.draining else runtime.phase}"
+            return JSONResponse(error_body(message, "server_error", None, 503), status_code=503)
+        return JSONResponse(described.model_dump())
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -147,3 +147,24 @@ class CompletionRequest(SamplingRequest):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class ServedModelInfo(BaseModel):
+    """One served model, as GET /info reports it."""
+
+    id: str = Field(description="the name requests use in `model`")
+    source: str = Field(description="where its weights (or the adapter) were loaded from")
+    parent: str | None = Field(description="for an adapter: the served name of its base model")
+    tokenizer: str = Field(description="where its tokenizer was loaded from")
+    max_model_len: int = Field(description="context window in tokens, prompt and answer")
+
+
+class ServerInfo(BaseModel):
+    """What the server runs on, so a client (the cost meter) reads it instead of guessing."""
+
+    engine: Literal["transformers-continuous-batching"]
+    engine_version: str = Field(description="the transformers version")
+    device: str = Field(description="torch device of the weights, e.g. cpu or cuda:0")
+    device_name: str = Field(description="GPU or CPU model name")
+    dtype: str = Field(description="compute precision, e.g. float32 or bfloat16")
+    models: list[ServedModelInfo]

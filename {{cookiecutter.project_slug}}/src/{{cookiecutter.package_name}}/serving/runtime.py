@@ -12,11 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .config import ServeConfig
 from .metrics import Metrics
+from .protocol import ServedModelInfo, ServerInfo
+
+if TYPE_CHECKING:
+    from ..device import Precision
 
 log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()
@@ -55,6 +59,8 @@ class Runtime:
         self.phase = "starting"
         self.phases: dict[str, float] = {}
         self.on_fatal: Callable[[], None] | None = None
+        self.precision: Precision | None = None
+        self.tokenizer_sources: dict[str, str] = {}
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
@@ -93,7 +99,7 @@ class Runtime:
 
             if config.adapters:
                 import peft  # noqa: F401  (timed here, not in the adapter phase)
-        precision = pick_precision(config.model.device, config.model.dtype)
+        precision = self.precision = pick_precision(config.model.device, config.model.dtype)
         trust = config.model.trust_remote_code
         with self._timed("weights"):
             tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=trust)
@@ -108,14 +114,15 @@ class Runtime:
         served: list[tuple[str, Any, Any, str | None, str]] = [
             (config.base_name, model, tokenizer, None, config.model.name_or_path)
         ]
+        self.tokenizer_sources[config.base_name] = config.model.name_or_path
         with self._timed("adapters"):
             vocab = model.get_input_embeddings().num_embeddings
             for name, path in config.adapters.items():
+                own = has_tokenizer(path)
                 adapter_tokenizer = (
-                    load_tokenizer(path, trust_remote_code=trust)
-                    if has_tokenizer(path)
-                    else tokenizer
+                    load_tokenizer(path, trust_remote_code=trust) if own else tokenizer
                 )
+                self.tokenizer_sources[name] = str(path) if own else config.model.name_or_path
                 if len(adapter_tokenizer) > vocab:
                     raise UserError(
                         f"adapter {name!r}: its tokenizer has {len(adapter_tokenizer)} tokens, "
@@ -209,6 +216,37 @@ class Runtime:
             engine = self.engines.get(entry["id"])
             entry["max_model_len"] = engine.context_len if engine else None
         return entries
+
+    def info(self) -> ServerInfo | None:
+        """Device, precision and models once loaded (None before)."""
+        if not self.ready or self.precision is None:
+            return None
+        from importlib.metadata import version
+
+        from ..device import device_name
+
+        device = self.precision.device
+        if device == "cuda":
+            import torch
+
+            device = f"cuda:{torch.cuda.current_device()}"
+        return ServerInfo(
+            engine="transformers-continuous-batching",
+            engine_version=version("transformers"),
+            device=device,
+            device_name=device_name(device),
+            dtype=str(self.precision.dtype).removeprefix("torch."),
+            models=[
+                ServedModelInfo(
+                    id=name,
+                    source=engine.source,
+                    parent=engine.parent,
+                    tokenizer=self.tokenizer_sources[name],
+                    max_model_len=engine.context_len,
+                )
+                for name, engine in self.engines.items()
+            ],
+        )
 
     def dead_engines(self) -> dict[str, str]:
         return {name: e.fatal_error() for name, e in self.engines.items() if e.fatal_error()}
