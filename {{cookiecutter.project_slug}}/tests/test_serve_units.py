@@ -196,7 +196,8 @@ def test_text_stream_without_stop_is_the_full_decode(tokenizer):
 def test_seeded_sampler_rows_are_batch_independent():
     import torch
 
-    from {{ cookiecutter.package_name }}.serving.engine import GREEDY, SeededSampler, row_key
+    from {{ cookiecutter.package_name }}.serving.batching import SeededSampler
+    from {{ cookiecutter.package_name }}.serving.seeding import GREEDY, row_key
 
     torch.manual_seed(0)
     scores = torch.randn(4, 512)
@@ -221,7 +222,8 @@ def test_seeded_sampler_rows_are_batch_independent():
 def test_seeded_sampler_follows_the_distribution():
     import torch
 
-    from {{ cookiecutter.package_name }}.serving.engine import SeededSampler, row_key
+    from {{ cookiecutter.package_name }}.serving.batching import SeededSampler
+    from {{ cookiecutter.package_name }}.serving.seeding import row_key
 
     probs = torch.tensor([0.7, 0.2, 0.1, 0.0])
     scores = probs.log().expand(4000, 4).clone()

@@ -11,16 +11,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .config import ServeConfig
 from .metrics import Metrics
-from .protocol import ServedModelInfo, ServerInfo
+from .protocol import ModelCard, ServedModelInfo, ServerInfo
 
 if TYPE_CHECKING:
     from ..device import Precision
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()
@@ -49,10 +51,22 @@ def check_before_loading(config: ServeConfig) -> None:
             raise UserError(f"adapter {name!r}: {error}") from None
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the server answers for, loaded and not yet behind an engine."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    parent: str | None  # the base's served name, for an adapter
+    source: str  # where the weights (or the adapter) came from
+    tokenizer_source: str
+
+
 class Runtime:
     def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
         self.config, self.metrics = config, metrics
-        self.engines: dict[str, Any] = {}
+        self.engines: dict[str, Engine] = {}
         self.ready = False
         self.draining = False
         self.error: str | None = None
@@ -60,9 +74,7 @@ class Runtime:
         self.phases: dict[str, float] = {}
         self.on_fatal: Callable[[], None] | None = None
         self.precision: Precision | None = None
-        self.tokenizer_sources: dict[str, str] = {}
         self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ loading
     def start_loading(self) -> None:
@@ -93,64 +105,25 @@ class Runtime:
         config = self.config
         with self._timed("imports"):
             from ..device import pick_precision
-            from ..inference import attach_adapter, context_length, eos_token_ids, has_tokenizer
-            from ..modeling import load_model, load_tokenizer
-            from . import engine as engine_module
+            from ..inference import context_length
+            from .batching import missing_surface
 
             if config.adapters:
                 import peft  # noqa: F401  (timed here, not in the adapter phase)
+        missing = missing_surface()
+        if missing:
+            raise UserError(
+                "this transformers lacks what the server relies on:\n  " + "\n  ".join(missing)
+                + "\nInstall the locked version (requirements/serve.txt)."
+            )  # fmt: skip
         precision = self.precision = pick_precision(config.model.device, config.model.dtype)
-        trust = config.model.trust_remote_code
         with self._timed("weights"):
-            tokenizer = load_tokenizer(config.model.name_or_path, trust_remote_code=trust)
-            model = load_model(
-                config.model.name_or_path,
-                dtype=precision.dtype,
-                device=precision.device,
-                trust_remote_code=trust,
-            )
-            model.eval()
-        context_len = context_length(model, config.model.max_context)
-        served: list[tuple[str, Any, Any, str | None, str]] = [
-            (config.base_name, model, tokenizer, None, config.model.name_or_path)
-        ]
-        self.tokenizer_sources[config.base_name] = config.model.name_or_path
+            base = self._load_base(precision)
+        context_len = context_length(base.model, config.model.max_context)
         with self._timed("adapters"):
-            vocab = model.get_input_embeddings().num_embeddings
-            for name, path in config.adapters.items():
-                own = has_tokenizer(path)
-                adapter_tokenizer = (
-                    load_tokenizer(path, trust_remote_code=trust) if own else tokenizer
-                )
-                self.tokenizer_sources[name] = str(path) if own else config.model.name_or_path
-                if len(adapter_tokenizer) > vocab:
-                    raise UserError(
-                        f"adapter {name!r}: its tokenizer has {len(adapter_tokenizer)} tokens, "
-                        f"the model's embeddings {vocab}; merge the run instead"
-                    )
-                adapted = attach_adapter(model, path, name, share_base=True)
-                served.append((name, adapted, adapter_tokenizer, config.base_name, str(path)))
-        engines = {}
+            served = [base, *self._load_adapters(base)]
         with self._timed("warmup"):
-            for index, (name, served_model, served_tokenizer, parent, source) in enumerate(served):
-                cb_config = engine_module.cb_config_for(
-                    config, precision.device, context_len, index, len(served)
-                )
-                engine = engine_module.Engine(
-                    name,
-                    served_model,
-                    served_tokenizer,
-                    context_len,
-                    eos_token_ids(served_model, served_tokenizer),
-                    cb_config,
-                    parent=parent,
-                    source=source,
-                )
-                engine.start()
-                engines[name] = engine
-                self.metrics.track_engine(name, engine.pending)
-                if config.engine.warmup:
-                    self._warm(engine)
+            engines = self._start_engines(served, precision.device, context_len)
         self.engines = engines
         ready_after = time.time() - process_start_time()
         self.phases["ready"] = ready_after
@@ -167,55 +140,93 @@ class Runtime:
             context_len,
         )
 
-    @staticmethod
-    def _warm(engine: Any) -> None:
-        """One real request through the engine, so the first user does not pay for it."""
-        ids = engine.tokenizer("Hello", add_special_tokens=False)["input_ids"] or engine.eos_ids
-        request_id = f"warmup-{engine.name}"
-        engine.manager.add_request(ids, request_id=request_id, max_new_tokens=2, streaming=False)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            result = engine.manager.get_result(request_id=request_id, timeout=0.5)
-            if result is not None and result.is_finished():
-                if result.error:
-                    raise RuntimeError(f"warm-up of {engine.name!r} failed: {result.error}")
-                return
-            if engine.fatal_error():
-                raise RuntimeError(f"warm-up of {engine.name!r} failed: {engine.fatal_error()}")
-        raise RuntimeError(f"warm-up of {engine.name!r} did not finish in 300 s")
+    def _load_base(self, precision: Precision) -> ServedModel:
+        from ..modeling import load_model, load_tokenizer
+
+        source, trust = self.config.model.name_or_path, self.config.model.trust_remote_code
+        tokenizer = load_tokenizer(source, trust_remote_code=trust)
+        model = load_model(
+            source, dtype=precision.dtype, device=precision.device, trust_remote_code=trust
+        )
+        model.eval()
+        return ServedModel(self.config.base_name, model, tokenizer, None, source, source)
+
+    def _load_adapters(self, base: ServedModel) -> list[ServedModel]:
+        """Each adapter on the base weights (shared, not copied), with its own tokenizer
+        when its folder has one."""
+        from ..inference import attach_adapter, has_tokenizer
+        from ..modeling import load_tokenizer
+
+        trust = self.config.model.trust_remote_code
+        vocab = base.model.get_input_embeddings().num_embeddings
+        served = []
+        for name, path in self.config.adapters.items():
+            own = has_tokenizer(path)
+            tokenizer = load_tokenizer(path, trust_remote_code=trust) if own else base.tokenizer
+            if len(tokenizer) > vocab:
+                raise UserError(
+                    f"adapter {name!r}: its tokenizer has {len(tokenizer)} tokens, "
+                    f"the model's embeddings {vocab}; merge the run instead"
+                )
+            adapted = attach_adapter(base.model, path, name, share_base=True)
+            tokenizer_source = str(path) if own else base.tokenizer_source
+            served.append(
+                ServedModel(name, adapted, tokenizer, base.name, str(path), tokenizer_source)
+            )
+        return served
+
+    def _start_engines(
+        self, served: list[ServedModel], device: str, context_len: int
+    ) -> dict[str, Engine]:
+        from ..inference import eos_token_ids
+        from .batching import cb_config_for
+        from .engine import Engine
+
+        engines = {}
+        for index, item in enumerate(served):
+            engine = Engine(
+                item.name,
+                item.model,
+                item.tokenizer,
+                context_len,
+                eos_token_ids(item.model, item.tokenizer),
+                cb_config_for(self.config, device, context_len, index, len(served)),
+                parent=item.parent,
+                source=item.source,
+                tokenizer_source=item.tokenizer_source,
+            )
+            engine.start()
+            engines[item.name] = engine
+            self.metrics.track_engine(item.name, engine.pending)
+            if self.config.engine.warmup:
+                engine.warm()
+        return engines
 
     # ------------------------------------------------------------------ serving
-    def engine(self, name: str) -> Any:
+    def engine(self, name: str) -> Engine | None:
         return self.engines.get(name)
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelCard]:
         created = int(process_start_time())
-        owner = "{{ cookiecutter.package_name }}"
-        entries = [
-            {
-                "id": self.config.base_name,
-                "object": "model",
-                "created": created,
-                "owned_by": owner,
-                "root": self.config.model.name_or_path,
-                "parent": None,
-            }
+        served = [(self.config.base_name, self.config.model.name_or_path, None)]
+        served += [
+            (name, str(Path(path)), self.config.base_name)
+            for name, path in self.config.adapters.items()
         ]
-        for name, path in self.config.adapters.items():
-            entries.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": owner,
-                    "root": str(Path(path)),
-                    "parent": self.config.base_name,
-                }
+        cards = []
+        for name, root, parent in served:
+            engine = self.engines.get(name)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=created,
+                    owned_by="{{ cookiecutter.package_name }}",
+                    root=root,
+                    parent=parent,
+                    max_model_len=engine.context_len if engine else None,
+                )
             )
-        for entry in entries:
-            engine = self.engines.get(entry["id"])
-            entry["max_model_len"] = engine.context_len if engine else None
-        return entries
+        return cards
 
     def info(self) -> ServerInfo | None:
         """Device, precision and models once loaded (None before)."""
@@ -241,7 +252,7 @@ class Runtime:
                     id=name,
                     source=engine.source,
                     parent=engine.parent,
-                    tokenizer=self.tokenizer_sources[name],
+                    tokenizer=engine.tokenizer_source,
                     max_model_len=engine.context_len,
                 )
                 for name, engine in self.engines.items()
@@ -266,4 +277,3 @@ class Runtime:
         self.metrics.ready.set(0)
         for engine in self.engines.values():
             engine.stop()
-        self._stopped.set()

@@ -22,6 +22,17 @@ def serve(config: ServeConfig) -> int:
     return _serve_transformers(config)
 
 
+def configure_logging(level: str) -> None:
+    """server.log_level, with timestamps. `force`: the CLI has configured the root logger
+    already, and basicConfig alone would leave that in place."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
 def _serve_transformers(config: ServeConfig) -> int:
     import uvicorn
 
@@ -30,11 +41,7 @@ def _serve_transformers(config: ServeConfig) -> int:
     from .runtime import Runtime, check_before_loading
 
     check_before_loading(config)
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.server.log_level)
     runtime = Runtime(config, Metrics())
     app = create_app(config, runtime)
 

@@ -1,0 +1,305 @@
+"""Every use of transformers' continuous-batching internals, in one module.
+
+The library's ``ContinuousBatchingManager`` (``model.init_continuous_batching``) schedules
+requests into a paged KV cache and runs one forward pass per step over every active
+sequence. Its public surface (add_request, register_result_handler, cancel_request) is
+enough to serve; the rest this module reaches into is not a stable API:
+
+- the logits-processor protocol (``cb_logits_processors``), for per-request sampling and
+  SeededSampler, and replacing ``manager.logit_processor`` before the loop starts;
+- ``output_router`` (its lock and handler table), to drop the handler of a cancelled
+  request, which the library keeps;
+- ``input_queue`` and the scheduler's request tables, for the pending-requests gauge;
+- ``background_thread_status``, for a generation loop that died.
+
+`LIBRARY_SURFACE` lists each of them; tests/test_transformers_surface.py checks them
+against the installed transformers, so an upgrade that moves one fails in seconds with
+the version named, not in a served request.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+import transformers
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import cb_logits_processors
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .seeding import GREEDY, pick_seeded, row_key
+
+if TYPE_CHECKING:
+    from .config import ServeConfig
+
+
+class Output(Protocol):
+    """What the library hands a result handler for each step of a request."""
+
+    generated_tokens: list[int]
+    error: str | None
+
+    def is_finished(self) -> bool: ...
+
+
+class SeededSampler(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]  # untyped base
+    """Greedy rows and seeded rows for continuous batching, batch-composition independent.
+
+    Runs last, after temperature and top-p; the math is `seeding.pick_seeded`. The library
+    samples the whole batch from one random generator, so without this a seed would not
+    give the same tokens from one batch to the next.
+    """
+
+    supported_kwargs: ClassVar[dict[str, type]] = {"seed": int, "greedy": bool}
+    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        args = []
+        for request in requests_with_new_token:
+            kwargs = request.state.logit_processor_kwargs
+            if kwargs.get("greedy"):
+                args.append(GREEDY)
+            elif kwargs.get("seed") is not None:
+                # position_offset is the absolute position of the token about to be sampled
+                args.append(row_key(kwargs["seed"], request.state.position_offset))
+            else:
+                args.append(0)
+        return torch.tensor(args, dtype=torch.int32, device="cpu")
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        return pick_seeded(scores, tensor_arg[: scores.size(0)].to(torch.int64))
+
+
+def _processors() -> ContinuousBatchingLogitsProcessorList:
+    """Temperature and top-p per request, then SeededSampler.
+
+    The library builds its per-request processors from the generation config only when
+    that holds non-default values, so the list is made here, before the loop starts.
+    """
+    processors = ContinuousBatchingLogitsProcessorList(
+        LogitsProcessorList([TemperatureLogitsWarper(1.0), TopPLogitsWarper(1.0), SeededSampler()]),
+        per_request_processors=True,
+    )
+    # The list counts one argument row per processor it converted; SeededSampler is
+    # already a continuous-batching processor and needs its row too.
+    processors.tensors_required = sum(
+        isinstance(p, ContinuousBatchingLogitsProcessor) for p in processors.logits_processor
+    )
+    return processors
+
+
+class BatchingLoop:
+    """One model's continuous-batching manager: start, submit, cancel, watch, stop."""
+
+    def __init__(self, model: Any, eos_ids: list[int], pad_id: int | None, cb: Any) -> None:
+        generation_config = GenerationConfig(
+            do_sample=True,  # the library samples (multinomial); SeededSampler handles greedy rows
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            max_new_tokens=16,
+        )
+        self._manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb
+        )
+
+    def start(self) -> None:
+        self._manager.logit_processor = _processors()
+        self._manager.warmup()
+        self._manager.start()
+
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        eos_ids: list[int],
+        on_output: Callable[[Output], None],
+        sampling: dict[str, Any],
+    ) -> bool:
+        """Queue a request whose every output goes to `on_output` (called on the loop's
+        thread). False when the loop no longer accepts requests."""
+        # Registered before the request exists, so even an instant result is delivered.
+        self._manager.register_result_handler(request_id, on_output)
+        added = self._manager.add_request(
+            prompt_ids,
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            streaming=True,
+            eos_token_id=eos_ids,
+            **sampling,
+        )
+        if added is None:
+            self.forget(request_id)
+        return added is not None
+
+    def cancel(self, request_id: str) -> None:
+        """Free the request's KV-cache blocks. The library drops a cancelled request without
+        a last output, so its handler is dropped here too."""
+        self._manager.cancel_request(request_id)
+        self.forget(request_id)
+
+    def forget(self, request_id: str) -> None:
+        router = self._manager.output_router
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+
+    def run_once(self, request_id: str, prompt_ids: list[int], timeout_s: float) -> None:
+        """Generate two tokens without a handler (the warm-up); raises on failure."""
+        self._manager.add_request(
+            prompt_ids, request_id=request_id, max_new_tokens=2, streaming=False
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            result = self._manager.get_result(request_id=request_id, timeout=0.5)
+            if result is not None and result.is_finished():
+                if result.error:
+                    raise RuntimeError(str(result.error))
+                return
+            if self.fatal_error():
+                raise RuntimeError(str(self.fatal_error()))
+        raise RuntimeError(f"it did not finish in {timeout_s:g} s")
+
+    def pending(self) -> int:
+        """Requests the library holds: queued, waiting or generating."""
+        count: int = self._manager.input_queue.qsize()
+        processor = self._manager.batch_processor
+        if processor is not None:
+            scheduler = processor.scheduler
+            count += len(scheduler.active_requests) + len(scheduler.waiting_requests)
+        return count
+
+    def fatal_error(self) -> str | None:
+        error = self._manager.background_thread_status.fatal_error
+        if error is not None:
+            return str(error)
+        if not self._manager.is_running():
+            return "the generation loop is not running"
+        return None
+
+    def stop(self, timeout_s: float) -> None:
+        if self._manager.is_running():
+            self._manager.stop(block=True, timeout=timeout_s)
+
+
+def cb_config_for(
+    config: ServeConfig, device: str, context_len: int, engine_index: int, engine_count: int
+) -> ContinuousBatchingConfig:
+    """The library's continuous-batching config for one of `engine_count` engines."""
+    settings = config.engine
+    kwargs: dict[str, Any] = {
+        "page_size": settings.page_size,
+        "per_request_processors": True,
+        "max_queue_size": 0,
+    }
+    if settings.max_batch_tokens is not None:
+        kwargs["max_batch_tokens"] = settings.max_batch_tokens
+    tokens = settings.kv_cache_tokens
+    if tokens is None and not device.startswith("cuda"):
+        tokens = 8 * context_len
+    if tokens is not None:
+        kwargs["num_blocks"] = max(2, -(-tokens // settings.page_size))
+        if settings.max_batch_tokens is None and not device.startswith("cuda"):
+            kwargs["max_batch_tokens"] = min(2048, tokens)
+    elif device.startswith("cuda"):
+        # Each engine sizes its cache from the memory still free when it starts, so
+        # engine i takes share / (1 - i * share) of that to end with equal shares.
+        share = settings.gpu_memory_fraction / engine_count
+        kwargs["max_memory_percent"] = share / (1 - engine_index * share)
+    return ContinuousBatchingConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class Surface:
+    """One thing this module relies on: `owner` names where it lives, for the message."""
+
+    owner: str
+    attribute: str
+    present: Callable[[], bool]
+
+
+def _has(owner: Any, *names: str) -> Callable[[], bool]:
+    """Each name is an attribute of owner, or (on a class) an annotated one."""
+    declared = lambda: set(dir(owner)) | set(getattr(owner, "__annotations__", {}))  # noqa: E731
+    return lambda: set(names) <= declared()
+
+
+def _takes(function: Callable[..., Any], *names: str) -> Callable[[], bool]:
+    return lambda: set(names) <= set(inspect.signature(function).parameters)
+
+
+def _fields(cls: type, *names: str) -> Callable[[], bool]:
+    return lambda: set(names) <= set(inspect.signature(cls).parameters)
+
+
+def _manager_class() -> type:
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    manager: type = ContinuousBatchingManager
+    return manager
+
+
+# Attributes set in __init__ cannot be seen on the class; the surface test builds a
+# manager on a tiny model for those (MANAGER_ATTRIBUTES).
+MANAGER_METHODS = (
+    "add_request", "register_result_handler", "cancel_request", "get_result",
+    "warmup", "start", "stop", "is_running",
+)  # fmt: skip
+MANAGER_ATTRIBUTES = (
+    "output_router", "input_queue", "batch_processor", "background_thread_status",
+    "logit_processor",
+)  # fmt: skip
+LIBRARY_SURFACE = (
+    Surface(
+        "ContinuousBatchingConfig", "page_size, num_blocks, max_batch_tokens, ...",
+        _fields(
+            ContinuousBatchingConfig, "page_size", "num_blocks", "max_batch_tokens",
+            "max_memory_percent", "per_request_processors", "max_queue_size",
+        ),
+    ),
+    Surface("ContinuousBatchingManager", ", ".join(MANAGER_METHODS),
+            lambda: _has(_manager_class(), *MANAGER_METHODS)()),
+    Surface("ContinuousBatchingManager.add_request", "request_id, max_new_tokens, streaming, "
+            "eos_token_id, **sampling",
+            lambda: _takes(_manager_class().add_request, "request_id", "max_new_tokens",
+                           "streaming", "eos_token_id")()),
+    Surface("cb_logits_processors", "ContinuousBatchingLogitsProcessor(List)",
+            _has(cb_logits_processors, "ContinuousBatchingLogitsProcessor",
+                 "ContinuousBatchingLogitsProcessorList")),
+    Surface("ContinuousBatchingLogitsProcessor", "supported_kwargs, fill_defaults, "
+            "prepare_tensor_args",
+            _has(ContinuousBatchingLogitsProcessor, "supported_kwargs", "fill_defaults",
+                 "prepare_tensor_args")),
+    Surface("ContinuousBatchingLogitsProcessorList", "per_request_processors=",
+            _fields(ContinuousBatchingLogitsProcessorList, "per_request_processors")),
+)  # fmt: skip
+
+
+def missing_surface() -> list[str]:
+    """What LIBRARY_SURFACE names that the installed transformers lacks, one line each."""
+    missing = []
+    for item in LIBRARY_SURFACE:
+        try:
+            ok = item.present()
+        except (AttributeError, ImportError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            missing.append(
+                f"transformers {transformers.__version__}: {item.owner} no longer has "
+                f"{item.attribute} (serving/batching.py relies on it)"
+            )
+    return missing
