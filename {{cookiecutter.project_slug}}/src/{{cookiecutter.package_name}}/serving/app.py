@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
@@ -60,7 +60,6 @@ def _answer(model: type, stream_doc: str) -> dict[int | str, dict[str, Any]]:
 CHAT = _answer(ChatCompletion, "the answer; with stream: events of ChatCompletionChunk")
 COMPLETION = _answer(Completion, "the answer; with stream: events of the same shape")
 PROBE_503 = {503: {"description": "not ready or not healthy"}}
-PROMETHEUS = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 def _message(item: dict[str, Any]) -> str:
@@ -133,7 +132,7 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
     app.get("/health", response_model=Health, responses=PROBE_503)(probes.health)
     app.get("/ready", response_model=Readiness, responses=PROBE_503)(probes.ready)
     app.get("/info", response_model=ServerInfo, responses=_errors(503))(probes.info)
-    app.get("/metrics", responses=PROMETHEUS)(probes.metrics)
+    app.get("/metrics", response_class=PlainTextResponse)(probes.metrics)
     return app
 
 
