@@ -68,13 +68,13 @@ def generate_command(
 
     from .chat import prompt_ids
     from .device import pick_precision
-    from .inference import attach_adapter, context_length, eos_token_ids, has_tokenizer
+    from .inference import attach_adapter, context_length, eos_token_ids, tokenizer_source
     from .modeling import load_model, load_tokenizer
 
     precision = pick_precision(device, dtype)
     started = time.perf_counter()
-    tokenizer_source = adapter if adapter is not None and has_tokenizer(adapter) else model
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+    source = tokenizer_source(model, adapter)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     lm = load_model(
         model,
         dtype=precision.dtype,
