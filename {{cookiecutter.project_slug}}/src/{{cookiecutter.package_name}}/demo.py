@@ -61,7 +61,7 @@ def _stage(bar: Any, text: str) -> None:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every stage, write summary.json and summary.md into ``options.out``."""
     from peft import PeftModel
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs: types-tqdm is not a dependency
 
     from .config import load_config
     from .evaluate import generate_answers

@@ -32,7 +32,7 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
             f"{folder} has no {ADAPTER_WEIGHTS}"
             + (f" (found {', '.join(pickled)}: only safetensors are loaded)" if pickled else "")
         )
-    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is served")
     return config

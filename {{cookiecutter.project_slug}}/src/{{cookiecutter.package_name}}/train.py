@@ -49,11 +49,12 @@ def quantization_config(config: Config, precision: Precision) -> Any:
         return None
     from transformers import BitsAndBytesConfig
 
+    # BitsAndBytesConfig's __init__ is unannotated (no-untyped-call below).
     if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     # FSDP can only shard 4-bit weights stored in a float dtype (QLoRA + FSDP).
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return BitsAndBytesConfig(
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=config.quantization.quant_type,
         bnb_4bit_use_double_quant=config.quantization.double_quant,
@@ -70,12 +71,12 @@ def peft_lora_config(config: Config) -> Any:
     init = True if lora.init in ("default", "loftq") else lora.init
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft says int; any number scales
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
-        init_lora_weights=init,
+        init_lora_weights=init,  # type: ignore[arg-type]  # config checked it is peft's name
         bias=lora.bias,
         modules_to_save=lora.modules_to_save,
         eva_config=EvaConfig() if lora.init == "eva" else None,  # peft's defaults, said outright
@@ -103,7 +104,8 @@ def build_peft_model(config: Config, precision: Precision, eva_data: Any = None)
         attn_implementation=config.model.attn_implementation,
     )
     if config.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(
+        # peft leaves prepare_model_for_kbit_training unannotated.
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=config.train.gradient_checkpointing
         )
     model = get_peft_model(model, peft_lora_config(config))
