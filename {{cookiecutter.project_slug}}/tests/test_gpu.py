@@ -496,7 +496,7 @@ def test_ddp_on_two_gpus(quantization, tiny_model_dir, ticket_data, tmp_path, ca
     if torch.cuda.device_count() < 2:
         pytest.skip(f"DDP needs 2 GPUs; {torch.cuda.device_count()} visible")
     from {{ cookiecutter.package_name }}.cli import main
-    from {{ cookiecutter.package_name }}.train import last_checkpoint
+    from {{ cookiecutter.package_name }}.runs import RunFolder
 
     code = main(
         [
@@ -512,6 +512,6 @@ def test_ddp_on_two_gpus(quantization, tiny_model_dir, ticket_data, tmp_path, ca
     cost = json.loads((run / "cost.json").read_text())
     record(processes=2, tokens_per_s=cost["tokens_per_second"], wall_s=cost["wall_seconds"])
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    state = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
+    state = json.loads((RunFolder(run).last_checkpoint() / "trainer_state.json").read_text())
     assert state["global_step"] == 10
     assert cost["dtype"] == expected_dtype()

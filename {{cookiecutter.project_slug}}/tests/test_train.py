@@ -22,7 +22,8 @@ from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.evaluate import accuracy, generate_answers
 from {{ cookiecutter.package_name }}.merge import merge_run
-from {{ cookiecutter.package_name }}.train import last_checkpoint, run_training
+from {{ cookiecutter.package_name }}.runs import RunFolder
+from {{ cookiecutter.package_name }}.train import run_training
 from tickets import CONFIG, conversations, tiny_config, write_ticket_data
 
 # Chance for a model that learned the answer format but not the routing is 1/4.
@@ -124,7 +125,7 @@ def test_run_folder_holds_everything_to_serve_resume_and_price(trained_run):
     assert AutoTokenizer.from_pretrained(adapter).chat_template
     assert (trained_run / "config.yaml").is_file()
     assert (trained_run / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert last_checkpoint(trained_run) is not None
+    assert RunFolder(trained_run).last_checkpoint() is not None
     cost = json.loads((trained_run / "cost.json").read_text())
     assert cost["trained_tokens"] > 0 and cost["wall_seconds"] > 0
     assert cost["usd"] == pytest.approx(cost["wall_seconds"] / 3600 * cost["gpu_hourly_usd"], 1e-3)
@@ -187,7 +188,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, ticket_dat
     cut = run_training(config, extra_callbacks=(InterruptAt(3),))
     assert not cut.completed
     assert not (cut.run_dir / "adapter").exists(), "an interrupted run must not look complete"
-    checkpoint = last_checkpoint(cut.run_dir)
+    checkpoint = RunFolder(cut.run_dir).last_checkpoint()
     # Ctrl-C came after step 3 was done, so step 4 finished and was saved.
     assert checkpoint is not None and checkpoint.name == "checkpoint-4"
 
@@ -228,7 +229,7 @@ def test_two_process_ddp_on_cpu(tiny_model_dir, ticket_data, tmp_path, capfd):
     assert code == 0, capfd.readouterr().err[-3000:]
     run = tmp_path / "ddp"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    state = json.loads((last_checkpoint(run) / "trainer_state.json").read_text())
+    state = json.loads((RunFolder(run).last_checkpoint() / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     # Two processes in one gloo group: each step saw a batch from both.
     metrics = json.loads((run / "metrics.json").read_text())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,22 @@ def read_image(root: Path) -> Image:
                 facts["cmd"] = []  # a new ENTRYPOINT resets CMD
             facts[kind.lower()] = argv
         elif kind == "HEALTHCHECK" and value[:1] != ["NONE"]:
-            url = re.search(r"https?://[^\s'\"]+", " ".join(value))
-            if url:
-                parsed = urlparse(url.group())
-                facts["ready_path"], facts["ready_port"] = parsed.path, parsed.port or 80
-            for flag in command.flags:
-                if flag.startswith("--start-period="):
-                    facts["start_period_s"] = duration_s(flag.partition("=")[2])
+            facts |= _healthcheck(value, command.flags)
     facts["ports"] = frozenset(facts["ports"])
     return Image(**facts)
+
+
+def _healthcheck(value: list[str], flags: Iterable[str]) -> dict[str, Any]:
+    """The readiness URL's path and port, and the start period, of a HEALTHCHECK."""
+    facts: dict[str, Any] = {}
+    url = re.search(r"https?://[^\s'\"]+", " ".join(value))
+    if url:
+        parsed = urlparse(url.group())
+        facts["ready_path"], facts["ready_port"] = parsed.path, parsed.port or 80
+    for flag in flags:
+        if flag.startswith("--start-period="):
+            facts["start_period_s"] = duration_s(flag.partition("=")[2])
+    return facts
 
 
 def duration_s(text: str) -> float:
@@ -388,10 +396,16 @@ class Checker:
                     self.fail(service, f"spec.ports[{item.get('name')}].targetPort",
                               f"{target} ({ports.get(target, target)}), but server.port is "
                               f"{port}")  # fmt: skip
+        self.budgets(labels)
+        self.monitors(services, names)
+
+    def budgets(self, labels: dict) -> None:
         for budget in self.of_kind("PodDisruptionBudget"):
             if not selects(budget["spec"]["selector"].get("matchLabels"), labels):
                 self.fail(budget, "spec.selector.matchLabels", f"{budget['spec']['selector']},"
                           f" but the pods are labelled {labels}")  # fmt: skip
+
+    def monitors(self, services: list[Doc], names: set) -> None:
         for monitor in self.of_kind("ServiceMonitor"):
             wanted = monitor["spec"]["selector"].get("matchLabels", {})
             if not any(selects(wanted, s["metadata"].get("labels", {})) for s in services):

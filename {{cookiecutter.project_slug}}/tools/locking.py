@@ -270,48 +270,69 @@ def check(root: Path, python: str, torch_index: str) -> list[str]:
     target = _target_environment(python)
     for name, extras in LOCKS.items():
         path = lock_path(root, name)
-        relative = path.relative_to(root).as_posix()
         if not path.is_file():
-            problems.append(f"{relative} is missing.")
+            problems.append(f"{path.relative_to(root).as_posix()} is missing.")
             continue
-        text = path.read_text()
-        found = HASH_LINE.search(text)
-        if found is None:
-            problems.append(f"{relative} has no `# input-hash:` line.")
-        elif found.group(1) != expected_hash:
-            problems.append(
-                f"{relative} was locked from other dependencies, constraints or Python "
-                f"than pyproject.toml and {CONSTRAINTS} now declare."
-            )
-        for line in text.splitlines():
-            if line.strip() and not line.lstrip().startswith("#") and not PIN.match(line):
-                problems.append(f"{relative}: not an exact `name==version` pin: {line!r}")
-        pinned = pins(path)
-        for requirement in _direct_requirements(project, extras):
-            if requirement.marker and not requirement.marker.evaluate(target):
-                continue
-            version = pinned.get(canonicalize_name(requirement.name))
-            if version is None:
-                problems.append(f"{relative} has no pin for `{requirement}`.")
-            elif not requirement.specifier.contains(version, prereleases=True):
-                problems.append(
-                    f"{relative} pins {requirement.name}=={version}: pyproject "
-                    f"asks for `{requirement}`."
-                )
+        problems += _lock_file_problems(root, path, expected_hash)
+        problems += _pin_problems(root, path, _direct_requirements(project, extras), target)
     if not problems:
-        dev, serve = pins(lock_path(root, "dev")), pins(lock_path(root, "serve"))
-        for name, version in sorted(serve.items()):
-            if dev.get(name) != version:
-                problems.append(
-                    f"requirements/serve.txt pins {name}=={version} but requirements/dev.txt "
-                    f"has {dev.get(name)}: the image would run versions the tests never ran."
-                )
+        problems += _serve_dev_drift(root)
     env_file = root / ENVIRONMENT
     if not env_file.is_file():
         problems.append(f"{ENVIRONMENT} is missing.")
     elif not problems and env_file.read_text() != environment_text(root, python, torch_index):
         problems.append(f"{ENVIRONMENT} does not match requirements/dev.txt.")
     return problems
+
+
+def _lock_file_problems(root: Path, path: Path, expected_hash: str) -> list[str]:
+    """A stale or missing input hash, and lines that are not exact pins."""
+    relative = path.relative_to(root).as_posix()
+    problems = []
+    text = path.read_text()
+    found = HASH_LINE.search(text)
+    if found is None:
+        problems.append(f"{relative} has no `# input-hash:` line.")
+    elif found.group(1) != expected_hash:
+        problems.append(
+            f"{relative} was locked from other dependencies, constraints or Python "
+            f"than pyproject.toml and {CONSTRAINTS} now declare."
+        )
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and not PIN.match(line):
+            problems.append(f"{relative}: not an exact `name==version` pin: {line!r}")
+    return problems
+
+
+def _pin_problems(
+    root: Path, path: Path, requirements: list[Requirement], target: dict[str, str]
+) -> list[str]:
+    """pyproject's direct requirements (for the target Python) the lock misses or breaks."""
+    relative = path.relative_to(root).as_posix()
+    problems = []
+    pinned = pins(path)
+    for requirement in requirements:
+        if requirement.marker and not requirement.marker.evaluate(target):
+            continue
+        version = pinned.get(canonicalize_name(requirement.name))
+        if version is None:
+            problems.append(f"{relative} has no pin for `{requirement}`.")
+        elif not requirement.specifier.contains(version, prereleases=True):
+            problems.append(
+                f"{relative} pins {requirement.name}=={version}: pyproject "
+                f"asks for `{requirement}`."
+            )
+    return problems
+
+
+def _serve_dev_drift(root: Path) -> list[str]:
+    dev, serve = pins(lock_path(root, "dev")), pins(lock_path(root, "serve"))
+    return [
+        f"requirements/serve.txt pins {name}=={version} but requirements/dev.txt "
+        f"has {dev.get(name)}: the image would run versions the tests never ran."
+        for name, version in sorted(serve.items())
+        if dev.get(name) != version
+    ]
 
 
 # --- measuring -----------------------------------------------------------------------

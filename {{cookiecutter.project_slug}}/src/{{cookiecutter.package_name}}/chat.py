@@ -31,8 +31,10 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
             "use an instruct/chat model or set one with tokenizer.chat_template"
         )
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    return str(
+        tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     )
 
 

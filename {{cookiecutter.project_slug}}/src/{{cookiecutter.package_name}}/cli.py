@@ -10,9 +10,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UserError
+
+if TYPE_CHECKING:
+    # What add_subparsers returns (argparse gives it no public name); each _add_* puts
+    # one command on it.
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -108,12 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in (
+        _add_info, _add_train, _add_merge, _add_generate, _add_serve, _add_token_cost, _add_demo,
+    ):  # fmt: skip
+        add(commands)
+    return parser
 
+
+def _add_info(commands: Commands) -> None:
     info = commands.add_parser(
         "info", help="show package versions, the device and the precision that will be used"
     )
     info.set_defaults(run=_info)
 
+
+def _add_train(commands: Commands) -> None:
     train = commands.add_parser(
         "train",
         help="LoRA / QLoRA fine-tune from a YAML config",
@@ -131,10 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(run=_train)
 
+
+def _add_merge(commands: Commands) -> None:
     merge = commands.add_parser("merge", help="merge a run's adapter into the base model")
     merge.add_argument("run", help="run folder (holds adapter/ and config.yaml)")
     merge.add_argument("--output", help="output folder (default: <run>/merged)")
     merge.set_defaults(run=_merge)
+
+
+def _add_generate(commands: Commands) -> None:
     generate = commands.add_parser(
         "generate",
         help="stream a model's answer to a prompt or a chat (base, base + adapter, or merged)",
@@ -158,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--trust-remote-code", action="store_true")
     generate.set_defaults(run=_generate)
 
+
+def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible server (continuous batching, adapters by name, /metrics)",
@@ -178,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     serve.set_defaults(run=_serve)
 
+
+def _add_token_cost(commands: Commands) -> None:
     cost = commands.add_parser(
         "token-cost",
         help="measure $ per 1M tokens (serving with cold start, training runs); write a cost card",
@@ -210,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     cost.set_defaults(run=_token_cost)
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="the whole journey: accuracy before, LoRA, accuracy after, merge, $ per token",
@@ -224,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=8, help="token-cost requests per level")
     demo.add_argument("--no-token-cost", action="store_true", help="skip the serving measurement")
     demo.set_defaults(run=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

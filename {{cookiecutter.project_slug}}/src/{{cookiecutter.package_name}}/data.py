@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .chat import ROLES, EncodedConversation, Message, encode_conversation
 from .config import DataConfig
@@ -57,36 +57,9 @@ class EncodedSplit:
 
 def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
     path = Path(source)
-    if path.suffix == ".jsonl":
-        with _open(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{source}:{number}", json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(
-                        f"{source}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-                    ) from None
-    elif path.suffix == ".json":
-        with _open(path) as handle:
-            try:
-                content = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{source}:{error.lineno}: not valid JSON ({error.msg})") from None
-        if isinstance(content, dict) and isinstance(content.get("data"), list):
-            content = content["data"]
-        if not isinstance(content, list):
-            raise UserError(f"{source}: a JSON data file must hold a list of records")
-        for index, record in enumerate(content):
-            yield f"{source}[{index}]", record
-    elif path.suffix == ".parquet":
-        if not path.is_file():
-            raise UserError(f"data file {source} does not exist")
-        import pyarrow.parquet as pq
-
-        for index, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{source}[row {index}]", record
+    readers = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
+    if path.suffix in readers:
+        yield from readers[path.suffix](path, source)
     elif path.is_dir():
         yield from _hub_records(source, split)  # a folder of data files, read by datasets
     elif path.suffix or source.count("/") != 1:
@@ -98,7 +71,43 @@ def _raw_records(source: str, split: str) -> Iterator[tuple[str, Any]]:
         yield from _hub_records(source, split)
 
 
-def _open(path: Path):
+def _jsonl_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    with _open(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{source}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"{source}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
+
+
+def _json_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    with _open(path) as handle:
+        try:
+            content = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{source}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if isinstance(content, dict) and isinstance(content.get("data"), list):
+        content = content["data"]
+    if not isinstance(content, list):
+        raise UserError(f"{source}: a JSON data file must hold a list of records")
+    for index, record in enumerate(content):
+        yield f"{source}[{index}]", record
+
+
+def _parquet_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise UserError(f"data file {source} does not exist")
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type hints
+
+    for index, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{source}[row {index}]", record
+
+
+def _open(path: Path) -> TextIO:
     try:
         return path.open(encoding="utf-8")
     except FileNotFoundError:
@@ -148,30 +157,34 @@ def _text(where: str, record: dict[str, Any], key: str, optional: bool = False) 
     return value
 
 
+def _checked_messages(where: str, given: Any) -> list[Message]:
+    if not isinstance(given, list) or not given:
+        raise UserError(f"{where}: field 'messages' must be a non-empty list")
+    checked: list[Message] = []
+    for index, message in enumerate(given):
+        name = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise UserError(f"{where}: field {name!r} must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise UserError(
+                f"{where}: field '{name}.role' is {role!r}; use one of {', '.join(ROLES)}"
+            )
+        content = _text(f"{where}: {name}", message, "content", optional=role != "assistant")
+        checked.append({"role": str(role), "content": content})
+    if not any(m["role"] == "assistant" for m in checked):
+        raise UserError(f"{where}: field 'messages' has no assistant message to learn from")
+    return checked
+
+
 def to_messages(where: str, record: Any, wanted: str, system_prompt: str | None) -> list[Message]:
     """Check one record and map it to chat messages."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     kind = _detect_format(where, record, wanted)
+    messages: list[Message]
     if kind == "messages":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{where}: field 'messages' must be a non-empty list")
-        checked = []
-        for index, message in enumerate(messages):
-            name = f"messages[{index}]"
-            if not isinstance(message, dict):
-                raise UserError(f"{where}: field {name!r} must be an object with role and content")
-            role = message.get("role")
-            if role not in ROLES:
-                raise UserError(
-                    f"{where}: field '{name}.role' is {role!r}; use one of {', '.join(ROLES)}"
-                )
-            content = _text(f"{where}: {name}", message, "content", optional=role != "assistant")
-            checked.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in checked):
-            raise UserError(f"{where}: field 'messages' has no assistant message to learn from")
-        messages = checked
+        messages = _checked_messages(where, record["messages"])
     elif kind == "prompt_completion":
         messages = [
             {"role": "user", "content": _text(where, record, "prompt")},

@@ -6,9 +6,16 @@ included. Everything lands in one folder with a summary a person can read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .chat import Message
+    from .config import Config
+    from .device import Precision
+    from .evaluate import Answer
+    from .runs import RunFolder
 
 TRAIN_CONFIG = Path("configs/train.yaml")
 TOKEN_COST_CONFIG = Path("configs/token_cost.yaml")
@@ -26,6 +33,26 @@ class DemoOptions:
     token_cost: bool = True
 
 
+@dataclass
+class Baseline:
+    """The base model and its answers to the held-out tickets, before any training."""
+
+    source: str  # where the weights came from (modeling.resolve_model)
+    precision: Precision
+    model: Any
+    tokenizer: Any
+    held_out: list[list[Message]]
+    answers: list[Answer]
+
+
+@dataclass
+class ServingCost:
+    """What the token-cost stage adds to the summary (None when it was skipped)."""
+
+    summary: dict[str, Any] | None = None
+    card_paths: dict[str, str] = field(default_factory=dict)
+
+
 def _stage(bar: Any, text: str) -> None:
     bar.set_description(text)
     bar.refresh()
@@ -34,17 +61,49 @@ def _stage(bar: Any, text: str) -> None:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every stage, write summary.json and summary.md into ``options.out``."""
     from peft import PeftModel
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs: types-tqdm is not a dependency
 
     from .config import load_config
-    from .data import load_records
-    from .device import pick_precision
-    from .evaluate import accuracy, generate_answers
+    from .evaluate import generate_answers
     from .merge import merge_run
-    from .modeling import load_model, load_tokenizer, resolve_model
     from .train import run_training
 
     out = options.out.resolve()
+    config = load_config(TRAIN_CONFIG, _overrides(options, out))
+    bar = tqdm(total=5 if options.token_cost else 4, desc="demo", unit="stage")
+
+    _stage(bar, "demo: loading the model")
+    baseline = score_base(config, options.eval_limit)
+    bar.update()
+
+    _stage(bar, "demo: fine-tuning")
+    run = run_training(config).run
+    bar.update()
+
+    _stage(bar, "demo: scoring the adapter")
+    tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
+    after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
+    bar.update()
+
+    _stage(bar, "demo: merging")
+    merged = merge_run(run.path)
+    bar.update()
+
+    serving = ServingCost()
+    if options.token_cost:
+        _stage(bar, "demo: measuring $ per token")
+        serving = _measure_cost(options, merged, run.path)
+        bar.update()
+    bar.close()
+
+    summary = summarize(config, baseline, after, run, merged, serving, options.samples)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(summary), encoding="utf-8")
+    return summary
+
+
+def _overrides(options: DemoOptions, out: Path) -> list[str]:
     overrides = [
         f"output.dir={out / 'runs'}",
         f"train.max_steps={options.steps}",
@@ -53,52 +112,52 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     ]
     if options.model:
         overrides.append(f"model.name_or_path={options.model}")
-    config = load_config(TRAIN_CONFIG, overrides)
-    stages = 5 if options.token_cost else 4
-    bar = tqdm(total=stages, desc="demo", unit="stage")
+    return overrides
 
-    _stage(bar, "demo: loading the model")
-    model_source = resolve_model(config.model.name_or_path)
+
+def score_base(config: Config, eval_limit: int) -> Baseline:
+    """Load the base model and answer the first `eval_limit` held-out tickets with it."""
+    from .data import load_records
+    from .device import pick_precision
+    from .errors import UserError
+    from .evaluate import generate_answers
+    from .modeling import load_model, load_tokenizer, resolve_model
+
+    if config.data.eval is None:
+        raise UserError(f"the demo scores held-out data: set data.eval in {TRAIN_CONFIG}")
+    source = resolve_model(config.model.name_or_path)
     precision = pick_precision(config.model.device, config.model.dtype)
     tokenizer = load_tokenizer(config.model.name_or_path)
-    held_out = [r.messages for r in load_records(config.data.eval, config.data)]
-    held_out = held_out[: options.eval_limit]
-    base = load_model(config.model.name_or_path, dtype=precision.dtype, device=precision.device)
-    before = generate_answers(base, tokenizer, held_out)
-    bar.update()
+    held_out = [r.messages for r in load_records(config.data.eval, config.data)][:eval_limit]
+    model = load_model(config.model.name_or_path, dtype=precision.dtype, device=precision.device)
+    answers = generate_answers(model, tokenizer, held_out)
+    return Baseline(source, precision, model, tokenizer, held_out, answers)
 
-    _stage(bar, "demo: fine-tuning")
-    run = run_training(config)
-    bar.update()
 
-    _stage(bar, "demo: scoring the adapter")
-    tuned = PeftModel.from_pretrained(base, run.run_dir / "adapter")
-    after = generate_answers(tuned, tokenizer, held_out)
-    bar.update()
+def summarize(
+    config: Config,
+    baseline: Baseline,
+    after: list[Answer],
+    run: RunFolder,
+    merged: Path,
+    serving: ServingCost,
+    samples: int,
+) -> dict[str, Any]:
+    """The demo's summary.json, from the stages' results and the run folder."""
+    from .evaluate import accuracy
 
-    _stage(bar, "demo: merging")
-    merged = merge_run(run.run_dir)
-    bar.update()
-
-    cost: dict[str, Any] | None = None
-    card_paths: dict[str, str] = {}
-    if options.token_cost:
-        _stage(bar, "demo: measuring $ per token")
-        cost, card_paths = _measure_cost(options, merged, run.run_dir)
-        bar.update()
-    bar.close()
-
-    metrics = json.loads((run.run_dir / "metrics.json").read_text())
-    eval_losses = [s["eval_loss"] for s in metrics["steps"] if "eval_loss" in s]
-    summary = {
+    metrics = run.read_metrics()
+    eval_losses = metrics.eval_losses
+    before = baseline.answers
+    return {
         "model": config.model.name_or_path,
-        "model_source": model_source,
-        "device": precision.device,
-        "dtype": str(precision.dtype).removeprefix("torch."),
-        "train_steps": metrics["global_step"],
+        "model_source": baseline.source,
+        "device": baseline.precision.device,
+        "dtype": str(baseline.precision.dtype).removeprefix("torch."),
+        "train_steps": metrics.global_step,
         "eval_loss_before": eval_losses[0] if eval_losses else None,
         "eval_loss_after": eval_losses[-1] if eval_losses else None,
-        "held_out": len(held_out),
+        "held_out": len(baseline.held_out),
         "accuracy_before": accuracy(before),
         "accuracy_after": accuracy(after),
         "samples": [
@@ -108,25 +167,21 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "before": b.got,
                 "after": a.got,
             }
-            for b, a in zip(before[: options.samples], after[: options.samples], strict=True)
+            for b, a in zip(before[:samples], after[:samples], strict=True)
         ],
-        "training_cost": json.loads((run.run_dir / "cost.json").read_text()),
-        "serving_cost": cost,
+        "training_cost": run.read_cost().model_dump(mode="json"),
+        "serving_cost": serving.summary,
         "paths": {
-            "run": str(run.run_dir),
-            "adapter": str(run.run_dir / "adapter"),
+            "run": str(run.path),
+            "adapter": str(run.adapter),
             "merged": str(merged),
-            "loss_plot": str(run.run_dir / "loss.png"),
-            **card_paths,
+            "loss_plot": str(run.loss_plot),
+            **serving.card_paths,
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    (out / "summary.md").write_text(render_summary(summary), encoding="utf-8")
-    return summary
 
 
-def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> tuple[dict, dict]:
+def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> ServingCost:
     """A short sweep of our own server on the merged model, cold start included."""
     from .cost.command import run_token_cost
     from .cost.config import load_token_cost_config
@@ -158,7 +213,7 @@ def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> tuple[di
         "cold_start": serving.get("cold_start"),
         "partial": card["partial"],
     }
-    return cost, {f"cost_card_{name}": str(path) for name, path in paths.items()}
+    return ServingCost(cost, {f"cost_card_{name}": str(path) for name, path in paths.items()})
 
 
 def _fmt(value: float | None, pattern: str = "{:.3f}") -> str:

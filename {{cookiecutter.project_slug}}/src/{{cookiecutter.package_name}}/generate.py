@@ -11,10 +11,14 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .device import Precision
 
 
 def read_messages(path: str) -> list[dict[str, str]]:
@@ -50,8 +54,6 @@ def generate_command(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
     if (prompt is None) == (chat_file is None):
         raise UserError("give a prompt, or --chat FILE with a conversation (not both)")
     if raw and chat_file is not None:
@@ -63,90 +65,144 @@ def generate_command(
 
         check_adapter_dir(adapter)
 
-    import torch
-    from transformers import TextIteratorStreamer
-
-    from .chat import prompt_ids
     from .device import pick_precision
-    from .inference import attach_adapter, context_length, eos_token_ids, has_tokenizer
-    from .modeling import load_model, load_tokenizer
+    from .inference import context_length, eos_token_ids
 
     precision = pick_precision(device, dtype)
     started = time.perf_counter()
-    tokenizer_source = adapter if adapter is not None and has_tokenizer(adapter) else model
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
-    lm = load_model(
-        model,
-        dtype=precision.dtype,
-        device=precision.device,
-        trust_remote_code=trust_remote_code,
-    )
-    if adapter is not None:
-        lm = attach_adapter(lm, adapter, "adapter", share_base=False)
-    lm.eval()
+    lm, tokenizer = load(model, adapter, precision, trust_remote_code)
     loaded = time.perf_counter() - started
 
     if raw:
-        ids = tokenizer(prompt)["input_ids"]
+        ids: list[int] = tokenizer(prompt)["input_ids"]
     else:
-        messages = read_messages(chat_file) if chat_file else [{"role": "user", "content": prompt}]
-        if system and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": system}, *messages]
-        try:
-            ids = prompt_ids(tokenizer, messages)
-        except ValueError as error:
-            raise UserError(f"{error}; or pass --raw to complete plain text") from None
+        ids = chat_prompt_ids(tokenizer, prompt, chat_file, system)
     room = context_length(lm) - len(ids)
     if room < 1:
         raise UserError(
             f"the prompt is {len(ids)} tokens; the model's context is {context_length(lm)}"
         )
     eos = eos_token_ids(lm, tokenizer)
-    kwargs: dict[str, Any] = {
-        "input_ids": torch.tensor([ids], device=precision.device),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=precision.device),
-        "max_new_tokens": min(max_tokens, room),
+    sampling = Sampling(min(max_tokens, room), temperature, top_p, seed)
+    generation = stream(lm, tokenizer, ids, eos, sampling, precision.device, out or sys.stdout)
+    generated = generation.new_tokens(len(ids))
+    stopped = "eos" if generated and generation.last_token in eos else "max_tokens"
+    print(
+        f"[{generated} tokens, stop: {stopped}, load {loaded:.1f} s, "
+        f"first token {generation.first_token_s or generation.seconds:.2f} s, "
+        f"{generated / max(generation.seconds, 1e-9):.1f} tokens/s, "
+        f"{precision.device} {str(precision.dtype).removeprefix('torch.')}]",
+        file=err or sys.stderr,
+    )
+    return 0
+
+
+def load(model: str, adapter: str | None, precision: Precision, trust: bool) -> tuple[Any, Any]:
+    """The model (with the adapter injected, if any) in eval mode, and its tokenizer."""
+    from .inference import attach_adapter, tokenizer_source
+    from .modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source(model, adapter), trust_remote_code=trust)
+    lm = load_model(model, dtype=precision.dtype, device=precision.device, trust_remote_code=trust)
+    if adapter is not None:
+        lm = attach_adapter(lm, adapter, "adapter", share_base=False)
+    lm.eval()
+    return lm, tokenizer
+
+
+def chat_prompt_ids(
+    tokenizer: Any, prompt: str | None, chat_file: str | None, system: str | None
+) -> list[int]:
+    """The conversation (the chat file, or the prompt as one user turn) as prompt ids."""
+    from .chat import Message, prompt_ids
+
+    messages: list[Message]
+    if chat_file:
+        messages = read_messages(chat_file)
+    else:
+        messages = [{"role": "user", "content": prompt or ""}]
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    try:
+        return prompt_ids(tokenizer, messages)
+    except ValueError as error:
+        raise UserError(f"{error}; or pass --raw to complete plain text") from None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature > 0:
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        # Greedy: unset the model's own sampling defaults, or transformers warns.
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+@dataclass
+class Generation:
+    output: Any = None  # the generated ids, prompt included (1 x length)
+    error: BaseException | None = None
+    first_token_s: float | None = None
+    seconds: float = 0.0
+
+    def new_tokens(self, prompt_length: int) -> int:
+        return int(self.output.shape[1]) - prompt_length
+
+    @property
+    def last_token(self) -> int:
+        return int(self.output[0, -1])
+
+
+def stream(
+    lm: Any,
+    tokenizer: Any,
+    ids: list[int],
+    eos: list[int],
+    sampling: Sampling,
+    device: str,
+    out: TextIO,
+) -> Generation:
+    """Generate in a thread and write the text to `out` as it comes."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+        "max_new_tokens": sampling.max_new_tokens,
         "eos_token_id": eos,
         "pad_token_id": tokenizer.pad_token_id,
-        "do_sample": temperature > 0,
+        **sampling.generate_kwargs(),
     }
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict[str, Any] = {}
+    result = Generation()
 
     def run() -> None:
         try:
             with torch.inference_mode():
-                result["ids"] = lm.generate(**kwargs, streamer=streamer)
+                result.output = lm.generate(**kwargs, streamer=streamer)
         except BaseException as error:  # surfaced in the main thread
-            result["error"] = error
-            streamer.end()
+            result.error = error
+            streamer.end()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
 
     worker = threading.Thread(target=run, daemon=True)
     begin = time.perf_counter()
     worker.start()
-    first: float | None = None
     for text in streamer:
-        if text and first is None:
-            first = time.perf_counter() - begin
+        if text and result.first_token_s is None:
+            result.first_token_s = time.perf_counter() - begin
         out.write(text)
         out.flush()
     worker.join()
-    if "error" in result:
-        raise result["error"]
+    if result.error is not None:
+        raise result.error
     out.write("\n")
-    elapsed = time.perf_counter() - begin
-    generated = int(result["ids"].shape[1]) - len(ids)
-    stopped = "eos" if generated and int(result["ids"][0, -1]) in eos else "max_tokens"
-    print(
-        f"[{generated} tokens, stop: {stopped}, load {loaded:.1f} s, "
-        f"first token {first or elapsed:.2f} s, {generated / max(elapsed, 1e-9):.1f} tokens/s, "
-        f"{precision.device} {str(precision.dtype).removeprefix('torch.')}]",
-        file=err,
-    )
-    return 0
+    result.seconds = time.perf_counter() - begin
+    return result

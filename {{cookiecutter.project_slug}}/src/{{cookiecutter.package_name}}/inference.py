@@ -32,7 +32,7 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
             f"{folder} has no {ADAPTER_WEIGHTS}"
             + (f" (found {', '.join(pickled)}: only safetensors are loaded)" if pickled else "")
         )
-    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is served")
     return config
@@ -41,6 +41,11 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
 def has_tokenizer(path: str | Path) -> bool:
     folder = Path(path)
     return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def tokenizer_source(model: str, adapter: str | Path | None) -> str:
+    """Where to load the tokenizer from: the adapter's own if it has one, else the model's."""
+    return str(adapter) if adapter is not None and has_tokenizer(adapter) else model
 
 
 def share_weights_clone(model: Any) -> Any:

@@ -5,11 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import load_config
-from .errors import UserError
-from .train import ADAPTER_DIR, CONFIG_FILE
-
-MERGED_DIR = "merged"
+from .runs import RunFolder
 
 
 def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") -> Path:
@@ -24,15 +20,12 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
     from peft import PeftModel
 
     from .device import pick_precision
+    from .inference import tokenizer_source
     from .modeling import load_model, load_tokenizer
 
-    adapter = run_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"{run_dir} has no finished adapter ({adapter}/adapter_config.json is missing); "
-            "finish or resume the run first"
-        )
-    config = load_config(run_dir / CONFIG_FILE)
+    run = RunFolder(run_dir)
+    adapter = run.finished_adapter()
+    config = run.read_config()
     if config.quantization.mode != "none":
         print(
             f"note: this run trained on a {config.quantization.mode} base; merging into the "
@@ -47,9 +40,11 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
         trust_remote_code=config.model.trust_remote_code,
     )
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    tokenizer = load_tokenizer(str(adapter))
+    tokenizer = load_tokenizer(
+        tokenizer_source(config.model.name_or_path, adapter), config.model.trust_remote_code
+    )
 
-    output = output or run_dir / MERGED_DIR
+    output = output or run.merged
     partial = output.with_name(f".{output.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     merged.save_pretrained(partial, safe_serialization=True)

@@ -123,7 +123,10 @@ def packaged_model(model_id: str, module: str, filename: str) -> Path:
     target = model_cache_dir() / model_id.replace("/", "--")
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    source = Path(importlib.util.find_spec(module).origin).parent
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise UserError(f"{model_id} is packaged by {module}, which is not installed")
+    source = Path(spec.origin).parent
     log.info("converting %s from %s (once; cached in %s)", filename, module, target)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -146,7 +149,8 @@ def convert_gguf(source: Path, filename: str, output: Path) -> None:
     config = gguf.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers leaves from_config unannotated.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     model.load_state_dict(gguf.state_dict())
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
@@ -215,6 +219,7 @@ def load_model(
         # transformers names the missing package (flash-attn) or the unsupported model
         raise UserError(f"model.attn_implementation={attn_implementation}: {error}") from None
     if quantization_config is None:
-        model.to(device)
+        # transformers types `to` through a decorator that mistakes the device for a model.
+        model.to(device)  # type: ignore[arg-type]
     log.info("loaded %s (%s, %s)", name_or_path, dtype, device)
     return model

@@ -1,22 +1,12 @@
 """LoRA / QLoRA fine-tuning with TRL's SFTTrainer, driven by one config.
 
-A run folder holds everything needed to serve, resume and price the run:
-
-    runs/<run>/config.yaml          the resolved config (written first, used by --resume)
-    runs/<run>/checkpoints/         Trainer checkpoints every train.save_steps
-    runs/<run>/adapter/             adapter + tokenizer; renamed into place only when complete
-    runs/<run>/adapter_init/        PiSSA / OLoRA only: the adapter before training, to
-                                    convert the trained one into a LoRA of the untouched base
-    runs/<run>/tensorboard/         train.report_to=tensorboard: the event files
-    runs/<run>/metrics.json         loss and eval loss per step, token counts
-    runs/<run>/loss.png             the loss curves
-    runs/<run>/cost.json            trained tokens, wall time, tokens/s, $ at the GPU-hour price
+Everything the run leaves (config, checkpoints, adapter, metrics, loss plot, cost) goes
+into its run folder; runs.py names each file and types its contents.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -25,25 +15,28 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, dump_config, load_config
+from .config import Config, load_config
 from .device import Precision, pick_precision
 from .errors import UserError
+from .runs import RunFolder, StepLog, TrainingCost, TrainingMetrics, replace_atomically
+
+if TYPE_CHECKING:
+    from .callbacks import StopRequest
+    from .data import EncodedSplit
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"
-INITIAL_ADAPTER_DIR = "adapter_init"
-TENSORBOARD_DIR = "tensorboard"
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run: RunFolder
     completed: bool  # False when interrupted: the last checkpoint is kept, no adapter
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def new_run_name() -> str:
@@ -56,11 +49,12 @@ def quantization_config(config: Config, precision: Precision) -> Any:
         return None
     from transformers import BitsAndBytesConfig
 
+    # BitsAndBytesConfig's __init__ is unannotated (no-untyped-call below).
     if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     # FSDP can only shard 4-bit weights stored in a float dtype (QLoRA + FSDP).
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return BitsAndBytesConfig(
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=config.quantization.quant_type,
         bnb_4bit_use_double_quant=config.quantization.double_quant,
@@ -77,12 +71,12 @@ def peft_lora_config(config: Config) -> Any:
     init = True if lora.init in ("default", "loftq") else lora.init
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft says int; any number scales
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
-        init_lora_weights=init,
+        init_lora_weights=init,  # type: ignore[arg-type]  # config checked it is peft's name
         bias=lora.bias,
         modules_to_save=lora.modules_to_save,
         eva_config=EvaConfig() if lora.init == "eva" else None,  # peft's defaults, said outright
@@ -110,7 +104,8 @@ def build_peft_model(config: Config, precision: Precision, eva_data: Any = None)
         attn_implementation=config.model.attn_implementation,
     )
     if config.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(
+        # peft leaves prepare_model_for_kbit_training unannotated.
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=config.train.gradient_checkpointing
         )
     model = get_peft_model(model, peft_lora_config(config))
@@ -245,13 +240,13 @@ def _dataset(split: Any) -> Any:
     )
 
 
-def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bool) -> Any:
-    from trl import SFTConfig
+def sft_config(config: Config, precision: Precision, run: RunFolder, has_eval: bool) -> Any:
+    from trl import SFTConfig  # type: ignore[attr-defined]  # trl's lazy module hides it
 
     train = config.train
     padding_free_unpacked = config.data.padding_free and not config.data.packing
     return SFTConfig(
-        output_dir=str(run_dir / CHECKPOINT_DIR),
+        output_dir=str(run.checkpoints),
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
@@ -290,78 +285,25 @@ def sft_config(config: Config, precision: Precision, run_dir: Path, has_eval: bo
     )
 
 
-def _callbacks(stop_requested: dict[str, bool]) -> list[Any]:
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        """One bar for the run: steps, ETA, loss and non-pad tokens/s."""
-
-        bar: Any = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train")
-                self.start = (time.perf_counter(), state.num_input_tokens_seen)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is None or not logs:
-                return
-            seconds = time.perf_counter() - self.start[0]
-            tokens = state.num_input_tokens_seen - self.start[1]
-            postfix = {"tok/s": f"{tokens / max(seconds, 1e-9):.0f}"}
-            for key in ("loss", "eval_loss"):
-                if key in logs:
-                    postfix[key] = f"{logs[key]:.4f}"
-            self.bar.set_postfix(postfix)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-
-    class StopOnRequest(TrainerCallback):
-        """Ctrl-C asks for a checkpoint at the end of the current step, then a clean stop."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if stop_requested["stop"]:
-                control.should_save = True
-                control.should_training_stop = True
-
-    return [Progress(), StopOnRequest()]
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [
-        p
-        for p in (run_dir / CHECKPOINT_DIR).glob("checkpoint-*")
-        if (p / "trainer_state.json").exists()
-    ]
-    return max(checkpoints, key=lambda p: int(p.name.rpartition("-")[2]), default=None)
-
-
-def prepare_run_dir(config: Config, resume: Path | None) -> tuple[Config, Path]:
+def prepare_run(config: Config, resume: Path | None) -> tuple[Config, RunFolder]:
     if resume is not None:
-        if not (resume / CONFIG_FILE).is_file():
-            raise UserError(f"{resume} is not a run folder: {CONFIG_FILE} is missing")
-        return config, resume
+        run = RunFolder(resume)
+        run.read_config()  # a folder that is not a run fails here, with the fix
+        return config, run
     name = config.output.run_name or new_run_name()
-    run_dir = Path(config.output.dir) / name
+    run = RunFolder(Path(config.output.dir) / name)
     # Under DDP every rank gets here; only rank 0 may find the folder new, the others
     # would race with its first writes.
     first_rank = os.environ.get("RANK", "0") == "0"
-    if first_rank and run_dir.exists() and any(run_dir.iterdir()):
+    if first_rank and run.path.exists() and any(run.path.iterdir()):
         raise UserError(
-            f"run folder {run_dir} already exists; pick another output.run_name, "
-            f"or continue it with --resume {run_dir}"
+            f"run folder {run.path} already exists; pick another output.run_name, "
+            f"or continue it with --resume {run.path}"
         )
     config = config.model_copy(
         update={"output": config.output.model_copy(update={"run_name": name})}
     )
-    return config, run_dir
+    return config, run
 
 
 # train.report_to -> the packages the Trainer's integration imports (any one of them).
@@ -382,87 +324,117 @@ def check_tracker(report_to: str) -> None:
         )
 
 
+@dataclass
+class Session:
+    """Everything one training session works with, built before the first step."""
+
+    trainer: Any  # trl.SFTTrainer
+    model: Any  # the peft model
+    train_split: EncodedSplit
+    precision: Precision
+    stop: StopRequest
+    main_process: bool
+
+
 def run_training(
     config: Config, resume: Path | None = None, extra_callbacks: tuple[Any, ...] = ()
 ) -> RunResult:
     """Train, then write the adapter, tokenizer, metrics, plot and cost into the run folder."""
-    from trl import SFTTrainer
-
-    from .data import load_splits
-    from .modeling import load_tokenizer
-
     check_tracker(config.train.report_to)
-    config, run_dir = prepare_run_dir(config, resume)
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    config, run = prepare_run(config, resume)
+    checkpoint = run.last_checkpoint() if resume else None
     if resume and checkpoint is None:
-        raise UserError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
-    precision = pick_precision(config.model.device, config.model.dtype)
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    train_split, eval_split = load_splits(config.data, tokenizer, config.train.seed)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from transformers import set_seed
-
+        raise UserError(f"{run.path} has no checkpoint to resume from; start a new run instead")
     if config.lora.mutates_base and os.environ.get("ACCELERATE_USE_FSDP", "") == "true":
         raise UserError(
             f"lora.init={config.lora.init} is not supported under FSDP: converting the adapter "
             "needs its full weights in one process; use DDP or lora.init=default"
         )
+    session = start_session(config, run, extra_callbacks)
+    if session.main_process:
+        prepare_folder(run, config, session.model, fresh=resume is None)
+    tokens_before = session.trainer.state.num_input_tokens_seen
+    seconds = train_until_done(session, checkpoint)
+
+    if session.stop.requested:
+        if session.main_process:
+            write_metrics(run, session)
+        return RunResult(run, completed=False)
+    save_adapter(run, session.trainer, session.main_process, config.lora.mutates_base)
+    if session.main_process:
+        write_metrics(run, session)
+        tokens = session.trainer.state.num_input_tokens_seen - tokens_before
+        write_cost(run, config, session.precision, tokens, seconds)
+    return RunResult(run, completed=True)
+
+
+def start_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ...]) -> Session:
+    """Load the data and the model, and build the trainer around them."""
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTTrainer  # type: ignore[attr-defined]  # trl's lazy module hides it
+
+    from .callbacks import Progress, StopOnRequest, StopRequest
+    from .data import load_splits
+    from .modeling import load_tokenizer
+
+    precision = pick_precision(config.model.device, config.model.dtype)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    train_split, eval_split = load_splits(config.data, tokenizer, config.train.seed)
+    run.path.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)  # the LoRA init too, so equal configs give equal runs
     model = build_peft_model(config, precision, eva_data=train_split)
     if padding_free(config):
         check_padding_free(model)
-    stop_requested = {"stop": False}
+    stop = StopRequest()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(config, precision, run_dir, eval_split is not None),
+        args=sft_config(config, precision, run, eval_split is not None),
         train_dataset=_dataset(train_split),
         eval_dataset=_dataset(eval_split) if eval_split else None,
         processing_class=tokenizer,
-        callbacks=[*_callbacks(stop_requested), *extra_callbacks],
+        callbacks=[Progress(), StopOnRequest(stop), *extra_callbacks],
     )
-    from transformers import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # the bar shows the logs instead
     if config.train.report_to == "tensorboard":
-        from transformers.integrations import TensorBoardCallback
+        _log_tensorboard_to(trainer, run.tensorboard)
+    main_process = bool(trainer.is_world_process_zero())
+    return Session(trainer, model, train_split, precision, stop, main_process)
 
-        for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback):
-                callback.logging_dir = str(run_dir / TENSORBOARD_DIR)  # not under checkpoints/
-    main_process = trainer.is_world_process_zero()
-    if main_process and resume is None:
-        dump_config(config, run_dir / CONFIG_FILE)
-    if main_process and config.lora.mutates_base and resume is None:
-        save_initial_adapter(model, run_dir / INITIAL_ADAPTER_DIR)
-    if main_process:
-        shutil.rmtree(run_dir / f".{ADAPTER_DIR}.partial", ignore_errors=True)
+
+def _log_tensorboard_to(trainer: Any, folder: Path) -> None:
+    # transformers.integrations exports it lazily, which the type checker cannot see.
+    from transformers.integrations import TensorBoardCallback  # type: ignore[attr-defined]
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)  # not under checkpoints/
+
+
+def prepare_folder(run: RunFolder, config: Config, model: Any, fresh: bool) -> None:
+    """The config (and PiSSA/OLoRA's initial adapter) of a new run; no stale scratch adapter."""
+    if fresh:
+        run.write_config(config)
+    if fresh and config.lora.mutates_base:
+        save_initial_adapter(model, run.initial_adapter)
+    shutil.rmtree(run.partial_adapter, ignore_errors=True)
+
+
+def train_until_done(session: Session, checkpoint: Path | None) -> float:
+    """Train (from `checkpoint` if given); Ctrl-C stops after the step. Returns the seconds."""
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop_requested["stop"]:  # a second Ctrl-C stops at once
+        if session.stop.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        stop_requested["stop"] = True
+        session.stop.requested = True
         log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, request_stop)
-    tokens_before = trainer.state.num_input_tokens_seen
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        session.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         signal.signal(signal.SIGINT, previous)
-    seconds = time.perf_counter() - started
-
-    if stop_requested["stop"]:
-        if main_process:
-            write_metrics(run_dir, trainer, train_split, model)
-        return RunResult(run_dir, completed=False)
-    save_adapter(run_dir, trainer, main_process, config.lora.mutates_base)
-    if main_process:
-        write_metrics(run_dir, trainer, train_split, model)
-        tokens = trainer.state.num_input_tokens_seen - tokens_before
-        write_cost(run_dir, config, precision, tokens, seconds)
-    return RunResult(run_dir, completed=True)
+    return time.perf_counter() - started
 
 
 def padding_free(config: Config) -> bool:
@@ -482,7 +454,7 @@ def save_initial_adapter(model: Any, folder: Path) -> None:
         lora.init_lora_weights = init
 
 
-def save_adapter(run_dir: Path, trainer: Any, main_process: bool, convert: bool = False) -> None:
+def save_adapter(run: RunFolder, trainer: Any, main_process: bool, convert: bool = False) -> None:
     """Write into a scratch folder and rename it: a crash never leaves a half adapter.
 
     Every process calls this: under FSDP `save_model` gathers the sharded weights.
@@ -490,49 +462,46 @@ def save_adapter(run_dir: Path, trainer: Any, main_process: bool, convert: bool 
     initial adapter: a plain LoRA (rank 2r) of the original base, which merging, vLLM and
     any peft user can load without rewriting the base.
     """
-    partial = run_dir / f".{ADAPTER_DIR}.partial"
+    partial = run.partial_adapter
     trainer.save_model(str(partial))  # adapter files and the tokenizer (processing_class)
     trainer.accelerator.wait_for_everyone()
     if not main_process:
         return
     if convert:
         trainer.model.save_pretrained(
-            str(partial),
-            path_initial_model_for_weight_conversion=str(run_dir / INITIAL_ADAPTER_DIR),
+            str(partial), path_initial_model_for_weight_conversion=str(run.initial_adapter)
         )
     (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing loads it
-    final = run_dir / ADAPTER_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    shutil.rmtree(run.adapter, ignore_errors=True)
+    partial.rename(run.adapter)
 
 
-def write_metrics(run_dir: Path, trainer: Any, train_split: Any, model: Any) -> None:
-    history = trainer.state.log_history
-    metrics = {
-        "steps": [
-            {
-                k: v
-                for k, v in entry.items()
-                if k in ("step", "epoch", "loss", "eval_loss", "learning_rate")
-            }
-            for entry in history
+LOGGED = ("step", "epoch", "loss", "eval_loss", "learning_rate")
+
+
+def write_metrics(run: RunFolder, session: Session) -> None:
+    state, split, model = session.trainer.state, session.train_split, session.model
+    metrics = TrainingMetrics(
+        steps=[
+            StepLog.model_validate({key: entry[key] for key in LOGGED if key in entry})
+            for entry in state.log_history
             if "loss" in entry or "eval_loss" in entry
         ],
-        "global_step": trainer.state.global_step,
-        "processes": trainer.args.world_size,
-        "train_examples": len(train_split.examples),
-        "train_records": train_split.records,
-        "truncated": train_split.truncated,
-        "dropped": train_split.dropped,
-        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_losses(metrics["steps"], run_dir / "loss.png")
+        global_step=state.global_step,
+        processes=session.trainer.args.world_size,
+        train_examples=len(split.examples),
+        train_records=split.records,
+        truncated=split.truncated,
+        dropped=split.dropped,
+        num_input_tokens_seen=state.num_input_tokens_seen,
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    run.write_metrics(metrics)
+    plot_losses(metrics.steps, run.loss_plot)
 
 
-def plot_losses(steps: list[dict[str, float]], path: Path) -> None:
+def plot_losses(steps: list[StepLog], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -540,7 +509,7 @@ def plot_losses(steps: list[dict[str, float]], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
-        points = [(s["step"], s[key]) for s in steps if key in s]
+        points = [(s.step, getattr(s, key)) for s in steps if getattr(s, key) is not None]
         if points:
             axes.plot(
                 *zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label
@@ -552,44 +521,43 @@ def plot_losses(steps: list[dict[str, float]], path: Path) -> None:
     if axes.lines:
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    replace_atomically(path, lambda scratch: figure.savefig(scratch, format="png", dpi=100))
     plt.close(figure)
 
 
 def write_cost(
-    run_dir: Path, config: Config, precision: Precision, tokens: int, seconds: float
+    run: RunFolder, config: Config, precision: Precision, tokens: int, seconds: float
 ) -> None:
     from .info import describe
 
     price = config.cost.gpu_hourly_usd
     usd = seconds / 3600 * price
-    cost = {
-        "trained_tokens": tokens,  # non-pad tokens the model processed in this session
-        "wall_seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
-        "gpu_hourly_usd": price,
-        "usd": round(usd, 6),
-        "usd_per_1m_tokens": round(usd / tokens * 1e6, 6) if tokens else None,
-        "environment": describe(),
-        "quantization": config.quantization.mode,
-        "dtype": str(precision.dtype).removeprefix("torch."),
-    }
-    (run_dir / "cost.json").write_text(json.dumps(cost, indent=2), encoding="utf-8")
+    cost = TrainingCost(
+        trained_tokens=tokens,
+        wall_seconds=round(seconds, 3),
+        tokens_per_second=round(tokens / seconds, 2) if seconds else None,
+        gpu_hourly_usd=price,
+        usd=round(usd, 6),
+        usd_per_1m_tokens=round(usd / tokens * 1e6, 6) if tokens else None,
+        environment=describe(),
+        quantization=config.quantization.mode,
+        dtype=str(precision.dtype).removeprefix("torch."),
+    )
+    run.write_cost(cost)
 
 
 def train_command(config_path: str | None, overrides: list[str], resume: str | None) -> int:
     """Entry point of `<package> train`: load the config, train, report where things are."""
     resume_dir = Path(resume) if resume else None
     if resume_dir is not None:
-        config = load_config(resume_dir / CONFIG_FILE, overrides)
+        config = RunFolder(resume_dir).read_config(overrides)
     else:
         config = load_config(config_path, overrides)
     result = run_training(config, resume_dir)
     if not result.completed:
-        checkpoint = last_checkpoint(result.run_dir)
-        print(f"interrupted: checkpoint kept at {checkpoint}")
+        print(f"interrupted: checkpoint kept at {result.run.last_checkpoint()}")
         print(f"continue with: train --resume {result.run_dir}")
         return 130
     print(f"run folder: {result.run_dir}")
-    print(f"adapter:    {result.run_dir / ADAPTER_DIR}")
+    print(f"adapter:    {result.run.adapter}")
     return 0

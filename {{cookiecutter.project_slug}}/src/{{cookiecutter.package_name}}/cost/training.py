@@ -1,7 +1,7 @@
 """Training cost from a run folder: $ per 1M trained tokens, per run, tokens/s and MFU.
 
-Reads what `train` writes: `runs/<run>/cost.json` (trained tokens, wall seconds, price,
-environment with the device name, dtype) and `metrics.json` (parameter counts).
+Reads what `train` writes, through `RunFolder`: the run's cost (trained tokens, wall
+seconds, price, environment with the device name, dtype) and metrics (parameter counts).
 
 MFU (model FLOPs utilization) = model FLOPs per second / the device's peak dense FLOPs at
 the training dtype. Model FLOPs per trained token for LoRA, N = all parameters,
@@ -18,12 +18,11 @@ holds half as many elements: the card says so.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..runs import RunFolder, TrainingCost
 from .money import usd_for_seconds, usd_per_million
 
 # Peak dense (no sparsity) tensor-core TFLOPS by compute dtype, from the vendors' data
@@ -62,74 +61,21 @@ def flops_per_token(parameters: int, trainable_parameters: int) -> float:
     return 4.0 * parameters + 2.0 * trainable_parameters
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"{path} does not exist: is {path.parent} a finished training run "
-            "(runs/<run>/ with cost.json and metrics.json)?"
-        ) from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
-
-
 def latest_run(runs_dir: Path) -> Path:
-    runs = sorted(
-        (p for p in runs_dir.glob("*") if (p / "cost.json").is_file()),
-        key=lambda p: (p / "cost.json").stat().st_mtime,
-    )
-    if not runs:
-        raise UserError(f"no finished training run in {runs_dir}/ (none has a cost.json)")
-    return runs[-1]
+    return RunFolder.latest(runs_dir).path
 
 
 def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> dict[str, Any]:
     """One run's cost section of the card; `gpu_hourly_usd` re-prices it (else the run's)."""
-    cost = _read_json(run_dir / "cost.json")
-    metrics = _read_json(run_dir / "metrics.json")
-    for key in ("trained_tokens", "wall_seconds", "gpu_hourly_usd"):
-        if key not in cost:
-            raise UserError(f"{run_dir / 'cost.json'} has no {key!r}")
-    tokens = int(cost["trained_tokens"])
-    seconds = float(cost["wall_seconds"])
-    price = float(gpu_hourly_usd if gpu_hourly_usd is not None else cost["gpu_hourly_usd"])
+    run = RunFolder(run_dir)
+    cost = run.read_cost()
+    metrics = run.read_metrics()
+    tokens, seconds = cost.trained_tokens, cost.wall_seconds
+    price = gpu_hourly_usd if gpu_hourly_usd is not None else cost.gpu_hourly_usd
     usd = usd_for_seconds(price, seconds)
-    environment = cost.get("environment", {})
-    device = str(environment.get("device", "unknown"))
-    dtype = str(cost.get("dtype", environment.get("dtype", "unknown")))
-    gpu, peak = peak_tflops(device, dtype)
-    parameters = metrics.get("parameters")
-    trainable = metrics.get("trainable_parameters")
     tokens_per_s = tokens / seconds if seconds > 0 else None
-    mfu: dict[str, Any] = {
-        "value": None,
-        "gpu": gpu,
-        "peak_tflops": peak,
-        "dtype": dtype,
-        "flops_per_token": None,
-        "achieved_tflops": None,
-        "formula": "(4 * parameters + 2 * trainable_parameters) * tokens_per_s / peak",
-        "note": None,
-    }
-    if parameters and trainable is not None:
-        mfu["flops_per_token"] = flops_per_token(int(parameters), int(trainable))
-    if mfu["flops_per_token"] and tokens_per_s:
-        mfu["achieved_tflops"] = mfu["flops_per_token"] * tokens_per_s / 1e12
-    if peak and mfu["achieved_tflops"] is not None:
-        mfu["value"] = mfu["achieved_tflops"] / peak
-    elif not device.startswith("cuda"):
-        mfu["note"] = f"unknown: no peak-FLOPs figure for {device!r} (CPUs are not in the table)"
-    elif gpu is None:
-        mfu["note"] = f"unknown: {device!r} is not in the peak-FLOPs table"
-    elif peak is None:
-        mfu["note"] = f"unknown: no {dtype} peak for {gpu}"
-    if cost.get("quantization") in ("4bit", "8bit"):
-        mfu["note"] = (mfu["note"] + "; " if mfu["note"] else "") + (
-            f"{cost['quantization']} run: parameters are counted from the packed weights"
-        )
     return {
-        "run": run_dir.name,
+        "run": run.name,
         "path": str(run_dir),
         "trained_tokens": tokens,
         "wall_seconds": seconds,
@@ -138,11 +84,52 @@ def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> dict[st
         "price_source": "given" if gpu_hourly_usd is not None else "the run's cost.json",
         "usd": usd,
         "usd_per_1m_tokens": usd_per_million(usd, tokens),
-        "parameters": parameters,
-        "trainable_parameters": trainable,
-        "global_step": metrics.get("global_step"),
-        "quantization": cost.get("quantization"),
-        "device": device,
-        "dtype": dtype,
-        "mfu": mfu,
+        "parameters": metrics.parameters,
+        "trainable_parameters": metrics.trainable_parameters,
+        "global_step": metrics.global_step,
+        "quantization": cost.quantization,
+        "device": cost.device,
+        "dtype": _dtype(cost),
+        "mfu": mfu(cost, metrics.parameters, metrics.trainable_parameters, tokens_per_s),
     }
+
+
+def _dtype(cost: TrainingCost) -> str:
+    return cost.dtype or cost.environment.get("dtype", "unknown")
+
+
+def mfu(
+    cost: TrainingCost, parameters: int | None, trainable: int | None, tokens_per_s: float | None
+) -> dict[str, Any]:
+    """The MFU estimate with its inputs, or why it is unknown."""
+    device, dtype = cost.device, _dtype(cost)
+    gpu, peak = peak_tflops(device, dtype)
+    per_token = (
+        flops_per_token(parameters, trainable) if parameters and trainable is not None else None
+    )
+    achieved = per_token * tokens_per_s / 1e12 if per_token and tokens_per_s else None
+    value = achieved / peak if peak and achieved is not None else None
+    note = None if value is not None else _why_unknown(device, dtype, gpu, peak)
+    if cost.quantization in ("4bit", "8bit"):
+        packed = f"{cost.quantization} run: parameters are counted from the packed weights"
+        note = f"{note}; {packed}" if note else packed
+    return {
+        "value": value,
+        "gpu": gpu,
+        "peak_tflops": peak,
+        "dtype": dtype,
+        "flops_per_token": per_token,
+        "achieved_tflops": achieved,
+        "formula": "(4 * parameters + 2 * trainable_parameters) * tokens_per_s / peak",
+        "note": note,
+    }
+
+
+def _why_unknown(device: str, dtype: str, gpu: str | None, peak: float | None) -> str | None:
+    if not device.startswith("cuda"):
+        return f"unknown: no peak-FLOPs figure for {device!r} (CPUs are not in the table)"
+    if gpu is None:
+        return f"unknown: {device!r} is not in the peak-FLOPs table"
+    if peak is None:
+        return f"unknown: no {dtype} peak for {gpu}"
+    return None
