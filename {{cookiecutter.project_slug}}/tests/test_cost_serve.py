@@ -14,9 +14,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH
 from {{ cookiecutter.package_name }}.cost.command import Hooks, run_token_cost
 from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
+from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH
 from {{ cookiecutter.package_name }}.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -52,11 +52,12 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
         "slo.ttft_s=60",
         "slo.e2e_s=120",
     )
-    card, paths = run_token_cost(config, hooks=Hooks(on_result=results.append))
+    typed, paths = run_token_cost(config, hooks=Hooks(on_result=results.append))
 
     on_disk = json.loads(paths["json"].read_text())
     jsonschema.validate(on_disk, SCHEMA)
-    assert on_disk == json.loads(json.dumps(card))
+    card = typed.model_dump(mode="json")
+    assert on_disk == card
     assert paths["markdown"].read_text().startswith("# Cost card: serving")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["json"].parent.parent == tmp_path / "reports"
@@ -74,6 +75,12 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
     assert serving["best"]["meets_slo"] and serving["best"]["label"] in ("c=1", "c=3")
     assert serving["serverless"]["profiles"] and serving["comparison"]["rows"]
     assert card["environment"]["lock"]["files"]["requirements/dev.txt"]["sha256"]
+    # The device is the server's own answer (GET /info), not the meter's guess.
+    assert card["environment"]["device"].startswith("cpu (")
+    assert card["environment"]["dtype"] == "float32"
+    model = serving["model"]
+    assert model["engine"] == "transformers-continuous-batching" and model["engine_version"]
+    assert model["tokenizer"] == str(tiny_model_dir)
 
     # Token counts: the meter's totals are the server's usage, request by request, and
     # equal the server's own Prometheus counters over each level.
@@ -120,8 +127,9 @@ def test_server_killed_mid_run_keeps_partial_results(tiny_model_dir, tmp_path, m
         "prompts.output_tokens=16",
         "serverless.enabled=false",
     )
-    card, paths = run_token_cost(config, hooks=hooks)
-    jsonschema.validate(json.loads(paths["json"].read_text()), SCHEMA)
+    typed, paths = run_token_cost(config, hooks=hooks)
+    card = json.loads(paths["json"].read_text())
+    jsonschema.validate(card, SCHEMA)
     assert card["partial"] is True
     assert any("exited" in reason for reason in card["partial_reasons"])
     first, second = card["serving"]["levels"]
