@@ -241,6 +241,7 @@ class LevelRunner:
             raise ValueError("no prompts")
         self.endpoint, self.prompts = endpoint, list(prompts)
         self.alive = alive or (lambda: None)
+        self.watches_server = alive is not None
         self.abort_after_errors = abort_after_errors
         self.progress = progress
         self.max_concurrency = max_concurrency  # Poisson: later arrivals wait for a slot
@@ -309,7 +310,9 @@ class LevelRunner:
                 await active.drive(level, time_limit_s, random.Random(seed))
             finally:
                 await active.cancel_pending()
-        return LevelRun(level, mode, active.results, active.elapsed(), active.stopped_by)
+            duration = active.elapsed()
+        await active.confirm_server()
+        return LevelRun(level, mode, active.results, duration, active.stopped_by)
 
 
 class _ActiveLevel:
@@ -405,6 +408,22 @@ class _ActiveLevel:
             if self.concurrency is None and self.launched < self.requests:
                 wait = min(wait, max(next_arrival - time.perf_counter(), 0.0))
             await self._wait(wait)
+
+    async def confirm_server(self, grace_s: float = 1.0) -> None:
+        """A server killed at the end of a level closes its connections a moment before
+        its process is seen to exit: after transport failures, give it `grace_s` to show
+        it is gone, so such a level is marked partial, not complete."""
+        if self.stopped_by.startswith("abort") or not self.runner.watches_server:
+            return
+        if not any(r.error_kind in ("connect", "stream") for r in self.results):
+            return
+        deadline = time.perf_counter() + grace_s
+        while time.perf_counter() < deadline:
+            reason = self.runner.alive()
+            if reason:
+                self.stopped_by = f"abort: {reason}"
+                return
+            await asyncio.sleep(0.05)
 
     async def _wait(self, seconds: float) -> None:
         if self.tasks:
