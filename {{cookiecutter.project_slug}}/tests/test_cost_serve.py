@@ -82,8 +82,13 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
     assert model["engine"] == "transformers-continuous-batching" and model["engine_version"]
     assert model["tokenizer"] == str(tiny_model_dir)
 
-    # Token counts: the meter's totals are the server's usage, request by request, and
-    # equal the server's own Prometheus counters over each level.
+    check_token_counts(levels, results)
+    check_cold_start(serving["cold_start"])
+
+
+def check_token_counts(levels: list[dict], results: list) -> None:
+    """The meter's totals are the server's usage, request by request, and equal the
+    server's own Prometheus counters over each level."""
     assert len(results) == 12 and all(r.ok for r in results)
     for result in results:
         assert result.completion_tokens is not None and result.prompt_tokens is not None
@@ -97,8 +102,9 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
         assert tokens["server_counters"]["completion_tokens"] == level["output_tokens"]
         assert tokens["prompt_tokens_mismatches"] == 0 and tokens["consistent"]
 
-    # Cold start: measured by the meter and broken into the server's own phases.
-    cold = serving["cold_start"]
+
+def check_cold_start(cold: dict) -> None:
+    """Measured by the meter and broken into the server's own phases."""
     assert cold["measured"]
     assert 0 < cold["listening_s"] <= cold["ready_s"] < cold["first_token_s"]
     for phase in ("imports", "weights", "warmup", "ready"):
@@ -127,7 +133,7 @@ def test_server_killed_mid_run_keeps_partial_results(tiny_model_dir, tmp_path, m
         "prompts.output_tokens=16",
         "serverless.enabled=false",
     )
-    typed, paths = run_token_cost(config, hooks=hooks)
+    _, paths = run_token_cost(config, hooks=hooks)
     card = json.loads(paths["json"].read_text())
     jsonschema.validate(card, SCHEMA)
     assert card["partial"] is True

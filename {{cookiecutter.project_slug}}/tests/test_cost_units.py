@@ -12,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from pydantic import ValidationError
 
-from {{ cookiecutter.package_name }}.cost.card import environment, markdown
 from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markdown_metrics
 from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
+from {{ cookiecutter.package_name }}.cost.card import environment, markdown
 from {{ cookiecutter.package_name }}.cost.config import (
     ServerlessSection,
     load_reference_prices,
@@ -49,7 +48,6 @@ from {{ cookiecutter.package_name }}.cost.schema import (
 )
 from {{ cookiecutter.package_name }}.cost.summary import (
     METRIC_DEFINITIONS,
-    SloTarget,
     best_level,
     summarize_level,
 )
@@ -258,7 +256,7 @@ def _runner(handler, **kwargs) -> LevelRunner:
 
 def _summary(run):
     return summarize_level(
-        run, slo=SloTarget(ttft_s=1.0, e2e_s=5.0), attainment=0.9, gpu_hourly_usd=3.6, split=Split()
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.9, gpu_hourly_usd=3.6, split=Split()
     )
 
 
@@ -322,8 +320,8 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
         stopped_by="request count",
     )
     level = summarize_level(
-        run, slo=SloTarget(ttft_s=1.0, e2e_s=5.0, tpot_s=0.25), attainment=0.5,
-        gpu_hourly_usd=3.6, split=Split(),
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split(),
+        tpot_slo_s=0.25,
     )  # fmt: skip
     approx = pytest.approx
     assert level.ttft_s.model_dump() == approx(
@@ -342,7 +340,7 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
     assert level.goodput.requests_per_s == approx(1 / 3)
     assert level.goodput.fraction == approx(0.25) and not level.goodput.meets_slo
     without_tpot = summarize_level(
-        run, slo=SloTarget(ttft_s=1.0, e2e_s=5.0), attainment=0.5, gpu_hourly_usd=3.6, split=Split()
+        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split()
     )
     assert without_tpot.goodput.good_requests == 2 and without_tpot.goodput.meets_slo
 

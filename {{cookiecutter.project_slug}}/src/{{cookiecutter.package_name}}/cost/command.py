@@ -58,7 +58,7 @@ from .schema import (
     TrainingSection,
     find_level,
 )
-from .summary import METRIC_DEFINITIONS, SloTarget, best_level, summarize_level
+from .summary import METRIC_DEFINITIONS, best_level, summarize_level
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "configs/token_cost.yaml"
@@ -382,7 +382,9 @@ class Sweep:
         after = token_counters(scrape(metrics_url)) if not run.aborted else None
         summary = summarize_level(
             run,
-            slo=SloTarget(slo.ttft_s, slo.e2e_s, slo.tpot_s),
+            ttft_slo_s=slo.ttft_s,
+            e2e_slo_s=slo.e2e_s,
+            tpot_slo_s=slo.tpot_s,
             attainment=slo.attainment,
             gpu_hourly_usd=price.gpu_hourly_usd,
             split=price.split_rule(),

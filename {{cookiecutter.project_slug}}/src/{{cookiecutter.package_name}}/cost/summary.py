@@ -157,13 +157,16 @@ def _per(amount: float, over: float) -> float | None:
 def summarize_level(
     run: LevelRun,
     *,
-    slo: SloTarget,
+    ttft_slo_s: float,
+    e2e_slo_s: float,
     attainment: float,
     gpu_hourly_usd: float,
     split: Split,
     tokenizer: Any = None,
     counters: dict[str, float] | None = None,
+    tpot_slo_s: float | None = None,
 ) -> LevelSummary:
+    slo = SloTarget(ttft_slo_s, e2e_slo_s, tpot_slo_s)
     counted = [r for r in run.results if not r.cancelled]
     ok = [r for r in counted if r.ok]
     failed = [r for r in counted if not r.ok]
