@@ -62,6 +62,7 @@ from .summary import METRIC_DEFINITIONS, best_level, summarize_level
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "configs/token_cost.yaml"
+UTC = dt.timezone(dt.timedelta(0))  # dt.UTC is Python 3.11+; the project supports 3.10
 
 
 @dataclass
@@ -592,8 +593,7 @@ def build_card(
     return CostCard(
         schema_version=SCHEMA_VERSION,
         kind=card_kind(measure, bool(runs)),
-        # dt.UTC is 3.11+; the project supports 3.10
-        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0),  # noqa: UP017
+        created=dt.datetime.now(UTC).replace(microsecond=0),
         partial=bool(partial),
         partial_reasons=partial,
         notes=notes,
