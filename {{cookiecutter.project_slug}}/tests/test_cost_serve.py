@@ -14,9 +14,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH
 from {{ cookiecutter.package_name }}.cost.command import Hooks, run_token_cost
 from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
+from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH
 from {{ cookiecutter.package_name }}.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -52,11 +52,12 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
         "slo.ttft_s=60",
         "slo.e2e_s=120",
     )
-    card, paths = run_token_cost(config, hooks=Hooks(on_result=results.append))
+    typed, paths = run_token_cost(config, hooks=Hooks(on_result=results.append))
 
     on_disk = json.loads(paths["json"].read_text())
     jsonschema.validate(on_disk, SCHEMA)
-    assert on_disk == json.loads(json.dumps(card))
+    card = typed.model_dump(mode="json")
+    assert on_disk == card
     assert paths["markdown"].read_text().startswith("# Cost card: serving")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["json"].parent.parent == tmp_path / "reports"
@@ -74,9 +75,20 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
     assert serving["best"]["meets_slo"] and serving["best"]["label"] in ("c=1", "c=3")
     assert serving["serverless"]["profiles"] and serving["comparison"]["rows"]
     assert card["environment"]["lock"]["files"]["requirements/dev.txt"]["sha256"]
+    # The device is the server's own answer (GET /info), not the meter's guess.
+    assert card["environment"]["device"].startswith("cpu (")
+    assert card["environment"]["dtype"] == "float32"
+    model = serving["model"]
+    assert model["engine"] == "transformers-continuous-batching" and model["engine_version"]
+    assert model["tokenizer"] == str(tiny_model_dir)
 
-    # Token counts: the meter's totals are the server's usage, request by request, and
-    # equal the server's own Prometheus counters over each level.
+    check_token_counts(levels, results)
+    check_cold_start(serving["cold_start"])
+
+
+def check_token_counts(levels: list[dict], results: list) -> None:
+    """The meter's totals are the server's usage, request by request, and equal the
+    server's own Prometheus counters over each level."""
     assert len(results) == 12 and all(r.ok for r in results)
     for result in results:
         assert result.completion_tokens is not None and result.prompt_tokens is not None
@@ -90,8 +102,9 @@ def test_sweep_against_our_server_writes_a_complete_card(tiny_model_dir, tmp_pat
         assert tokens["server_counters"]["completion_tokens"] == level["output_tokens"]
         assert tokens["prompt_tokens_mismatches"] == 0 and tokens["consistent"]
 
-    # Cold start: measured by the meter and broken into the server's own phases.
-    cold = serving["cold_start"]
+
+def check_cold_start(cold: dict) -> None:
+    """Measured by the meter and broken into the server's own phases."""
     assert cold["measured"]
     assert 0 < cold["listening_s"] <= cold["ready_s"] < cold["first_token_s"]
     for phase in ("imports", "weights", "warmup", "ready"):
@@ -120,8 +133,9 @@ def test_server_killed_mid_run_keeps_partial_results(tiny_model_dir, tmp_path, m
         "prompts.output_tokens=16",
         "serverless.enabled=false",
     )
-    card, paths = run_token_cost(config, hooks=hooks)
-    jsonschema.validate(json.loads(paths["json"].read_text()), SCHEMA)
+    _, paths = run_token_cost(config, hooks=hooks)
+    card = json.loads(paths["json"].read_text())
+    jsonschema.validate(card, SCHEMA)
     assert card["partial"] is True
     assert any("exited" in reason for reason in card["partial_reasons"])
     first, second = card["serving"]["levels"]

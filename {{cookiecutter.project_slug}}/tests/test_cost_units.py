@@ -12,10 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
-from {{ cookiecutter.package_name }}.cost.card import SCHEMA_PATH, markdown, validate
 from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markdown_metrics
 from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
+from {{ cookiecutter.package_name }}.cost.card import environment, markdown
 from {{ cookiecutter.package_name }}.cost.config import (
     ServerlessSection,
     load_reference_prices,
@@ -38,6 +39,13 @@ from {{ cookiecutter.package_name }}.cost.money import (
     split_usd,
     window_money,
 )
+from {{ cookiecutter.package_name }}.cost.schema import (
+    SCHEMA_PATH,
+    CostCard,
+    Prices,
+    TrainingRun,
+    TrainingSection,
+)
 from {{ cookiecutter.package_name }}.cost.summary import (
     METRIC_DEFINITIONS,
     best_level,
@@ -53,13 +61,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dedicated_gpu_dollars_per_million_tokens():
     # $3.60/hour = $0.001/s; 100 s -> $0.10 for 1000 output tokens -> $100 per 1M.
     money = window_money(3.6, 100.0, 10, 0, 1000, Split("output-only"))
-    assert money["window_usd"] == pytest.approx(0.1)
-    assert money["usd_per_1m_output_tokens"] == pytest.approx(100.0)
-    assert money["usd_per_1m_input_tokens"] is None
-    assert money["usd_per_request"] == pytest.approx(0.01)
-    assert money["usd_per_1k_requests"] == pytest.approx(10.0)
+    assert money.window_usd == pytest.approx(0.1)
+    assert money.usd_per_1m_output_tokens == pytest.approx(100.0)
+    assert money.usd_per_1m_input_tokens is None
+    assert money.usd_per_request == pytest.approx(0.01)
+    assert money.usd_per_1k_requests == pytest.approx(10.0)
     # The headline formula: ($/hour / 3600) / (tokens/s) * 1e6.
-    assert money["usd_per_1m_output_tokens"] == pytest.approx(3.6 / 3600 / 10 * 1e6)
+    assert money.usd_per_1m_output_tokens == pytest.approx(3.6 / 3600 / 10 * 1e6)
 
 
 @pytest.mark.parametrize(
@@ -91,26 +99,26 @@ def test_serverless_scale_to_zero_on_known_inputs():
     rate = 6 / 3600
     p_cold = math.exp(-rate * 60)
     row = serverless_money(3.6, 6, 2.0, 10.0, 60.0, 100, 50, Split("output-only"))
-    assert row["regime"] == "scale-to-zero"
-    assert row["cold_request_fraction"] == pytest.approx(p_cold)
+    assert row.regime == "scale-to-zero"
+    assert row.cold_request_fraction == pytest.approx(p_cold)
     billed = 6 * (2.0 + (1 - p_cold) / rate + 10.0 * p_cold)
-    assert row["billed_seconds_per_hour"] == pytest.approx(billed)
-    assert row["usd_per_hour"] == pytest.approx(billed * 0.001)
-    assert row["usd_per_1m_output_tokens"] == pytest.approx(billed * 0.001 / 300 * 1e6)
-    assert row["busy_seconds_per_hour"] == pytest.approx(12.0)
-    assert row["cold_start_seconds_per_hour"] == pytest.approx(6 * p_cold * 10.0)
+    assert row.billed_seconds_per_hour == pytest.approx(billed)
+    assert row.usd_per_hour == pytest.approx(billed * 0.001)
+    assert row.usd_per_1m_output_tokens == pytest.approx(billed * 0.001 / 300 * 1e6)
+    assert row.busy_seconds_per_hour == pytest.approx(12.0)
+    assert row.cold_start_seconds_per_hour == pytest.approx(6 * p_cold * 10.0)
     parts = ("busy", "idle", "cold_start")
-    assert sum(row[f"{p}_seconds_per_hour"] for p in parts) == pytest.approx(billed)
+    assert sum(getattr(row, f"{p}_seconds_per_hour") for p in parts) == pytest.approx(billed)
     # Always on costs the whole hour for the same tokens.
-    assert row["always_on_usd_per_hour"] == pytest.approx(3.6)
+    assert row.always_on_usd_per_hour == pytest.approx(3.6)
 
 
 def test_serverless_turns_always_on_and_scales_out():
     busy = serverless_money(3.6, 3600, 2.0, 10.0, 300.0, 100, 50, Split())
-    assert busy["regime"] == "always-on" and busy["billed_seconds_per_hour"] == 3600
+    assert busy.regime == "always-on" and busy.billed_seconds_per_hour == 3600
     # 10 req/s against a measured capacity of 3 req/s: 4 instances all hour.
     fleet = serverless_money(3.6, 36000, 0.5, 10.0, 300.0, 100, 50, Split(), capacity_rps=3.0)
-    assert fleet["instances"] == 4 and fleet["usd_per_hour"] == pytest.approx(4 * 3.6)
+    assert fleet.instances == 4 and fleet.usd_per_hour == pytest.approx(4 * 3.6)
     with pytest.raises(ValueError):
         serverless_money(3.6, 0, 1.0, 1.0, 1.0, 1, 1, Split())
 
@@ -123,11 +131,11 @@ def test_api_price_of_a_request_shape():
 def test_percentiles_interpolate_like_numpy():
     values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
     stats = percentiles(values)
-    assert stats["p50"] == pytest.approx(5.5)
-    assert stats["p90"] == pytest.approx(9.1)
-    assert stats["p99"] == pytest.approx(9.91)
-    assert stats["mean"] == pytest.approx(5.5) and stats["count"] == 10
-    assert percentiles([])["p50"] is None
+    assert stats.p50 == pytest.approx(5.5)
+    assert stats.p90 == pytest.approx(9.1)
+    assert stats.p99 == pytest.approx(9.91)
+    assert stats.mean == pytest.approx(5.5) and stats.count == 10
+    assert percentiles([]).p50 is None
 
 
 # ------------------------------------------------------------------------------ training
@@ -195,8 +203,8 @@ def test_every_list_price_has_its_source_and_date_and_the_card_shows_them(tmp_pa
     for model in prices.models:
         assert model.source.startswith("https://"), model
         assert model.as_of <= prices.taken, model
-    rows = compare_with_apis([m.model_dump() for m in prices.models], 0.5, 200, 50)
-    assert [r["as_of"] for r in rows] == [m.as_of.isoformat() for m in prices.models]
+    rows = compare_with_apis(prices.models, 0.5, 200, 50)
+    assert [r.as_of for r in rows] == [m.as_of for m in prices.models]
     text = "\n".join(price_sources_markdown(rows))
     first = prices.models[0]
     assert f"- {first.model}: as of {first.as_of.isoformat()}, {first.source}" in text
@@ -209,7 +217,8 @@ def test_every_list_price_has_its_source_and_date_and_the_card_shows_them(tmp_pa
         "  - {provider: P, model: m, usd_per_1m_input: 1, usd_per_1m_output: 2,"
         " as_of: 2026-11-01}\n"
     )
-    with pytest.raises(UserError, match=r"price file .*: models\.0\.source: Field required"):
+    expected = r"invalid price list .*prices\.yaml:\n  models\.0\.source: Field required"
+    with pytest.raises(UserError, match=expected):
         load_reference_prices(bad)
 
 
@@ -255,12 +264,12 @@ def test_level_counts_tokens_from_usage_and_checks_the_stream():
     runner = _runner(lambda request: httpx.Response(200, content=GOOD))
     run = asyncio.run(runner.run_level("concurrency", 2, 6, 30.0))
     level = _summary(run)
-    assert level["status"] == "complete" and level["requests"]["ok"] == 6
-    assert level["output_tokens"] == 18 and level["input_tokens"] == 42
-    tokens = level["tokens"]
-    assert tokens["usage_output_tokens"] == 18 and tokens["stream_text_events"] == 12
-    assert tokens["prompt_tokens_mismatches"] == 0 and tokens["consistent"]
-    assert level["ttft_s"]["count"] == 6 and level["goodput"]["meets_slo"]
+    assert level.status == "complete" and level.requests.ok == 6
+    assert level.output_tokens == 18 and level.input_tokens == 42
+    tokens = level.tokens
+    assert tokens.usage_output_tokens == 18 and tokens.stream_text_events == 12
+    assert tokens.prompt_tokens_mismatches == 0 and tokens.consistent
+    assert level.ttft_s.count == 6 and level.goodput.meets_slo
 
 
 def test_a_stream_that_ends_with_finish_reason_and_usage_but_no_done_is_complete():
@@ -315,27 +324,27 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
         tpot_slo_s=0.25,
     )  # fmt: skip
     approx = pytest.approx
-    assert level["ttft_s"] == approx(
+    assert level.ttft_s.model_dump() == approx(
         {"count": 3, "p50": 0.5, "p90": 2.1, "p99": 2.46, "mean": 1.1}
     )  # sorted 0.3 0.5 2.5: p90 at 1.8 -> 0.5 + 0.8 * 2.0; p99 at 1.98 -> 0.5 + 0.98 * 2.0
-    assert level["itl_s"] == approx(
+    assert level.itl_s.model_dump() == approx(
         {"count": 4, "p50": 0.2, "p90": 0.27, "p99": 0.297, "mean": 0.2}
     )
-    assert level["tpot_s"] == approx(
+    assert level.tpot_s.model_dump() == approx(
         {"count": 2, "p50": 0.2375, "p90": 0.2875, "p99": 0.29875, "mean": 0.2375}
     )
-    assert level["e2e_s"]["mean"] == approx(4.4 / 3) and level["e2e_s"]["p50"] == approx(1.2)
+    assert level.e2e_s.mean == approx(4.4 / 3) and level.e2e_s.p50 == approx(1.2)
     # Goodput: only the first request meets TTFT <= 1, e2e <= 5 and TPOT <= 0.25 (the second
     # misses TPOT, the third TTFT, the fourth failed): 1 request in 3 s.
-    assert level["goodput"]["good_requests"] == 1
-    assert level["goodput"]["requests_per_s"] == approx(1 / 3)
-    assert level["goodput"]["fraction"] == approx(0.25) and not level["goodput"]["meets_slo"]
+    assert level.goodput.good_requests == 1
+    assert level.goodput.requests_per_s == approx(1 / 3)
+    assert level.goodput.fraction == approx(0.25) and not level.goodput.meets_slo
     without_tpot = summarize_level(
         run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split()
     )
-    assert without_tpot["goodput"]["good_requests"] == 2 and without_tpot["goodput"]["meets_slo"]
+    assert without_tpot.goodput.good_requests == 2 and without_tpot.goodput.meets_slo
 
-    vllm = level["vllm_bench"]
+    vllm = level.vllm_bench.model_dump()
     assert vllm == approx(
         {
             "duration": 3.0, "completed": 3, "failed": 1,
@@ -360,11 +369,14 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.validate(level, {"$defs": schema["$defs"], "$ref": "#/$defs/level"})
     jsonschema.validate(
-        METRIC_DEFINITIONS, schema["$defs"]["serving"]["properties"]["metric_definitions"]
+        level.model_dump(mode="json"), {"$defs": schema["$defs"], "$ref": "#/$defs/LevelSummary"}
     )
-    text = markdown_metrics({"levels": [level], "metric_definitions": METRIC_DEFINITIONS})
+    jsonschema.validate(
+        METRIC_DEFINITIONS.model_dump(),
+        {"$defs": schema["$defs"], "$ref": "#/$defs/MetricDefinitions"},
+    )
+    text = markdown_metrics([level], METRIC_DEFINITIONS)
     text = "\n".join(text)
     assert "| c=2 | 0.237/0.287/0.299 | 0.2/0.297 | 1.1 | 1.47 |" in text
     assert "(e2e - TTFT) / (output tokens - 1)" in text and "GuideLLM" in text
@@ -384,12 +396,12 @@ def test_errors_are_classified_and_a_failing_endpoint_stops_the_sweep():
 
     run = asyncio.run(_runner(handler, abort_after_errors=5).run_level("concurrency", 1, 50, 30))
     level = _summary(run)
-    assert run.aborted and level["status"] == "partial"
-    assert level["requests"]["errors"] == 5 and level["requests"]["ok"] == 0
-    assert level["requests"]["errors_by_kind"] == {"http_4xx": 2, "http_5xx": 2, "stream": 1}
-    assert "slow down" in level["requests"]["first_errors"][0]
-    assert not level["goodput"]["meets_slo"]
-    assert best_level([level])["label"] is None  # a partial level is never the best
+    assert run.aborted and level.status == "partial"
+    assert level.requests.errors == 5 and level.requests.ok == 0
+    assert level.requests.errors_by_kind == {"http_4xx": 2, "http_5xx": 2, "stream": 1}
+    assert "slow down" in level.requests.first_errors[0]
+    assert not level.goodput.meets_slo
+    assert best_level([level]).label is None  # a partial level is never the best
 
 
 def test_unreachable_endpoint_is_a_connect_error():
@@ -409,35 +421,38 @@ def test_poisson_level_is_bounded_by_its_time_limit():
     runner = _runner(slow)
     run = asyncio.run(runner.run_level("poisson", 40.0, 1000, 0.5, seed=1))
     level = _summary(run)
-    assert run.stopped_by == "time limit" and level["status"] == "time-limited"
-    assert 0 < level["requests"]["ok"] < 1000 and level["requests"]["cancelled"] > 0
+    assert run.stopped_by == "time limit" and level.status == "time-limited"
+    assert 0 < level.requests.ok < 1000 and level.requests.cancelled > 0
     assert run.duration_s < 2.0
 
 
 def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
-    from {{ cookiecutter.package_name }}.cost.card import environment
+    import jsonschema
 
-    card = {
-        "schema_version": 1,
-        "kind": "training",
-        "created": "2025-01-01T00:00:00Z",
-        "partial": False,
-        "partial_reasons": [],
-        "notes": [],
-        "prices": {
-            "gpu_hourly_usd": 3.6,
-            "gpu_hourly_usd_source": "test",
-            "split": Split().as_dict(),
-        },
-        "environment": environment(ROOT, "cpu", "float32"),
-        "serving": None,
-        "training": {"runs": [training_cost(_run(tmp_path, "cpu", "float32"))]},
-    }
-    validate(card)
-    assert "| run1 |" in markdown(card)
-    card["partial"] = True  # partial without a reason
-    with pytest.raises(ValueError, match="partial_reasons"):
-        validate(card)
+    card = CostCard(
+        schema_version=1,
+        kind="training",
+        created="2025-01-01T00:00:00Z",
+        partial=False,
+        partial_reasons=[],
+        notes=[],
+        prices=Prices(gpu_hourly_usd=3.6, gpu_hourly_usd_source="test", split=Split().record()),
+        environment=environment(ROOT, "cpu", "float32"),
+        serving=None,
+        training=TrainingSection(
+            runs=[TrainingRun.model_validate(training_cost(_run(tmp_path, "cpu", "float32")))]
+        ),
+    )
+    written = json.loads(card.to_json())
+    assert written["created"] == "2025-01-01T00:00:00Z"
+    jsonschema.validate(written, json.loads(SCHEMA_PATH.read_text()))
+    assert "| run1 |" in markdown(card) and "(2025-01-01T00:00:00Z)" in markdown(card)
+    # partial without a reason: refused by the model and by the schema alike
+    broken = written | {"partial": True}
+    with pytest.raises(ValidationError, match="partial_reasons"):
+        CostCard.model_validate(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, json.loads(SCHEMA_PATH.read_text()))
 
 
 def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
@@ -461,7 +476,7 @@ def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
     }
     path = tmp_path / "image.json"
     path.write_text(json.dumps(report))
-    process = {"ready_s": 7.0}
+    process = 7.0  # our server's measured spawn to ready
     seconds, source = serverless_cold_start(
         ServerlessSection(container_cold_start=str(path)), process
     )

@@ -23,6 +23,9 @@ SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
 class Section(BaseModel):
+    """The base of every config section (training, serving, token cost): unknown keys are
+    errors, and so are bad values assigned later."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -186,11 +189,13 @@ def _keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return names
 
 
-def describe_error(error: ValidationError, schema: type[BaseModel], source: str) -> str:
-    """Each problem on its own line: unknown keys with the nearest valid one, bad values
-    with what was given."""
+def describe_error(
+    error: ValidationError, schema: type[BaseModel], source: str, what: str = "config"
+) -> str:
+    """The one way a validation error reaches the user: each problem on its own line,
+    unknown keys with the nearest valid one, bad values with what was given."""
     valid = _keys(schema)
-    lines = [f"invalid config {source}:"]
+    lines = [f"invalid {what} {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
@@ -251,10 +256,12 @@ def load_yaml_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    what: str = "config",
 ) -> SchemaT:
     """The one way every config loads: the YAML (or the defaults), then `extra` (from CLI
-    flags), then KEY=VALUE overrides, validated as a whole; mistakes become a UserError."""
-    raw = read_yaml(path) if path is not None else {}
+    flags), then KEY=VALUE overrides, validated as a whole; mistakes become a UserError.
+    `what` names the kind of file in messages ("config", "price list")."""
+    raw = read_yaml(path, f"{what} file") if path is not None else {}
     source = str(path) if path is not None else "(defaults)"
     if extra:
         raw = merge_dicts(raw, extra)
@@ -265,7 +272,7 @@ def load_yaml_config(
     try:
         return schema.model_validate(raw)
     except ValidationError as error:
-        raise UserError(describe_error(error, schema, source)) from None
+        raise UserError(describe_error(error, schema, source, what)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

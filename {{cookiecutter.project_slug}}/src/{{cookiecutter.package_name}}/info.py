@@ -1,17 +1,19 @@
-"""What this environment will run on: package versions, device and precision."""
+"""What this environment will run on: package versions, device and precision.
+
+Package versions need nothing; the device needs torch, imported only by `describe`, so the
+cost meter (which reports versions) runs where torch is not installed.
+"""
 
 from __future__ import annotations
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from .device import pick_precision
-
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    versions = {}
+    versions: dict[str, str] = {}
     for name in names:
         try:
             versions[name] = version(name)
@@ -23,10 +25,12 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def describe() -> dict[str, str]:
     import torch
 
+    from .device import device_name, pick_precision
+
     precision = pick_precision()
     device = precision.device
     if device.startswith("cuda"):
-        device = f"{device} ({torch.cuda.get_device_name(0)})"
+        device = f"{device} ({device_name(device)})"
     return {
         "python": platform.python_version(),
         **package_versions(),

@@ -17,14 +17,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from ..errors import UserError
+from ..serving import metric_names
+from .schema import ColdStart
+
+if TYPE_CHECKING:
+    from .load import RequestResult
 
 PACKAGE = __package__.rpartition(".")[0]
-PHASES = ("imports", "weights", "adapters", "warmup", "ready")
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -61,8 +65,8 @@ def token_counters(metrics: dict[str, float] | None) -> dict[str, float] | None:
     """Prompt and completion tokens the server has counted, over all models."""
     if not metrics:
         return None
-    prompt = _sum(metrics, "llm_prompt_tokens_total")
-    completion = _sum(metrics, "llm_completion_tokens_total")
+    prompt = _sum(metrics, metric_names.counter_sample(metric_names.PROMPT_TOKENS))
+    completion = _sum(metrics, metric_names.counter_sample(metric_names.COMPLETION_TOKENS))
     if prompt is None or completion is None:
         return None
     return {"prompt_tokens": prompt, "completion_tokens": completion}
@@ -80,8 +84,8 @@ def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
     if not metrics:
         return {}
     phases = {}
-    for phase in PHASES:
-        value = metrics.get("llm_cold_start_seconds" + "{" + f'phase="{phase}"' + "}")
+    for phase in metric_names.COLD_START_PHASES:
+        value = metrics.get(metric_names.COLD_START + '{phase="' + phase + '"}')
         if value is not None:
             phases[phase] = value
     return phases
@@ -90,7 +94,7 @@ def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 class OwnServer:
@@ -120,7 +124,7 @@ class OwnServer:
         self.command += [*overrides, *placement]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.timings: dict[str, float] = {}
 
     def alive(self) -> str | None:
@@ -182,8 +186,8 @@ class OwnServer:
 
 
 def cold_start_section(
-    server: OwnServer, first: Any, metrics: dict[str, float] | None
-) -> dict[str, Any]:
+    server: OwnServer, first: RequestResult | None, metrics: dict[str, float] | None
+) -> ColdStart:
     """The card's cold-start numbers: ours (spawn to ...) and the server's own phases.
 
     `first` is the first request, sent the moment the server was ready, timed from the
@@ -192,6 +196,9 @@ def cold_start_section(
     timings = dict(server.timings)
     if first is not None and first.ok:
         reference = first.first_token if first.first_token is not None else first.end
+    else:
+        reference = None
+    if first is not None and reference is not None:
         timings["first_token_s"] = first.start + reference
         timings["first_request_ttft_s"] = reference
     phases = server_phases(metrics)
@@ -207,17 +214,37 @@ def cold_start_section(
                 f"{timings['ready_s']:.2f} s: its process-start clock is coarse; trust ready_s"
             )
             outside = None
-    return {
-        "measured": True,
-        "source": "own server process started by the meter",
-        "command": server.command,
-        "listening_s": timings.get("listening_s"),
-        "ready_s": timings.get("ready_s"),
-        "first_token_s": timings.get("first_token_s"),
-        "first_request_ttft_s": timings.get("first_request_ttft_s"),
-        "server_phases_s": phases,
+    return ColdStart(
+        measured=True,
+        source="own server process started by the meter",
+        command=server.command,
+        listening_s=timings.get("listening_s"),
+        ready_s=timings.get("ready_s"),
+        first_token_s=timings.get("first_token_s"),
+        first_request_ttft_s=timings.get("first_request_ttft_s"),
+        server_phases_s=phases,
         # Before the server's clock starts: interpreter start until the process exists.
-        "outside_server_s": outside,
-        "first_request_error": None if first is None or first.ok else first.error,
-        "note": note,
-    }
+        outside_server_s=outside,
+        first_request_error=None if first is None or first.ok else first.error,
+        note=note,
+    )
+
+
+def reported_cold_start(metrics: dict[str, float] | None) -> ColdStart:
+    """An endpoint the meter did not start: only the phases its /metrics reports, if any."""
+    phases = server_phases(metrics)
+    return ColdStart(
+        measured=False,
+        source="the endpoint's /metrics (the meter did not start it)"
+        if phases
+        else "not measured: the meter did not start the endpoint",
+        command=None,
+        listening_s=None,
+        ready_s=None,
+        first_token_s=None,
+        first_request_ttft_s=None,
+        server_phases_s=phases,
+        outside_server_s=None,
+        first_request_error=None,
+        note=None,
+    )

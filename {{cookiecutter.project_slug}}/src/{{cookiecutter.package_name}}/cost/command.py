@@ -9,11 +9,12 @@ is kept, the interrupted level is marked partial, and so is the card.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import datetime as dt
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,27 +22,60 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
 from ..errors import UserError
+from ..inference import has_tokenizer
+from ..serving.protocol import ServerInfo
+from .coldstart import (
+    OwnServer,
+    cold_start_section,
+    counter_delta,
+    reported_cold_start,
+    scrape,
+    token_counters,
+)
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
 from .container import ContainerColdStart, serverless_cold_start
+from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request
 from .money import compare_with_apis, serverless_money
+from .schema import (
+    SCHEMA_VERSION,
+    CardKind,
+    ColdStart,
+    Comparison,
+    CostCard,
+    EndpointInfo,
+    LevelSummary,
+    LoadPlan,
+    Prices,
+    PromptSet,
+    ServedModel,
+    Serverless,
+    ServingSection,
+    Slo,
+    TrainingRun,
+    TrainingSection,
+    find_level,
+)
+from .summary import METRIC_DEFINITIONS, best_level, summarize_level
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "configs/token_cost.yaml"
+UTC = dt.timezone(dt.timedelta(0))  # dt.UTC is Python 3.11+; the project supports 3.10
 
 
 @dataclass
 class Hooks:
     """Test seams: called with the started server, and with every finished request."""
 
-    on_server_started: Callable[[Any], None] | None = None
-    on_result: Callable[[Any], None] | None = None
+    on_server_started: Callable[[OwnServer], None] | None = None
+    on_result: Callable[[RequestResult], None] | None = None
 
 
 @dataclass
 class Measurement:
-    section: dict[str, Any]
+    section: ServingSection
     device: str
     dtype: str
     partial_reasons: list[str] = field(default_factory=list)
@@ -63,7 +97,9 @@ def _root(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _preflight(base_url: str, api_key: str | None, key_env: str | None, timeout: float) -> list:
+def _preflight(
+    base_url: str, api_key: str | None, key_env: str | None, timeout: float
+) -> list[dict[str, Any]]:
     """GET /models: the endpoint answers and accepts the key; returns the model entries."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -83,9 +119,21 @@ def _preflight(base_url: str, api_key: str | None, key_env: str | None, timeout:
     if response.status_code >= 400:
         return []  # some APIs have no /models; the model must then be given
     try:
-        return list(response.json().get("data") or [])
-    except ValueError:
+        data = response.json().get("data") or []
+    except (ValueError, AttributeError):
         return []
+    return [entry for entry in data if isinstance(entry, dict)]
+
+
+def server_info(base_url: str, timeout: float) -> ServerInfo | None:
+    """GET /info of our server: what it runs on and how each model is served. None where
+    the endpoint has no such answer (vLLM, a hosted API): those fields are then reported as
+    not known, never guessed from the meter's own machine."""
+    try:
+        response = httpx.get(f"{_root(base_url)}/info", timeout=timeout, trust_env=False)
+        return ServerInfo.model_validate_json(response.content) if response.is_success else None
+    except (httpx.HTTPError, ValidationError):
+        return None
 
 
 def _tokenizer(source: str | None) -> Any:
@@ -100,7 +148,7 @@ def _tokenizer(source: str | None) -> Any:
         return None
 
 
-def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list, dict[str, Any]]:
+def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list[Prompt], PromptSet]:
     from ..config import DataConfig
     from ..data import load_records
     from .load import dataset_prompts, synthetic_prompts
@@ -118,287 +166,366 @@ def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list, dict[str, A
         prompts = synthetic_prompts(count, spec.input_tokens, api, tokenizer, config.load.seed)
         exact = "exactly" if tokenizer is not None else "about"
         description = f"{count} synthetic prompts of {exact} {spec.input_tokens} user tokens"
-    description += f", max_tokens {spec.output_tokens}"
-    info = {
-        "source": spec.source,
-        "dataset": spec.dataset if spec.source == "dataset" else None,
-        "count": len(prompts),
-        "input_tokens": spec.input_tokens if spec.source == "synthetic" else None,
-        "output_tokens": spec.output_tokens,
-        "description": description,
-    }
+    info = PromptSet(
+        source=spec.source,
+        dataset=spec.dataset if spec.source == "dataset" else None,
+        count=len(prompts),
+        input_tokens=spec.input_tokens if spec.source == "synthetic" else None,
+        output_tokens=spec.output_tokens,
+        description=description + f", max_tokens {spec.output_tokens}",
+    )
     return prompts, info
 
 
-def _device_of(serve_config: Any) -> tuple[str, str]:
-    from ..device import pick_precision
+# ---------------------------------------------------------------------------- target resolution
+@dataclass
+class Target:
+    """What the meter drives: the API base, the model, its key, and our server if it starts one."""
 
-    precision = pick_precision(serve_config.model.device, serve_config.model.dtype)
-    device = precision.device
-    if device.startswith("cuda"):
-        import torch
+    base_url: str  # ".../v1"
+    model: str | None
+    key_env: str | None
+    tokenizer_source: str | None  # for the cross-check; the server's answer replaces it
+    served: ServedModel
+    server: OwnServer | None = None
+    served_ids: list[str | None] = field(default_factory=list)
 
-        device = f"{device} ({torch.cuda.get_device_name(0)})"
-    return device, str(precision.dtype).removeprefix("torch.")
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.key_env) if self.key_env else None
+
+
+def resolve_target(config: TokenCostConfig, folder: Path) -> Target:
+    """Our server (configured, not started yet) or the external endpoint of endpoint.url."""
+    ep = config.endpoint
+    if ep.url is not None:
+        served = ServedModel(
+            name_or_path=None, served_name=None, adapters={}, engine=None,
+            engine_version=None, tokenizer=None,
+        )  # fmt: skip
+        return Target(_v1(ep.url), ep.model, ep.api_key_env, ep.tokenizer, served)
+    srv = config.server
+    server = OwnServer(srv.config, srv.overrides, srv.model, srv.adapters, folder / "server.log")
+    serve_config = server.config
+    model = ep.model or next(iter(serve_config.adapters), serve_config.base_name)
+    # The server's rule (runtime.py): an adapter saved with its tokenizer is served with it.
+    adapter = serve_config.adapters.get(model)
+    own = adapter if adapter and has_tokenizer(adapter) else None
+    served = ServedModel(
+        name_or_path=serve_config.model.name_or_path,
+        served_name=serve_config.base_name,
+        adapters=dict(serve_config.adapters),
+        engine=serve_config.engine.kind,
+        engine_version=None,
+        tokenizer=None,
+    )
+    return Target(
+        server.url + "/v1",
+        model,
+        ep.api_key_env or serve_config.server.api_key_env,
+        ep.tokenizer or own or serve_config.model.name_or_path,
+        served,
+        server,
+    )
+
+
+def connect(target: Target, timeout: float) -> str:
+    """The endpoint answers and takes the key; returns the model to drive."""
+    entries = _preflight(target.base_url, target.api_key, target.key_env, timeout)
+    target.served_ids = [m.get("id") for m in entries if isinstance(m, dict)]
+    if target.model is None:
+        if not entries:
+            raise UserError(f"{target.base_url}/models lists no model: pass --model NAME")
+        target.model = str(entries[0]["id"])
+    if target.server is None:
+        entry = next((m for m in entries if m.get("id") == target.model), {})
+        target.served.name_or_path = entry.get("root") or target.model
+        target.served.served_name = target.model
+    return target.model
+
+
+def apply_server_info(target: Target, info: ServerInfo | None) -> str | None:
+    """What the server says about itself goes on the card; returns the tokenizer it serves
+    the metered model with (None when it does not say)."""
+    if info is None:
+        return None
+    target.served.engine, target.served.engine_version = info.engine, info.engine_version
+    entry = next((m for m in info.models if m.id == target.model), None)
+    if entry is None:
+        return None
+    target.served.tokenizer = entry.tokenizer
+    if target.server is None:
+        target.served.name_or_path = entry.source
+    return entry.tokenizer
+
+
+def device_of(info: ServerInfo | None, stated: str | None) -> tuple[str, str]:
+    """(device, dtype) for the card: the server's own answer, or what endpoint.device says."""
+    if info is not None:
+        return f"{info.device} ({info.device_name})", info.dtype
+    device = stated or "not reported by the server (set endpoint.device to describe it)"
+    return device, "not reported by the server"
+
+
+# ---------------------------------------------------------------------------- the measurement
+@dataclass
+class Sweep:
+    """One measurement: the cold start (our server), the warm-up, then level after level."""
+
+    config: TokenCostConfig
+    target: Target
+    hooks: Hooks
+    tokenizer: Any = None
+    prompts: list[Prompt] = field(default_factory=list)
+    prompt_set: PromptSet | None = None
+    info: ServerInfo | None = None
+    cold: ColdStart | None = None
+    levels: list[LevelSummary] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def use_tokenizer(self, source: str | None) -> None:
+        self.target.tokenizer_source = source
+        self.tokenizer = _tokenizer(source)
+        self.prompts, self.prompt_set = _prompts(self.config, self.tokenizer)
+
+    def run(self) -> None:
+        ep, target = self.config.endpoint, self.target
+        if target.server is not None:
+            # Prompts first: the first request goes out the moment the server is ready.
+            self.use_tokenizer(target.tokenizer_source)
+            target.server.start(self.config.server.ready_timeout_s, _say)
+            if self.hooks.on_server_started:
+                self.hooks.on_server_started(target.server)
+        model = connect(target, ep.connect_timeout_s)
+        endpoint = self.endpoint(model)
+        if target.server is not None:
+            self.cold = self.cold_start(endpoint, target.server)
+        self.info = server_info(target.base_url, ep.connect_timeout_s)
+        served_tokenizer = apply_server_info(target, self.info)
+        wanted = ep.tokenizer or served_tokenizer or target.tokenizer_source
+        if not self.prompts or wanted != target.tokenizer_source:
+            if self.prompts:
+                self.notes.append(f"token counts checked with {wanted}, the server's tokenizer")
+            self.use_tokenizer(wanted)
+        if target.server is None:
+            self.cold = reported_cold_start(scrape(_root(target.base_url)))
+        self.sweep(endpoint)
+
+    def endpoint(self, model: str) -> Endpoint:
+        ep, prompts = self.config.endpoint, self.config.prompts
+        return Endpoint(
+            base_url=self.target.base_url,
+            model=model,
+            api=ep.api,
+            api_key=self.target.api_key,
+            max_tokens=prompts.output_tokens,
+            temperature=prompts.temperature,
+            ignore_eos=prompts.ignore_eos,
+            connect_timeout_s=ep.connect_timeout_s,
+            request_timeout_s=ep.request_timeout_s,
+        )
+
+    def cold_start(self, endpoint: Endpoint, server: OwnServer) -> ColdStart:
+        """The first request, sent the moment the server is ready, timed from the spawn."""
+
+        async def first_request() -> RequestResult:
+            timeout = self.config.endpoint.request_timeout_s
+            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+                prompt = self.prompts[0]
+                return await stream_request(client, endpoint, prompt, -1, server.spawned_at)
+
+        first = asyncio.run(first_request())
+        if not first.ok:
+            raise UserError(f"the first request failed: {first.error}")
+        cold = cold_start_section(server, first, scrape(server.url))
+        _say(
+            f"cold start: ready after {_f(cold.ready_s)} s, "
+            f"first token after {_f(cold.first_token_s)} s"
+        )
+        return cold
+
+    def sweep(self, endpoint: Endpoint) -> None:
+        load = self.config.load
+        server = self.target.server
+        runner = LevelRunner(
+            endpoint,
+            self.prompts,
+            alive=server.alive if server is not None else None,
+            abort_after_errors=load.abort_after_errors,
+            max_concurrency=load.max_concurrency,
+            on_result=self.hooks.on_result,
+        )
+        if load.warmup_requests:
+            warm = asyncio.run(runner.warmup(load.warmup_requests))
+            failed = [r for r in warm if not r.ok]
+            if len(failed) == len(warm):
+                raise UserError(f"every warm-up request failed; the first: {failed[0].error}")
+        for index, value in enumerate(load.levels()):
+            if not self.level(runner, index, value):
+                break
+
+    def level(self, runner: LevelRunner, index: int, value: float) -> bool:
+        """One level, summarized; False when the sweep must stop."""
+        load, slo, price = self.config.load, self.config.slo, self.config.price
+        metrics_url = _root(self.target.base_url)
+        before = token_counters(scrape(metrics_url))
+        try:
+            run = asyncio.run(
+                runner.run_level(
+                    load.mode, value, load.requests_per_level, load.level_time_limit_s,
+                    seed=load.seed + index,
+                )
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            self.partial.append(f"interrupted (Ctrl-C) during level {value:g}, which is left out")
+            return False
+        after = token_counters(scrape(metrics_url)) if not run.aborted else None
+        summary = summarize_level(
+            run,
+            ttft_slo_s=slo.ttft_s,
+            e2e_slo_s=slo.e2e_s,
+            tpot_slo_s=slo.tpot_s,
+            attainment=slo.attainment,
+            gpu_hourly_usd=price.gpu_hourly_usd,
+            split=price.split_rule(),
+            tokenizer=self.tokenizer,
+            counters=counter_delta(before, after),
+        )
+        self.levels.append(summary)
+        if not run.aborted:
+            return True
+        reason = run.stopped_by.removeprefix("abort: ")
+        self.partial.append(
+            f"level {summary.label} stopped early ({reason}); "
+            f"{summary.requests.ok} of its requests finished: kept, marked partial"
+        )
+        _say(f"error: {reason}")
+        return False
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def measure_serving(
     config: TokenCostConfig, folder: Path, hooks: Hooks | None = None
 ) -> Measurement:
-    from .card import SCHEMA_VERSION  # noqa: F401  (fail early if the package is broken)
-    from .coldstart import OwnServer, cold_start_section, counter_delta, scrape, token_counters
-    from .load import Endpoint, LevelRunner, stream_request
-    from .summary import METRIC_DEFINITIONS, best_level, summarize_level
-
-    hooks = hooks or Hooks()
+    """Resolve the target, then cold start and sweep; whatever was measured is kept when
+    a fault ends it early."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
-    ep = config.endpoint
-    server = None
-    partial: list[str] = []
-    notes: list[str] = []
-    if ep.url is None:
-        srv = config.server
-        log_path = folder / "server.log"
-        server = OwnServer(srv.config, srv.overrides, srv.model, srv.adapters, log_path)
-        serve_config = server.config
-        key_env = ep.api_key_env or serve_config.server.api_key_env
-        model = ep.model or next(iter(serve_config.adapters), serve_config.base_name)
-        # An adapter saved with its tokenizer is served with it (runtime.py); else the base's.
-        adapter = serve_config.adapters.get(model)
-        own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-        tokenizer_source = ep.tokenizer or (adapter if own_tokenizer else None)
-        tokenizer_source = tokenizer_source or serve_config.model.name_or_path
-        device, dtype = _device_of(serve_config)
-        model_info = {
-            "name_or_path": serve_config.model.name_or_path,
-            "served_name": serve_config.base_name,
-            "adapters": dict(serve_config.adapters),
-            "engine": serve_config.engine.kind,
-        }
-    else:
-        key_env = ep.api_key_env
-        model = ep.model
-        tokenizer_source = ep.tokenizer
-        device = ep.device or "remote endpoint (not measured; set endpoint.device)"
-        dtype = "unknown"
-        model_info = {"name_or_path": None, "served_name": None, "adapters": {}, "engine": None}
-    api_key = os.environ.get(key_env) if key_env else None
-    tokenizer = _tokenizer(tokenizer_source)
-    prompts, prompt_info = _prompts(config, tokenizer)
-    cold: dict[str, Any] | None = None
-    levels: list[dict[str, Any]] = []
-    served: list = []
-    base_url = server.url + "/v1" if server is not None else _v1(ep.url or "")
+    target = resolve_target(config, folder)
+    sweep = Sweep(config, target, hooks or Hooks())
     try:
-        if server is not None:
-            server.start(config.server.ready_timeout_s, _say)
-            if hooks.on_server_started:
-                hooks.on_server_started(server)
-            base_url = server.url + "/v1"
-        else:
-            base_url = _v1(ep.url)
-        served = _preflight(base_url, api_key, key_env, ep.connect_timeout_s)
-        if model is None:
-            if not served:
-                raise UserError(f"{base_url}/models lists no model: pass --model NAME")
-            model = served[0]["id"]
-        if ep.url is not None:
-            entry = next((m for m in served if m.get("id") == model), {})
-            model_info["name_or_path"] = entry.get("root") or model
-            model_info["served_name"] = model
-        endpoint = Endpoint(
-            base_url=base_url,
-            model=model,
-            api=ep.api,
-            api_key=api_key,
+        sweep.run()
+    except KeyboardInterrupt:
+        sweep.partial.append("interrupted (Ctrl-C) before the sweep finished")
+    except UserError as error:
+        if not sweep.levels:
+            raise
+        sweep.partial.append(str(error))
+    finally:
+        if target.server is not None:
+            target.server.stop()
+    return assemble(sweep, folder)
+
+
+# ---------------------------------------------------------------------------- assembly
+def assemble(sweep: Sweep, folder: Path) -> Measurement:
+    """The card's serving section from what the sweep measured."""
+    config, target, levels = sweep.config, sweep.target, sweep.levels
+    server = target.server
+    code = server.process.returncode if server is not None and server.process else None
+    if code not in (0, None) and not any("exited" in reason for reason in sweep.partial):
+        sweep.notes.append(f"the server exited with code {code}")
+    best = best_level(levels)
+    chosen = find_level(levels, best)
+    load = config.load
+    section = ServingSection(
+        endpoint=EndpointInfo(
+            url=target.base_url,
+            own_server=server is not None,
+            model=target.model,
+            api=config.endpoint.api,
+            api_key_env=target.key_env,
+            served_models=target.served_ids,
+        ),
+        model=target.served,
+        load=LoadPlan(
+            mode=load.mode,
+            levels=load.levels(),
+            requests_per_level=load.requests_per_level,
+            level_time_limit_s=load.level_time_limit_s,
+            warmup_requests=load.warmup_requests,
+            max_concurrency=load.max_concurrency,
             max_tokens=config.prompts.output_tokens,
             temperature=config.prompts.temperature,
             ignore_eos=config.prompts.ignore_eos,
-            connect_timeout_s=ep.connect_timeout_s,
-            request_timeout_s=ep.request_timeout_s,
-        )
-        metrics_url = _root(base_url)
-        if server is not None:
-
-            async def first_request() -> Any:
-                timeout = ep.request_timeout_s
-                async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-                    return await stream_request(client, endpoint, prompts[0], -1, server.spawned_at)
-
-            first = asyncio.run(first_request())
-            if not first.ok:
-                raise UserError(f"the first request failed: {first.error}")
-            cold = cold_start_section(server, first, scrape(metrics_url))
-            _say(
-                f"cold start: ready after {cold['ready_s']:.2f} s, first token after "
-                f"{cold['first_token_s']:.2f} s"
-            )
-        else:
-            phases = scrape(metrics_url)
-            from .coldstart import server_phases
-
-            cold = {
-                "measured": False,
-                "source": "the endpoint's /metrics (the meter did not start it)"
-                if server_phases(phases)
-                else "not measured: the meter did not start the endpoint",
-                "command": None,
-                "listening_s": None,
-                "ready_s": None,
-                "first_token_s": None,
-                "first_request_ttft_s": None,
-                "server_phases_s": server_phases(phases),
-                "outside_server_s": None,
-                "first_request_error": None,
-                "note": None,
-            }
-        runner = LevelRunner(
-            endpoint,
-            prompts,
-            alive=server.alive if server is not None else None,
-            abort_after_errors=config.load.abort_after_errors,
-            max_concurrency=config.load.max_concurrency,
-            on_result=hooks.on_result,
-        )
-        if config.load.warmup_requests:
-            warm = asyncio.run(runner.warmup(config.load.warmup_requests))
-            failed = [r for r in warm if not r.ok]
-            if len(failed) == len(warm):
-                raise UserError(f"every warm-up request failed; the first: {failed[0].error}")
-        for index, value in enumerate(config.load.levels()):
-            before = token_counters(scrape(metrics_url))
-            try:
-                run = asyncio.run(
-                    runner.run_level(
-                        config.load.mode,
-                        value,
-                        config.load.requests_per_level,
-                        config.load.level_time_limit_s,
-                        seed=config.load.seed + index,
-                    )
-                )
-            except KeyboardInterrupt:
-                partial.append(f"interrupted (Ctrl-C) during level {value:g}, which is left out")
-                break
-            after = token_counters(scrape(metrics_url)) if not run.aborted else None
-            summary = summarize_level(
-                run,
-                ttft_slo_s=config.slo.ttft_s,
-                e2e_slo_s=config.slo.e2e_s,
-                attainment=config.slo.attainment,
-                gpu_hourly_usd=config.price.gpu_hourly_usd,
-                split=config.price.split_rule(),
-                tokenizer=tokenizer,
-                counters=counter_delta(before, after),
-                tpot_slo_s=config.slo.tpot_s,
-            )
-            levels.append(summary)
-            if run.aborted:
-                reason = run.stopped_by.removeprefix("abort: ")
-                partial.append(
-                    f"level {summary['label']} stopped early ({reason}); "
-                    f"{summary['requests']['ok']} of its requests finished: kept, marked partial"
-                )
-                _say(f"error: {reason}")
-                break
-    except KeyboardInterrupt:
-        partial.append("interrupted (Ctrl-C) before the sweep finished")
-    except UserError as error:
-        if not levels:
-            raise
-        partial.append(str(error))
-    finally:
-        if server is not None:
-            server.stop()
-    code = server.process.returncode if server is not None and server.process else None
-    if code not in (0, None) and not any("exited" in reason for reason in partial):
-        notes.append(f"the server exited with code {code}")
-    best = best_level(levels)
-    section = {
-        "endpoint": {
-            "url": base_url,
-            "own_server": server is not None,
-            "model": model,
-            "api": ep.api,
-            "api_key_env": key_env,
-            "served_models": [m.get("id") for m in served if isinstance(m, dict)],
-        },
-        "model": model_info,
-        "load": {
-            "mode": config.load.mode,
-            "levels": config.load.levels(),
-            "requests_per_level": config.load.requests_per_level,
-            "level_time_limit_s": config.load.level_time_limit_s,
-            "warmup_requests": config.load.warmup_requests,
-            "max_concurrency": config.load.max_concurrency,
-            "max_tokens": config.prompts.output_tokens,
-            "temperature": config.prompts.temperature,
-            "ignore_eos": config.prompts.ignore_eos,
-            "seed": config.load.seed,
-            "prompts": prompt_info,
-        },
-        "slo": config.slo.model_dump(),
-        "metric_definitions": METRIC_DEFINITIONS,
-        "cold_start": cold,
-        "levels": levels,
-        "best": best,
-        "serverless": _serverless(config, levels, best, cold, notes),
-        "comparison": _comparison(config, levels, best, notes),
-        "server_log": str(folder / "server.log") if server is not None else None,
-    }
-    return Measurement(section, device, dtype, partial, notes)
+            seed=load.seed,
+            prompts=sweep.prompt_set or _prompts(config, None)[1],
+        ),
+        slo=Slo.model_validate(config.slo.model_dump()),
+        metric_definitions=METRIC_DEFINITIONS,
+        cold_start=sweep.cold,
+        levels=levels,
+        best=best,
+        serverless=_serverless(config, levels, chosen if best.meets_slo else None, sweep),
+        comparison=_comparison(config, chosen, sweep.notes),
+        server_log=str(folder / "server.log") if server is not None else None,
+    )
+    device, dtype = device_of(sweep.info, config.endpoint.device)
+    return Measurement(section, device, dtype, sweep.partial, sweep.notes)
 
 
 def _serverless(
-    config: TokenCostConfig, levels: list, best: dict, cold: dict | None, notes: list[str]
-) -> dict[str, Any] | None:
+    config: TokenCostConfig, levels: list[LevelSummary], best: LevelSummary | None, sweep: Sweep
+) -> Serverless | None:
+    """Per-second billing with scale to zero; `best` (met the SLO) caps one instance."""
     spec = config.serverless
     if not spec.enabled:
         return None
-    usable = [lv for lv in levels if lv["status"] != "partial" and lv["e2e_s"]["mean"] is not None]
+    usable = [lv for lv in levels if lv.status != "partial" and lv.e2e_s.mean is not None]
     if not usable:
-        notes.append("serverless: no complete level to take the service time from")
+        sweep.notes.append("serverless: no complete level to take the service time from")
         return None
-    lowest = min(usable, key=lambda lv: lv["value"])
-    chosen = serverless_cold_start(spec, cold)
+    lowest = min(usable, key=lambda lv: lv.value)
+    chosen = serverless_cold_start(spec, sweep.cold.ready_s if sweep.cold else None)
     if chosen is None:
-        notes.append("serverless: no cold start measured (external endpoint); set it in serverless")
+        sweep.notes.append(
+            "serverless: no cold start measured (external endpoint); set it in serverless"
+        )
         return None
     cold_s, source = chosen
-    best_level = next((lv for lv in levels if lv["label"] == best["label"]), None)
-    capacity = best_level["request_rate"] if best_level and best["meets_slo"] else None
+    service_s = lowest.e2e_s.mean or 0.0
+    tokens_in = lowest.input_tokens_per_request or 0.0
+    tokens_out = lowest.output_tokens_per_request or 0.0
+    capacity = best.request_rate if best else None
     profiles = [
         serverless_money(
-            config.price.gpu_hourly_usd,
-            rate,
-            lowest["e2e_s"]["mean"],
-            cold_s,
-            spec.idle_timeout_s,
-            lowest["input_tokens_per_request"],
-            lowest["output_tokens_per_request"],
-            config.price.split_rule(),
-            capacity_rps=capacity,
+            config.price.gpu_hourly_usd, rate, service_s, cold_s, spec.idle_timeout_s,
+            tokens_in, tokens_out, config.price.split_rule(), capacity_rps=capacity,
         )
         for rate in spec.requests_per_hour
-    ]
-    return {
-        "cold_start_s": cold_s,
-        "cold_start_source": source,
-        "idle_timeout_s": spec.idle_timeout_s,
-        "service_s": lowest["e2e_s"]["mean"],
-        "service_from_level": lowest["label"],
-        "capacity_requests_per_s": capacity,
-        "input_tokens_per_request": lowest["input_tokens_per_request"],
-        "output_tokens_per_request": lowest["output_tokens_per_request"],
-        "model": "Poisson arrivals; P(cold) = exp(-rate * idle_timeout); billed per request = "
+    ]  # fmt: skip
+    return Serverless(
+        cold_start_s=cold_s,
+        cold_start_source=source,
+        idle_timeout_s=spec.idle_timeout_s,
+        service_s=service_s,
+        service_from_level=lowest.label,
+        capacity_requests_per_s=capacity,
+        input_tokens_per_request=lowest.input_tokens_per_request,
+        output_tokens_per_request=lowest.output_tokens_per_request,
+        model="Poisson arrivals; P(cold) = exp(-rate * idle_timeout); billed per request = "
         "service + (1 - P(cold)) / rate + cold_start * P(cold); always on past the hour",
-        "profiles": profiles,
-    }
+        profiles=profiles,
+    )
 
 
 def _comparison(
-    config: TokenCostConfig, levels: list, best: dict, notes: list[str]
-) -> dict[str, Any] | None:
+    config: TokenCostConfig, level: LevelSummary | None, notes: list[str]
+) -> Comparison | None:
+    """API list prices for the request shape of the best level."""
     path = config.price.reference_prices
     if not path:
         return None
@@ -406,25 +533,27 @@ def _comparison(
         notes.append(f"no comparison with API prices: {path} does not exist")
         return None
     prices = load_reference_prices(path)
-    level = next((lv for lv in levels if lv["label"] == best["label"]), None)
-    if level is None or level["input_tokens_per_request"] is None:
+    if level is None or level.input_tokens_per_request is None:
         return None
-    rows = compare_with_apis(
-        [m.model_dump() for m in prices.models],
-        level["money"]["usd_per_1k_requests"],
-        level["input_tokens_per_request"],
-        level["output_tokens_per_request"],
+    tokens_in, tokens_out = level.input_tokens_per_request, level.output_tokens_per_request
+    return Comparison(
+        file=str(path),
+        taken=prices.taken,
+        source=prices.source,
+        note=prices.note,
+        level=level.label,
+        input_tokens_per_request=tokens_in,
+        output_tokens_per_request=tokens_out,
+        rows=compare_with_apis(
+            prices.models, level.money.usd_per_1k_requests, tokens_in, tokens_out or 0.0
+        ),
     )
-    return {
-        "file": str(path),
-        "taken": prices.taken.isoformat(),
-        "source": prices.source,
-        "note": prices.note,
-        "level": level["label"],
-        "input_tokens_per_request": level["input_tokens_per_request"],
-        "output_tokens_per_request": level["output_tokens_per_request"],
-        "rows": rows,
-    }
+
+
+def card_kind(serving: bool, training: bool) -> CardKind:
+    if serving and training:
+        return "serving-training"
+    return "serving" if serving else "training"
 
 
 def build_card(
@@ -436,44 +565,47 @@ def build_card(
     training_price: float | None,
     folder: Path,
     hooks: Hooks | None = None,
-) -> dict[str, Any]:
-    from .card import SCHEMA_VERSION, environment
+) -> CostCard:
+    from .card import environment
     from .training import training_cost
 
     partial: list[str] = []
     notes: list[str] = []
     serving = None
     training = None
-    device = dtype = None
     if runs:
-        training = {"runs": [training_cost(run, training_price) for run in runs]}
+        training = TrainingSection(
+            runs=[
+                TrainingRun.model_validate(training_cost(run, training_price), from_attributes=True)
+                for run in runs
+            ]
+        )
     if measure:
         measured = measure_serving(config, folder, hooks)
         serving, device, dtype = measured.section, measured.device, measured.dtype
         partial += measured.partial_reasons
         notes += measured.notes
-    if device is None:
-        from ..info import describe
+    else:
+        from ..info import describe  # training only: the machine this runs on (needs torch)
 
         here = describe()
         device, dtype = here["device"], here["dtype"]
-    kind = "-".join(name for name, part in (("serving", serving), ("training", training)) if part)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "partial": bool(partial),
-        "partial_reasons": partial,
-        "notes": notes,
-        "prices": {
-            "gpu_hourly_usd": config.price.gpu_hourly_usd,
-            "gpu_hourly_usd_source": price_source,
-            "split": config.price.split_rule().as_dict(),
-        },
-        "environment": environment(Path.cwd(), device, dtype),
-        "serving": serving,
-        "training": training,
-    }
+    return CostCard(
+        schema_version=SCHEMA_VERSION,
+        kind=card_kind(measure, bool(runs)),
+        created=dt.datetime.now(UTC).replace(microsecond=0),
+        partial=bool(partial),
+        partial_reasons=partial,
+        notes=notes,
+        prices=Prices(
+            gpu_hourly_usd=config.price.gpu_hourly_usd,
+            gpu_hourly_usd_source=price_source,
+            split=config.price.split_rule().record(),
+        ),
+        environment=environment(Path.cwd(), device, dtype),
+        serving=serving,
+        training=training,
+    )
 
 
 def run_token_cost(
@@ -484,12 +616,11 @@ def run_token_cost(
     price_source: str = "config",
     training_price: float | None = None,
     hooks: Hooks | None = None,
-) -> tuple[dict[str, Any], dict[str, Path]]:
+) -> tuple[CostCard, dict[str, Path]]:
     from .card import report_dir, write_card
 
     runs = runs or []
-    kind = "-".join(name for name, on in (("serving", measure), ("training", bool(runs))) if on)
-    folder = report_dir(Path(config.report.dir), kind)
+    folder = report_dir(Path(config.report.dir), card_kind(measure, bool(runs)))
     card = build_card(
         config,
         measure=measure,
@@ -502,12 +633,9 @@ def run_token_cost(
     return card, write_card(card, folder)
 
 
-def token_cost_command(args: Any) -> int:
-    """Entry point of `<package> token-cost` (see cli.py for the flags)."""
-    from .training import latest_run
-
-    extra: dict[str, Any] = {}
-    flags = {
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options as config sections (those given)."""
+    flags: dict[tuple[str, str], Any] = {
         ("endpoint", "url"): args.url,
         ("endpoint", "model"): args.model,
         ("endpoint", "api_key_env"): args.api_key_env,
@@ -522,21 +650,31 @@ def token_cost_command(args: Any) -> int:
     if args.rates:
         flags[("load", "mode")] = "poisson"
         flags[("load", "rates")] = [float(x) for x in args.rates.split(",")]
+    extra: dict[str, Any] = {}
     for (section, key), value in flags.items():
         if value is not None:
             extra.setdefault(section, {})[key] = value
+    return extra
+
+
+def _price_source(args: argparse.Namespace, path: str | None) -> str:
+    if args.gpu_hourly_usd is not None:
+        return "--gpu-hourly-usd"
+    if any(o.startswith("price.gpu_hourly_usd=") for o in args.overrides):
+        return "KEY=VALUE override"
+    return str(path) if path else "default"
+
+
+def token_cost_command(args: argparse.Namespace) -> int:
+    """Entry point of `<package> token-cost` (see cli.py for the flags)."""
+    from .training import latest_run
+
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
-    config = load_token_cost_config(path, args.overrides, extra)
+    config = load_token_cost_config(path, args.overrides, _flags(args))
     if config.serverless.container_cold_start:  # a bad report fails now, not after the sweep
         ContainerColdStart.read(config.serverless.container_cold_start)
-    if args.gpu_hourly_usd is not None:
-        price_source = "--gpu-hourly-usd"
-    elif any(o.startswith("price.gpu_hourly_usd=") for o in args.overrides):
-        price_source = "KEY=VALUE override"
-    else:
-        price_source = str(path) if path else "default"
     runs = [latest_run(Path("runs")) if run == "latest" else Path(run) for run in args.runs or []]
     measure = not args.training_only
     if not measure and not runs:
@@ -545,13 +683,13 @@ def token_cost_command(args: Any) -> int:
         config,
         measure=measure,
         runs=runs,
-        price_source=price_source,
+        price_source=_price_source(args, path),
         training_price=args.gpu_hourly_usd,
     )
     print(paths["markdown"].read_text(encoding="utf-8"))
     for name, file in paths.items():
         print(f"{name:>8}: {file}")
-    if card["partial"]:
+    if card.partial:
         print("PARTIAL cost card (see the reasons at the top)", file=sys.stderr)
         return 1
     return 0

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import load_yaml_config, read_yaml
-from ..errors import UserError
+from ..config import Section, load_yaml_config
 from .money import Split
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# $ per hour of the machine that serves: the template's gpu_hourly_usd
+GPU_HOURLY_USD = {{ cookiecutter.gpu_hourly_usd | float }}
 
 
 class PriceSection(Section):
-    gpu_hourly_usd: float = Field(2.5, gt=0)  # the machine that serves, all its GPUs
+    gpu_hourly_usd: float = Field(GPU_HOURLY_USD, gt=0)  # the machine that serves, all its GPUs
     split: Literal["output-only", "by-tokens", "weighted"] = "weighted"
     input_weight: float = Field(0.25, ge=0)  # weighted: an input token costs this x an output
     reference_prices: str | None = "configs/prices.yaml"  # null: no comparison
@@ -44,16 +42,18 @@ class EndpointSection(Section):
 
 class ServerSection(Section):
     config: str | None = "configs/serve.yaml"  # the serve config our server starts from
-    overrides: list[str] = []  # KEY=VALUE for the server, e.g. ["engine.kv_cache_tokens=8192"]
+    # KEY=VALUE for the server, e.g. ["engine.kv_cache_tokens=8192"]
+    overrides: list[str] = Field(default_factory=list)
     model: str | None = None  # shorthand for model.name_or_path
-    adapters: dict[str, str] = {}  # NAME: PATH served next to the base
+    adapters: dict[str, str] = Field(default_factory=dict)  # NAME: PATH next to the base
     ready_timeout_s: float = Field(900.0, gt=0)
 
 
 class LoadSection(Section):
     mode: Literal["concurrency", "poisson"] = "concurrency"
-    concurrency: list[int] = [1, 2, 4, 8, 16, 32]
-    rates: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]  # poisson: requests per second
+    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    # poisson: requests per second
+    rates: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
     max_concurrency: int | None = Field(None, ge=1)  # poisson: cap on requests in flight
     requests_per_level: int = Field(64, ge=1)
     level_time_limit_s: float = Field(120.0, gt=0)  # a level stops here, whatever is left
@@ -91,7 +91,7 @@ class SloSection(Section):
 
 class ServerlessSection(Section):
     enabled: bool = True
-    requests_per_hour: list[float] = [1.0, 10.0, 60.0, 600.0, 3600.0]
+    requests_per_hour: list[float] = Field(default_factory=lambda: [1.0, 10.0, 60.0, 600.0, 3600.0])
     idle_timeout_s: float = Field(300.0, ge=0)  # scale to zero after this long without a request
     cold_start_s: float | None = Field(None, ge=0)  # null: measured (start to ready)
     # reports/image.json of `nox -s docker -- --cold-start`: the container's pull to first token
@@ -115,7 +115,9 @@ class TokenCostConfig(Section):
 
 
 def load_token_cost_config(
-    path: str | Path | None, overrides: list[str] | None = None, extra: dict | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> TokenCostConfig:
     """The YAML (or the defaults), then `extra` (from CLI flags), then KEY=VALUE overrides."""
     return load_yaml_config(TokenCostConfig, path, overrides, extra)
@@ -139,11 +141,4 @@ class ReferencePrices(Section):
 
 
 def load_reference_prices(path: str | Path) -> ReferencePrices:
-    raw = read_yaml(path, "price file")
-    try:
-        return ReferencePrices.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()[:5]
-        )
-        raise UserError(f"price file {path}: {problems}") from None
+    return load_yaml_config(ReferencePrices, path, what="price list")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import UserError
 from .config import ServerlessSection
@@ -70,18 +69,18 @@ class ContainerColdStart:
 
 
 def serverless_cold_start(
-    spec: ServerlessSection, measured: dict[str, Any] | None
+    spec: ServerlessSection, measured_ready_s: float | None
 ) -> tuple[float, str] | None:
     """(seconds, where they come from) for the serverless profiles, or None when unknown.
     In order: serverless.cold_start_s, the container's, our server's measured spawn to
-    ready; serverless.extra_cold_start_s is added to each."""
+    ready (`measured_ready_s`); serverless.extra_cold_start_s is added to each."""
     if spec.cold_start_s is not None:
         seconds, source = spec.cold_start_s, "serverless.cold_start_s"
     elif spec.container_cold_start:
         container = ContainerColdStart.read(spec.container_cold_start)
         seconds, source = container.first_token_s, container.describe(spec.container_cold_start)
-    elif measured and measured.get("ready_s") is not None:
-        seconds, source = measured["ready_s"], "measured: process spawn to ready"
+    elif measured_ready_s is not None:
+        seconds, source = measured_ready_s, "measured: process spawn to ready"
     else:
         return None
     if spec.extra_cold_start_s:

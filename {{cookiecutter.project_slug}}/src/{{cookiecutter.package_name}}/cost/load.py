@@ -136,54 +136,13 @@ async def stream_request(
                 result.error = f"HTTP {response.status_code}: {_error_message(body)}"
                 result.end = since()
                 return result
-            async for line in response.aiter_lines():
-                arrived = since()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                try:
-                    event = json.loads(payload)
-                except json.JSONDecodeError:
-                    result.error_kind, result.error = "stream", f"bad event: {payload[:200]}"
-                    break
-                if "error" in event:
-                    result.error_kind = "stream"
-                    result.error = f"error event: {_error_message(payload.encode())}"
-                    break
-                usage = event.get("usage")
-                if usage:
-                    result.prompt_tokens = usage.get("prompt_tokens")
-                    result.completion_tokens = usage.get("completion_tokens")
-                for choice in event.get("choices") or []:
-                    if endpoint.api == "chat":
-                        piece = (choice.get("delta") or {}).get("content") or ""
-                    else:
-                        piece = choice.get("text") or ""
-                    if piece:
-                        result.content_chunks += 1
-                        result.chunk_times.append(arrived)
-                        result.text += piece
-                        if result.first_token is None:
-                            result.first_token = arrived
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
+            done = await _read_stream(response, endpoint.api, result, since)
     except asyncio.CancelledError:
         result.error_kind, result.error = "cancelled", "cancelled at the level's time limit"
         result.end = since()
         raise
-    except httpx.TimeoutException as error:
-        result.error_kind = "timeout"
-        result.error = f"timed out ({error.__class__.__name__})"
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as error:
-        started = result.status is not None
-        result.error_kind = "stream" if started else "connect"
-        what = "connection lost mid-stream" if started else "cannot connect"
-        result.error = f"{what}: {error.__class__.__name__}: {error}"
     except httpx.HTTPError as error:
-        result.error_kind, result.error = "connect", f"{error.__class__.__name__}: {error}"
+        result.error_kind, result.error = _transport_error(error, result.status is not None)
     finally:
         if result.end is None:
             result.end = since()
@@ -194,6 +153,60 @@ async def stream_request(
         result.error_kind, result.error = "stream", "the stream ended without data: [DONE]"
     result.ok = result.error is None
     return result
+
+
+async def _read_stream(
+    response: httpx.Response, api: str, result: RequestResult, since: Callable[[], float]
+) -> bool:
+    """Each `data:` event, timed when its line arrived; True when the stream said [DONE]."""
+    async for line in response.aiter_lines():
+        arrived = since()
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return True
+        try:
+            event = json.loads(payload)
+        except json.JSONDecodeError:
+            result.error_kind, result.error = "stream", f"bad event: {payload[:200]}"
+            return False
+        if "error" in event:
+            result.error_kind = "stream"
+            result.error = f"error event: {_error_message(payload.encode())}"
+            return False
+        _take_event(event, api, result, arrived)
+    return False
+
+
+def _take_event(event: dict[str, Any], api: str, result: RequestResult, arrived: float) -> None:
+    usage = event.get("usage")
+    if usage:
+        result.prompt_tokens = usage.get("prompt_tokens")
+        result.completion_tokens = usage.get("completion_tokens")
+    for choice in event.get("choices") or []:
+        if api == "chat":
+            piece = (choice.get("delta") or {}).get("content") or ""
+        else:
+            piece = choice.get("text") or ""
+        if piece:
+            result.content_chunks += 1
+            result.chunk_times.append(arrived)
+            result.text += piece
+            if result.first_token is None:
+                result.first_token = arrived
+        if choice.get("finish_reason"):
+            result.finish_reason = choice["finish_reason"]
+
+
+def _transport_error(error: httpx.HTTPError, started: bool) -> tuple[str, str]:
+    """(error_kind, message) of a request that failed below HTTP."""
+    if isinstance(error, httpx.TimeoutException):
+        return "timeout", f"timed out ({error.__class__.__name__})"
+    if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
+        what = "connection lost mid-stream" if started else "cannot connect"
+        return ("stream" if started else "connect"), f"{what}: {error.__class__.__name__}: {error}"
+    return "connect", f"{error.__class__.__name__}: {error}"
 
 
 @dataclass
@@ -207,10 +220,6 @@ class LevelRun:
     @property
     def aborted(self) -> bool:
         return self.stopped_by.startswith("abort")
-
-
-class Abort(Exception):
-    """The sweep cannot go on (the server died, the endpoint stopped answering)."""
 
 
 class LevelRunner:
@@ -232,6 +241,7 @@ class LevelRunner:
             raise ValueError("no prompts")
         self.endpoint, self.prompts = endpoint, list(prompts)
         self.alive = alive or (lambda: None)
+        self.watches_server = alive is not None
         self.abort_after_errors = abort_after_errors
         self.progress = progress
         self.max_concurrency = max_concurrency  # Poisson: later arrivals wait for a slot
@@ -291,107 +301,152 @@ class LevelRunner:
     async def run_level(
         self, mode: str, level: float, requests: int, time_limit_s: float, seed: int = 0
     ) -> LevelRun:
-        from tqdm.auto import tqdm
-
         concurrency = int(level) if mode == "concurrency" else None
         pool = concurrency or self.max_concurrency or 1024
-        results: list[RequestResult] = []
-        tasks: set[asyncio.Task] = set()
-        label = f"concurrency {concurrency}" if concurrency else f"{level:g} req/s (Poisson)"
-        bar = tqdm(total=requests, desc=label, unit="req", disable=not self.progress, leave=True)
-        output_tokens = 0
-        stopped_by = "request count"
-
         async with self.client(pool) as client:
-            t0 = time.perf_counter()
-
-            def finished(task: asyncio.Task) -> None:
-                nonlocal output_tokens
-                tasks.discard(task)
-                if task.cancelled():
-                    return
-                error = task.exception()
-                if error is not None:  # asyncio.TimeoutError from wait_for
-                    result = RequestResult(
-                        len(results), 0.0, error_kind="timeout", error=f"timed out: {error!r}"
-                    )
-                else:
-                    result = task.result()
-                results.append(result)
-                self._seen(result)
-                if self.on_result is not None:
-                    self.on_result(result)
-                output_tokens += result.completion_tokens or 0
-                bar.update(1)
-                failed = sum(not r.ok for r in results)
-                elapsed = time.perf_counter() - t0
-                rate = output_tokens / max(elapsed, 1e-9)
-                bar.set_postfix(errors=failed, out_tok_s=f"{rate:.0f}")
-
-            def start(index: int) -> asyncio.Task:
-                task = asyncio.ensure_future(self._one(client, index, t0))
-                tasks.add(task)
-                task.add_done_callback(finished)
-                return task
-
-            deadline = t0 + time_limit_s
-            rng = random.Random(seed)
-            launched = 0
-            next_arrival = t0
+            label = f"concurrency {concurrency}" if concurrency else f"{level:g} req/s (Poisson)"
+            active = _ActiveLevel(self, client, requests, concurrency, label)
             try:
-                while True:
-                    reason = self._abort or self.alive()
-                    if reason:
-                        stopped_by = f"abort: {reason}"
-                        break
-                    now = time.perf_counter()
-                    if now >= deadline:
-                        stopped_by = "time limit"
-                        break
-                    if launched >= requests and not tasks:
-                        break
-                    if concurrency is not None:
-                        while launched < requests and len(tasks) < concurrency:
-                            start(launched)
-                            launched += 1
-                    else:
-                        cap = self.max_concurrency or math.inf
-                        while (
-                            launched < requests
-                            and time.perf_counter() >= next_arrival
-                            and len(tasks) < cap
-                        ):
-                            start(launched)
-                            launched += 1
-                            next_arrival += rng.expovariate(level)
-                    wait = min(0.05, max(deadline - now, 0.0))
-                    if concurrency is None and launched < requests:
-                        wait = min(wait, max(next_arrival - time.perf_counter(), 0.0))
-                    if tasks:
-                        await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                    else:
-                        await asyncio.sleep(wait)
+                await active.drive(level, time_limit_s, random.Random(seed))
             finally:
-                pending = list(tasks)
-                for task in pending:
-                    task.cancel()
-                if pending:
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    # Requests cut off by the time limit or an abort: listed, never counted.
-                    now = time.perf_counter() - t0
-                    for _ in pending:
-                        results.append(
-                            RequestResult(
-                                len(results),
-                                now,
-                                error_kind="cancelled",
-                                error=f"cancelled ({stopped_by})",
-                                end=now,
-                            )
-                        )
-                duration = time.perf_counter() - t0
-                bar.close()
-        return LevelRun(level, mode, results, duration, stopped_by)
+                await active.cancel_pending()
+            duration = active.elapsed()
+        await active.confirm_server()
+        return LevelRun(level, mode, active.results, duration, active.stopped_by)
+
+
+class _ActiveLevel:
+    """One running level: its requests in flight, its results and its progress bar."""
+
+    def __init__(
+        self,
+        runner: LevelRunner,
+        client: httpx.AsyncClient,
+        requests: int,
+        concurrency: int | None,
+        label: str,
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        self.runner, self.client = runner, client
+        self.requests, self.concurrency = requests, concurrency
+        self.results: list[RequestResult] = []
+        self.tasks: set[asyncio.Task[RequestResult]] = set()
+        self.launched = 0
+        self.output_tokens = 0
+        self.stopped_by = "request count"
+        self.bar = tqdm(
+            total=requests, desc=label, unit="req", disable=not runner.progress, leave=True
+        )
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _finished(self, task: asyncio.Task[RequestResult]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # asyncio.TimeoutError from wait_for
+            result = RequestResult(
+                len(self.results), 0.0, error_kind="timeout", error=f"timed out: {error!r}"
+            )
+        else:
+            result = task.result()
+        self.results.append(result)
+        self.runner._seen(result)
+        if self.runner.on_result is not None:
+            self.runner.on_result(result)
+        self.output_tokens += result.completion_tokens or 0
+        self.bar.update(1)
+        failed = sum(not r.ok for r in self.results)
+        rate = self.output_tokens / max(self.elapsed(), 1e-9)
+        self.bar.set_postfix(errors=failed, out_tok_s=f"{rate:.0f}")
+
+    def _launch(self) -> None:
+        task = asyncio.ensure_future(self.runner._one(self.client, self.launched, self.t0))
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+        self.launched += 1
+
+    def _stop(self, deadline: float, now: float) -> str | None:
+        """Why the level stops now, or None while it goes on."""
+        reason = self.runner._abort or self.runner.alive()
+        if reason:
+            return f"abort: {reason}"
+        if now >= deadline:
+            return "time limit"
+        if self.launched >= self.requests and not self.tasks:
+            return "request count"
+        return None
+
+    async def drive(self, level: float, time_limit_s: float, rng: random.Random) -> None:
+        """Keep the level's load on until its requests are done, its time is up or it
+        must abort (`stopped_by` says which)."""
+        deadline = self.t0 + time_limit_s
+        next_arrival = self.t0
+        cap = self.runner.max_concurrency or math.inf
+        while True:
+            now = time.perf_counter()
+            stop = self._stop(deadline, now)
+            if stop:
+                self.stopped_by = stop
+                return
+            if self.concurrency is not None:
+                while self.launched < self.requests and len(self.tasks) < self.concurrency:
+                    self._launch()
+            else:
+                while (
+                    self.launched < self.requests
+                    and time.perf_counter() >= next_arrival
+                    and len(self.tasks) < cap
+                ):
+                    self._launch()
+                    next_arrival += rng.expovariate(level)
+            wait = min(0.05, max(deadline - now, 0.0))
+            if self.concurrency is None and self.launched < self.requests:
+                wait = min(wait, max(next_arrival - time.perf_counter(), 0.0))
+            await self._wait(wait)
+
+    async def confirm_server(self, grace_s: float = 1.0) -> None:
+        """A server killed at the end of a level closes its connections a moment before
+        its process is seen to exit: after transport failures, give it `grace_s` to show
+        it is gone, so such a level is marked partial, not complete."""
+        if self.stopped_by.startswith("abort") or not self.runner.watches_server:
+            return
+        if not any(r.error_kind in ("connect", "stream") for r in self.results):
+            return
+        deadline = time.perf_counter() + grace_s
+        while time.perf_counter() < deadline:
+            reason = self.runner.alive()
+            if reason:
+                self.stopped_by = f"abort: {reason}"
+                return
+            await asyncio.sleep(0.05)
+
+    async def _wait(self, seconds: float) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def cancel_pending(self) -> None:
+        """Requests cut off by the time limit or an abort: listed, never counted."""
+        pending = list(self.tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            now = self.elapsed()
+            for _ in pending:
+                self.results.append(
+                    RequestResult(
+                        len(self.results), now, error_kind="cancelled",
+                        error=f"cancelled ({self.stopped_by})", end=now,
+                    )
+                )  # fmt: skip
+        self.bar.close()
 
 
 def dataset_prompts(

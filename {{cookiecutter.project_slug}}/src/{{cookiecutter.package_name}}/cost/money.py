@@ -21,7 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+from .schema import ComparisonRow, Money, Percentiles, ServerlessProfile, SplitRule
+
+if TYPE_CHECKING:
+    from .config import ReferencePrice
 
 SplitMethod = Literal["output-only", "by-tokens", "weighted"]
 MILLION = 1_000_000
@@ -55,12 +60,8 @@ class Split:
             f"(usd = rate_out * (output_tokens + {self.input_weight:g} * input_tokens))"
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "input_weight": self.weight,
-            "description": self.describe(),
-        }
+    def record(self) -> SplitRule:
+        return SplitRule(method=self.method, input_weight=self.weight, description=self.describe())
 
 
 def usd_for_seconds(gpu_hourly_usd: float, seconds: float) -> float:
@@ -95,7 +96,7 @@ def window_money(
     split: Split,
     good_input_tokens: int | None = None,
     good_output_tokens: int | None = None,
-) -> dict[str, Any]:
+) -> Money:
     """Money of one measured window on a dedicated GPU (one load level).
 
     The `goodput` prices charge the whole window to the tokens of requests that met the
@@ -103,20 +104,20 @@ def window_money(
     """
     usd = usd_for_seconds(gpu_hourly_usd, seconds)
     usd_in, usd_out = split_usd(usd, input_tokens, output_tokens, split)
-    money: dict[str, Any] = {
-        "window_usd": usd,
-        "usd_per_hour": gpu_hourly_usd,
-        "usd_per_request": usd / requests if requests else None,
-        "usd_per_1k_requests": usd / requests * 1000 if requests else None,
-        "usd_per_1m_input_tokens": usd_in,
-        "usd_per_1m_output_tokens": usd_out,
-        "usd_per_1m_tokens_blended": usd_per_million(usd, input_tokens + output_tokens),
-    }
+    good_in = good_out = None
     if good_input_tokens is not None and good_output_tokens is not None:
         good_in, good_out = split_usd(usd, good_input_tokens, good_output_tokens, split)
-        money["goodput_usd_per_1m_input_tokens"] = good_in
-        money["goodput_usd_per_1m_output_tokens"] = good_out
-    return money
+    return Money(
+        window_usd=usd,
+        usd_per_hour=gpu_hourly_usd,
+        usd_per_request=usd / requests if requests else None,
+        usd_per_1k_requests=usd / requests * 1000 if requests else None,
+        usd_per_1m_input_tokens=usd_in,
+        usd_per_1m_output_tokens=usd_out,
+        usd_per_1m_tokens_blended=usd_per_million(usd, input_tokens + output_tokens),
+        goodput_usd_per_1m_input_tokens=good_in,
+        goodput_usd_per_1m_output_tokens=good_out,
+    )
 
 
 def serverless_money(
@@ -129,7 +130,7 @@ def serverless_money(
     output_tokens_per_request: float,
     split: Split,
     capacity_rps: float | None = None,
-) -> dict[str, Any]:
+) -> ServerlessProfile:
     """Expected bill of one hour of per-second (serverless) billing with scale to zero.
 
     Model: Poisson arrivals at `requests_per_hour`; a request at a warm instance is served
@@ -148,52 +149,72 @@ def serverless_money(
     """
     if requests_per_hour <= 0:
         raise ValueError("requests_per_hour must be > 0")
-    rate = requests_per_hour / 3600.0
-    p_cold = math.exp(-rate * idle_timeout_s)
-    idle_per_request = (1.0 - p_cold) / rate
-    billed_per_request = service_s + idle_per_request + cold_start_s * p_cold
-    instances = 1
-    if capacity_rps and rate > capacity_rps:
-        instances = math.ceil(rate / capacity_rps)
-    if instances > 1 or requests_per_hour * billed_per_request >= 3600.0:
-        regime = "always-on"
-        billed = 3600.0 * instances
-        busy = min(requests_per_hour * service_s, billed)
-        cold = 0.0
-        cold_starts = 0.0
-        p_cold = 0.0
-    else:
-        regime = "scale-to-zero"
-        billed = requests_per_hour * billed_per_request
-        busy = requests_per_hour * service_s
-        cold_starts = requests_per_hour * p_cold
-        cold = cold_starts * cold_start_s
-    usd_hour = usd_for_seconds(gpu_hourly_usd, billed)
+    hour = _billed_hour(requests_per_hour, service_s, cold_start_s, idle_timeout_s, capacity_rps)
+    usd_hour = usd_for_seconds(gpu_hourly_usd, hour.billed)
     tokens_in = requests_per_hour * input_tokens_per_request
     tokens_out = requests_per_hour * output_tokens_per_request
     usd_in, usd_out = split_usd(usd_hour, tokens_in, tokens_out, split)
-    always_on_usd = gpu_hourly_usd * instances
+    always_on_usd = gpu_hourly_usd * hour.instances
     always_in, always_out = split_usd(always_on_usd, tokens_in, tokens_out, split)
-    return {
-        "requests_per_hour": requests_per_hour,
-        "regime": regime,
-        "instances": instances,
-        "billed_seconds_per_hour": billed,
-        "busy_seconds_per_hour": busy,
-        "idle_seconds_per_hour": max(billed - busy - cold, 0.0),
-        "cold_start_seconds_per_hour": cold,
-        "cold_starts_per_hour": cold_starts,
-        "cold_request_fraction": p_cold,
-        "utilization": busy / billed if billed else None,
-        "usd_per_hour": usd_hour,
-        "usd_per_1k_requests": usd_hour / requests_per_hour * 1000,
-        "usd_per_1m_input_tokens": usd_in,
-        "usd_per_1m_output_tokens": usd_out,
-        "usd_per_1m_tokens_blended": usd_per_million(usd_hour, tokens_in + tokens_out),
-        "always_on_usd_per_hour": always_on_usd,
-        "always_on_usd_per_1m_input_tokens": always_in,
-        "always_on_usd_per_1m_output_tokens": always_out,
-    }
+    return ServerlessProfile(
+        requests_per_hour=requests_per_hour,
+        regime=hour.regime,
+        instances=hour.instances,
+        billed_seconds_per_hour=hour.billed,
+        busy_seconds_per_hour=hour.busy,
+        idle_seconds_per_hour=max(hour.billed - hour.busy - hour.cold, 0.0),
+        cold_start_seconds_per_hour=hour.cold,
+        cold_starts_per_hour=hour.cold_starts,
+        cold_request_fraction=hour.p_cold,
+        utilization=hour.busy / hour.billed if hour.billed else None,
+        usd_per_hour=usd_hour,
+        usd_per_1k_requests=usd_hour / requests_per_hour * 1000,
+        usd_per_1m_input_tokens=usd_in,
+        usd_per_1m_output_tokens=usd_out,
+        usd_per_1m_tokens_blended=usd_per_million(usd_hour, tokens_in + tokens_out),
+        always_on_usd_per_hour=always_on_usd,
+        always_on_usd_per_1m_input_tokens=always_in,
+        always_on_usd_per_1m_output_tokens=always_out,
+    )
+
+
+@dataclass(frozen=True)
+class _BilledHour:
+    regime: Literal["scale-to-zero", "always-on"]
+    instances: int
+    billed: float  # seconds
+    busy: float
+    cold: float
+    cold_starts: float
+    p_cold: float
+
+
+def _billed_hour(
+    requests_per_hour: float,
+    service_s: float,
+    cold_start_s: float,
+    idle_timeout_s: float,
+    capacity_rps: float | None,
+) -> _BilledHour:
+    """The seconds one hour bills under the model of `serverless_money`."""
+    rate = requests_per_hour / 3600.0
+    p_cold = math.exp(-rate * idle_timeout_s)
+    billed_per_request = service_s + (1.0 - p_cold) / rate + cold_start_s * p_cold
+    instances = math.ceil(rate / capacity_rps) if capacity_rps and rate > capacity_rps else 1
+    if instances > 1 or requests_per_hour * billed_per_request >= 3600.0:
+        billed = 3600.0 * instances
+        busy = min(requests_per_hour * service_s, billed)
+        return _BilledHour("always-on", instances, billed, busy, 0.0, 0.0, 0.0)
+    cold_starts = requests_per_hour * p_cold
+    return _BilledHour(
+        "scale-to-zero",
+        instances,
+        billed=requests_per_hour * billed_per_request,
+        busy=requests_per_hour * service_s,
+        cold=cold_starts * cold_start_s,
+        cold_starts=cold_starts,
+        p_cold=p_cold,
+    )
 
 
 def api_cost_per_1k_requests(
@@ -210,11 +231,11 @@ def api_cost_per_1k_requests(
 
 
 def compare_with_apis(
-    references: Sequence[dict[str, Any]],
+    references: Sequence[ReferencePrice],
     ours_usd_per_1k_requests: float | None,
     input_tokens_per_request: float,
     output_tokens_per_request: float,
-) -> list[dict[str, Any]]:
+) -> list[ComparisonRow]:
     """Each reference API priced on our measured request shape, next to our own cost.
 
     Comparing per request of the same shape (mean input and output tokens) needs no
@@ -223,41 +244,42 @@ def compare_with_apis(
     rows = []
     for ref in references:
         theirs = api_cost_per_1k_requests(
-            ref["usd_per_1m_input"],
-            ref["usd_per_1m_output"],
+            ref.usd_per_1m_input,
+            ref.usd_per_1m_output,
             input_tokens_per_request,
             output_tokens_per_request,
         )
+        ours = ours_usd_per_1k_requests
         rows.append(
-            {
-                "provider": ref["provider"],
-                "model": ref["model"],
-                "usd_per_1m_input": ref["usd_per_1m_input"],
-                "usd_per_1m_output": ref["usd_per_1m_output"],
-                "usd_per_1k_requests": theirs,
-                "source": ref["source"],
-                "as_of": ref["as_of"].isoformat(),
-                "verified": ref["verified"],
-                "ours_usd_per_1k_requests": ours_usd_per_1k_requests,
-                "ours_over_theirs": (
-                    ours_usd_per_1k_requests / theirs
-                    if ours_usd_per_1k_requests is not None and theirs > 0
-                    else None
-                ),
-            }
+            ComparisonRow(
+                provider=ref.provider,
+                model=ref.model,
+                usd_per_1m_input=ref.usd_per_1m_input,
+                usd_per_1m_output=ref.usd_per_1m_output,
+                usd_per_1k_requests=theirs,
+                ours_usd_per_1k_requests=ours,
+                ours_over_theirs=ours / theirs if ours is not None and theirs > 0 else None,
+                source=ref.source,
+                as_of=ref.as_of,
+                verified=ref.verified,
+            )
         )
     return rows
 
 
-def percentiles(values: Sequence[float], points: Sequence[int] = (50, 90, 99)) -> dict[str, Any]:
+def percentiles(values: Sequence[float]) -> Percentiles:
     """p50/p90/p99 (linear interpolation between order statistics, as numpy's default),
     the mean and the count; every value None when there is no data."""
     data = sorted(values)
-    out: dict[str, Any] = {"count": len(data)}
-    for point in points:
-        out[f"p{point}"] = _quantile(data, point / 100) if data else None
-    out["mean"] = sum(data) / len(data) if data else None
-    return out
+    if not data:
+        return Percentiles(count=0, p50=None, p90=None, p99=None, mean=None)
+    return Percentiles(
+        count=len(data),
+        p50=_quantile(data, 0.50),
+        p90=_quantile(data, 0.90),
+        p99=_quantile(data, 0.99),
+        mean=sum(data) / len(data),
+    )
 
 
 def _quantile(data: Sequence[float], q: float) -> float:

@@ -9,18 +9,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from ..config import load_yaml_config
+from ..config import Section, load_yaml_config
 from ..errors import UserError
 
 BASE_MODEL = {{ cookiecutter.base_model | tojson }}
 DEFAULT_API_KEY_ENV = "{{ cookiecutter.package_name | upper }}_API_KEY"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(Section):
@@ -45,7 +41,7 @@ class EngineSection(Section):
     gpu_memory_fraction: float = Field(0.9, gt=0.0, le=0.98)
     warmup: bool = True
     # vllm only: extra arguments appended to `vllm serve`, e.g. ["--max-num-seqs", "64"]
-    vllm_args: list[str] = []
+    vllm_args: list[str] = Field(default_factory=list)
 
 
 class ServerSection(Section):
@@ -65,7 +61,8 @@ class LimitsSection(Section):
 
 class ServeConfig(Section):
     model: ModelSection = ModelSection()
-    adapters: dict[str, str] = {}  # served name -> LoRA adapter folder (runs/<run>/adapter)
+    # served name -> LoRA adapter folder (runs/<run>/adapter)
+    adapters: dict[str, str] = Field(default_factory=dict)
     engine: EngineSection = EngineSection()
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()

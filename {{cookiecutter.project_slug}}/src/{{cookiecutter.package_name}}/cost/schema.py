@@ -1,0 +1,462 @@
+"""The cost card as typed records: what `token-cost` writes, and the JSON schema derived from them.
+
+Every section of cost_card.json is one model here; the meter builds the card from them, the
+Markdown and the plot read their fields. cost_card.schema.json (next to this file) is
+generated from `CostCard`, never edited by hand:
+
+    python -m {{ cookiecutter.package_name }}.cost.schema   # rewrites cost_card.schema.json
+
+tests/test_cost_schema.py fails when the committed file and the models disagree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_PATH = Path(__file__).with_name("cost_card.schema.json")
+SCHEMA_VERSION = 1
+
+Amount = Annotated[float, Field(ge=0)]  # seconds, dollars, rates, tokens per request
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Record(BaseModel):
+    """A section of the card: every field required (null where unknown), no others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- serving levels
+class Percentiles(Record):
+    count: Count
+    p50: Amount | None
+    p90: Amount | None
+    p99: Amount | None
+    mean: Amount | None
+
+
+class SplitRule(Record):
+    method: Literal["output-only", "by-tokens", "weighted"]
+    input_weight: Amount
+    description: str
+
+
+class Money(Record):
+    """One load level on a dedicated GPU; goodput_*: the window charged to the tokens of
+    requests that met the SLO."""
+
+    window_usd: Amount
+    usd_per_hour: Amount
+    usd_per_request: Amount | None
+    usd_per_1k_requests: Amount | None
+    usd_per_1m_input_tokens: Amount | None
+    usd_per_1m_output_tokens: Amount | None
+    usd_per_1m_tokens_blended: Amount | None
+    goodput_usd_per_1m_input_tokens: Amount | None
+    goodput_usd_per_1m_output_tokens: Amount | None
+
+
+class ServerCounters(Record):
+    prompt_tokens: Amount | None
+    completion_tokens: Amount | None
+    match: bool
+
+
+class TokenCheck(Record):
+    """The server's usage against the stream, the expected prompts and its own counters."""
+
+    source: str
+    requests_without_usage: Count
+    usage_output_tokens: Count
+    stream_text_events: Count
+    requests_with_more_events_than_tokens: Count
+    prompt_tokens_checked: Count
+    prompt_tokens_mismatches: Count | None
+    retokenized_output_tokens: Count | None
+    retokenized_over_usage: Amount | None
+    server_counters: ServerCounters | None
+    consistent: bool
+
+
+class RequestCounts(Record):
+    sent: Count
+    ok: Count
+    errors: Count
+    cancelled: Count
+    no_text: Count
+    errors_by_kind: dict[str, Count]
+    first_errors: list[str | None]
+
+
+class Goodput(Record):
+    requests_per_s: Amount | None
+    good_requests: Count
+    fraction: Fraction | None
+    meets_slo: bool
+
+
+class VllmBench(Record):
+    """The level under the field names of `vllm bench serve --save-result` (milliseconds;
+    null where there is no sample, where vLLM writes 0)."""
+
+    duration: Amount
+    completed: Count
+    failed: Count
+    total_input_tokens: Count
+    total_output_tokens: Count
+    request_throughput: Amount | None
+    request_goodput: Amount | None
+    output_throughput: Amount | None
+    total_token_throughput: Amount | None
+    mean_ttft_ms: Amount | None
+    median_ttft_ms: Amount | None
+    std_ttft_ms: Amount | None
+    p50_ttft_ms: Amount | None
+    p90_ttft_ms: Amount | None
+    p99_ttft_ms: Amount | None
+    mean_tpot_ms: Amount | None
+    median_tpot_ms: Amount | None
+    std_tpot_ms: Amount | None
+    p50_tpot_ms: Amount | None
+    p90_tpot_ms: Amount | None
+    p99_tpot_ms: Amount | None
+    mean_itl_ms: Amount | None
+    median_itl_ms: Amount | None
+    std_itl_ms: Amount | None
+    p50_itl_ms: Amount | None
+    p90_itl_ms: Amount | None
+    p99_itl_ms: Amount | None
+    mean_e2el_ms: Amount | None
+    median_e2el_ms: Amount | None
+    std_e2el_ms: Amount | None
+    p50_e2el_ms: Amount | None
+    p90_e2el_ms: Amount | None
+    p99_e2el_ms: Amount | None
+
+
+LoadMode = Literal["concurrency", "poisson"]
+
+
+class LevelSummary(Record):
+    mode: LoadMode
+    value: Positive
+    label: str
+    status: Literal["complete", "time-limited", "partial"]
+    stopped_by: str
+    duration_s: Amount
+    requests: RequestCounts
+    request_rate: Amount | None
+    input_tokens: Count
+    output_tokens: Count
+    input_tokens_per_request: Amount | None
+    output_tokens_per_request: Amount | None
+    input_tokens_per_s: Amount | None
+    output_tokens_per_s: Amount | None
+    ttft_s: Percentiles
+    itl_s: Percentiles
+    tpot_s: Percentiles
+    e2e_s: Percentiles
+    goodput: Goodput
+    tokens: TokenCheck
+    money: Money
+    vllm_bench: VllmBench
+
+
+class BestLevel(Record):
+    label: str | None
+    value: float | None
+    meets_slo: bool
+    reason: str
+
+
+# ---------------------------------------------------------------------------- serving section
+class EndpointInfo(Record):
+    url: str
+    own_server: bool
+    model: str | None
+    api: Literal["chat", "completions"]
+    api_key_env: str | None
+    served_models: list[str | None]
+
+
+class ServedModel(Record):
+    """What was served. engine, engine_version and tokenizer are the server's own answer on
+    GET /info; null where it has none (an external server such as vLLM)."""
+
+    name_or_path: str | None
+    served_name: str | None
+    adapters: dict[str, str]
+    engine: str | None
+    engine_version: str | None
+    tokenizer: str | None = Field(description="where the served model's tokenizer came from")
+
+
+class PromptSet(Record):
+    source: Literal["dataset", "synthetic"]
+    dataset: str | None
+    count: Count
+    input_tokens: Count | None
+    output_tokens: Count
+    description: str
+
+
+class LoadPlan(Record):
+    mode: LoadMode
+    levels: list[float] = Field(min_length=1)
+    requests_per_level: Annotated[int, Field(ge=1)]
+    level_time_limit_s: Amount
+    warmup_requests: Count
+    max_concurrency: Count | None
+    max_tokens: Annotated[int, Field(ge=1)]
+    temperature: Amount
+    ignore_eos: bool
+    seed: int
+    prompts: PromptSet
+
+
+class Slo(Record):
+    ttft_s: Amount
+    e2e_s: Amount
+    tpot_s: Positive | None
+    attainment: Annotated[float, Field(gt=0, le=1)]
+
+
+class ColdStart(Record):
+    measured: bool
+    source: str
+    command: list[str] | None
+    listening_s: Amount | None
+    ready_s: Amount | None
+    first_token_s: Amount | None
+    first_request_ttft_s: Amount | None
+    server_phases_s: dict[str, Amount]
+    outside_server_s: float | None
+    first_request_error: str | None
+    note: str | None
+
+
+class ServerlessProfile(Record):
+    requests_per_hour: Positive
+    regime: Literal["scale-to-zero", "always-on"]
+    instances: Annotated[int, Field(ge=1)]
+    billed_seconds_per_hour: Amount
+    busy_seconds_per_hour: Amount
+    idle_seconds_per_hour: Amount
+    cold_start_seconds_per_hour: Amount
+    cold_starts_per_hour: Amount
+    cold_request_fraction: Fraction
+    utilization: Amount | None
+    usd_per_hour: Amount
+    usd_per_1k_requests: Amount
+    usd_per_1m_input_tokens: Amount | None
+    usd_per_1m_output_tokens: Amount | None
+    usd_per_1m_tokens_blended: Amount | None
+    always_on_usd_per_hour: Amount
+    always_on_usd_per_1m_input_tokens: Amount | None
+    always_on_usd_per_1m_output_tokens: Amount | None
+
+
+class Serverless(Record):
+    cold_start_s: Amount
+    cold_start_source: str
+    idle_timeout_s: Amount
+    service_s: Amount
+    service_from_level: str
+    capacity_requests_per_s: Amount | None
+    input_tokens_per_request: Amount | None
+    output_tokens_per_request: Amount | None
+    model: str
+    profiles: list[ServerlessProfile] = Field(min_length=1)
+
+
+class ComparisonRow(Record):
+    provider: str
+    model: str
+    usd_per_1m_input: Amount
+    usd_per_1m_output: Amount
+    usd_per_1k_requests: Amount
+    ours_usd_per_1k_requests: Amount | None
+    ours_over_theirs: Amount | None
+    source: str
+    as_of: dt.date
+    verified: bool
+
+
+class Comparison(Record):
+    file: str
+    taken: dt.date
+    source: str
+    note: str | None
+    level: str
+    input_tokens_per_request: Amount | None
+    output_tokens_per_request: Amount | None
+    rows: list[ComparisonRow]
+
+
+class MetricDefinitions(Record):
+    """How each metric is measured (as `vllm bench serve` defines it)."""
+
+    ttft: str
+    itl: str
+    tpot: str
+    e2e: str
+    output_throughput: str
+    goodput: str
+
+
+class ServingSection(Record):
+    endpoint: EndpointInfo
+    model: ServedModel
+    load: LoadPlan
+    slo: Slo
+    metric_definitions: MetricDefinitions
+    cold_start: ColdStart | None
+    levels: list[LevelSummary]
+    best: BestLevel
+    serverless: Serverless | None
+    comparison: Comparison | None
+    server_log: str | None
+
+    def best_level(self) -> LevelSummary | None:
+        """The level `best` names, or None when no level is the best."""
+        return find_level(self.levels, self.best)
+
+
+def find_level(levels: list[LevelSummary], best: BestLevel) -> LevelSummary | None:
+    return next((level for level in levels if level.label == best.label), None)
+
+
+# ---------------------------------------------------------------------------- training
+class Mfu(Record):
+    value: Amount | None
+    gpu: str | None
+    peak_tflops: Amount | None
+    dtype: str
+    flops_per_token: Amount | None
+    achieved_tflops: Amount | None
+    formula: str
+    note: str | None
+
+
+class TrainingRun(Record):
+    run: str
+    path: str
+    trained_tokens: Count
+    wall_seconds: Amount
+    tokens_per_second: Amount | None
+    gpu_hourly_usd: Amount
+    price_source: str
+    usd: Amount
+    usd_per_1m_tokens: Amount | None
+    parameters: Count | None
+    trainable_parameters: Count | None
+    global_step: Count | None
+    quantization: str | None
+    device: str
+    dtype: str
+    mfu: Mfu
+
+
+class TrainingSection(Record):
+    runs: list[TrainingRun] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------- the card
+class Prices(Record):
+    gpu_hourly_usd: Positive
+    gpu_hourly_usd_source: str
+    split: SplitRule
+
+
+class LockFile(Record):
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    input_hash: str | None
+    installed_matches: bool
+    mismatches: list[str]
+    missing: list[str]
+
+
+class LockInfo(Record):
+    files: dict[str, LockFile] = Field(min_length=1)
+    environment_matches: str | None
+
+
+class Environment(Record):
+    python: str
+    platform: str
+    project_version: str
+    packages: dict[str, str]
+    device: str = Field(description="what served (or trained): torch device and its hardware")
+    dtype: str
+    lock: LockInfo | None
+
+
+CardKind = Literal["serving", "training", "serving-training"]
+PARTIAL_RULE: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"partial": {"const": True}}},
+            "then": {"properties": {"partial_reasons": {"minItems": 1}}},
+        },
+        {
+            "if": {"properties": {"partial": {"const": False}}},
+            "then": {"properties": {"partial_reasons": {"maxItems": 0}}},
+        },
+    ]
+}
+
+
+class CostCard(Record):
+    """What a token costs to serve and to train, with the prices, method, device, package
+    versions and lock that produced the numbers. Written by `token-cost`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        title="Cost card",
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "cost_card.schema.json",
+            **PARTIAL_RULE,
+        },
+    )
+
+    schema_version: Literal[1]
+    kind: CardKind
+    created: dt.datetime
+    partial: bool
+    partial_reasons: list[str]
+    notes: list[str]
+    prices: Prices
+    environment: Environment
+    serving: ServingSection | None
+    training: TrainingSection | None
+
+    @model_validator(mode="after")
+    def _partial_has_reasons(self) -> CostCard:
+        if self.partial != bool(self.partial_reasons):
+            raise ValueError("partial is true exactly when partial_reasons lists why")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def schema_text() -> str:
+    """cost_card.schema.json as it must be committed."""
+    return json.dumps(CostCard.model_json_schema(), indent=2) + "\n"
+
+
+def main() -> None:
+    SCHEMA_PATH.write_text(schema_text(), encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH}")
+
+
+if __name__ == "__main__":
+    main()
