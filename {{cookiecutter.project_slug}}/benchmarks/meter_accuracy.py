@@ -172,7 +172,7 @@ def main() -> int:
                 ttft = percentiles([r.first_token for r in ok if r.first_token is not None])
                 (s0, c0), (s1, c1) = server_ttft(before), server_ttft(after)
                 meter = {
-                    "ttft_mean_s": ttft["mean"],
+                    "ttft_mean_s": ttft.mean,
                     "output_tokens_per_s": sum(r.completion_tokens for r in ok) / run.duration_s,
                     "server_ttft_mean_s": (s1 - s0) / (c1 - c0),
                     "observer_output_tokens_per_s": observer.tokens_per_s(),

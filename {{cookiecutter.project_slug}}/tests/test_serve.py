@@ -40,17 +40,15 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, adapters, tmp_path_factory):
+def launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> Server:
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
         sys.executable,
         "-m",
         "{{ cookiecutter.package_name }}",
         "serve",
         "--model",
-        str(tiny_model_dir),
+        str(model_dir),
         *(f"--adapter={name}={path}" for name, path in adapters.items()),
         "model.served_name=tiny",
         f"server.port={port}",
@@ -63,7 +61,12 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
         "{{ cookiecutter.package_name | upper }}_API_KEY": KEY,
         "HF_HUB_OFFLINE": "1",
     }
-    handle = start_server(command, port, log, env)
+    return start_server(command, port, log, env)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters, tmp_path_factory):
+    handle = launch(tiny_model_dir, adapters, tmp_path_factory.mktemp("server") / "server.log")
     yield handle
     handle.stop()
 
@@ -431,8 +434,16 @@ def test_client_disconnect_cancels_generation_and_frees_capacity(server):
     assert _metric(server, closed) >= streams
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(server):
-    """Runs last: it stops the module's server."""
+@pytest.fixture
+def own_server(tiny_model_dir, tmp_path):
+    """For a test that stops its server: no other test depends on running after it."""
+    handle = launch(tiny_model_dir, {}, tmp_path / "server.log")
+    yield handle
+    handle.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(own_server):
+    server = own_server
     body = {"model": "tiny", "prompt": "Tell", "max_tokens": CAP, "temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}
     events: list[str] = []

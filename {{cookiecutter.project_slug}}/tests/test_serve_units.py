@@ -128,7 +128,7 @@ def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix
     message = str(error.value)
     assert message.startswith("engine.kind=vllm cannot serve these adapters:")
     assert f"adapter 'dora' ({dora}): it is a DoRA adapter (lora.use_dora=true)" in message
-    assert f"`{{ cookiecutter.package_name }} merge {run}` and serve {run / 'merged'}" in message
+    assert f"`lora_chat merge {run}` and serve {run / 'merged'}" in message
     assert f"adapter 'head' ({head}): it trains lm_head in full (lora.modules_to_save)" in message
     assert "merge it into its base" in message  # not a run folder: the generic fix
     assert "engine.kind=transformers" in message
@@ -231,3 +231,22 @@ def test_seeded_sampler_follows_the_distribution():
     picks = SeededSampler()(scores, keys).argmax(dim=-1)
     freq = torch.bincount(picks, minlength=4).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_server_log_level_wins_over_the_cli_default():
+    """The CLI configures the root logger first; server.log_level must still apply."""
+    import logging
+
+    from {{ cookiecutter.package_name }}.serving.server import configure_logging
+
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        logging.basicConfig(level=logging.INFO, force=True)  # what cli.main does
+        configure_logging("warning")
+        runtime_log = logging.getLogger("lora_chat.serving.runtime")
+        assert not runtime_log.isEnabledFor(logging.INFO)
+        assert runtime_log.isEnabledFor(logging.WARNING)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs: types-tqdm is not a dependency
+from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 

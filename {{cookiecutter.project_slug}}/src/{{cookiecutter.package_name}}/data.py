@@ -101,7 +101,7 @@ def _json_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
 def _parquet_records(path: Path, source: str) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise UserError(f"data file {source} does not exist")
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type hints
+    import pyarrow.parquet as pq
 
     for index, record in enumerate(pq.read_table(path).to_pylist()):
         yield f"{source}[row {index}]", record

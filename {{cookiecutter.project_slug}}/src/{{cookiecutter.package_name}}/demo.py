@@ -61,7 +61,7 @@ def _stage(bar: Any, text: str) -> None:
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every stage, write summary.json and summary.md into ``options.out``."""
     from peft import PeftModel
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs: types-tqdm is not a dependency
+    from tqdm.auto import tqdm
 
     from .config import load_config
     from .evaluate import generate_answers
@@ -201,17 +201,16 @@ def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> ServingC
         },
     )
     card, paths = run_token_cost(config, runs=[run_dir])
-    serving = card.get("serving") or {}
-    best_label = (serving.get("best") or {}).get("label")
-    best = next((lv for lv in serving.get("levels", []) if lv["label"] == best_label), None)
+    serving = card.serving
+    best = serving.best_level() if serving else None
     cost = {
-        "best_level": best_label,
-        "meets_slo": (serving.get("best") or {}).get("meets_slo"),
-        "usd_per_1m_output_tokens": best["money"]["usd_per_1m_output_tokens"] if best else None,
-        "usd_per_1m_input_tokens": best["money"]["usd_per_1m_input_tokens"] if best else None,
-        "gpu_hourly_usd": card["prices"]["gpu_hourly_usd"],
-        "cold_start": serving.get("cold_start"),
-        "partial": card["partial"],
+        "best_level": serving.best.label if serving else None,
+        "meets_slo": serving.best.meets_slo if serving else None,
+        "usd_per_1m_output_tokens": best.money.usd_per_1m_output_tokens if best else None,
+        "usd_per_1m_input_tokens": best.money.usd_per_1m_input_tokens if best else None,
+        "gpu_hourly_usd": card.prices.gpu_hourly_usd,
+        "cold_start": serving.cold_start.model_dump() if serving and serving.cold_start else None,
+        "partial": card.partial,
     }
     return ServingCost(cost, {f"cost_card_{name}": str(path) for name, path in paths.items()})
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
@@ -26,6 +27,7 @@ from .handlers import ChatHandler, CompletionsHandler, ModelsHandler, ProbesHand
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
     ErrorResponse,
     Health,
@@ -49,17 +51,37 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses}
 
 
-def _answer(model: type, stream_doc: str) -> dict[int | str, dict[str, Any]]:
-    sse = {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}
+def _sse_events(chunk: type[BaseModel]) -> dict[str, Any]:
+    """Each server-sent event (as OpenAPI 3.1 reads a text/event-stream schema): its data
+    is a chunk, the error that ended the stream, or the closing [DONE]."""
+    json_data = {
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
+    }
+    data = {"type": "string", "oneOf": [{"const": "[DONE]"}, json_data]}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _answer(model: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    doc = f"the answer; with stream: server-sent events of {chunk.__name__}, then [DONE]"
     return {
-        200: {"model": model, "description": stream_doc, "content": {"text/event-stream": sse}},
+        200: {
+            "model": model,
+            "description": doc,
+            "content": {"text/event-stream": _sse_events(chunk)},
+        },
         **_errors(400, 401, 404, 413, 500, 503),
     }
 
 
-CHAT = _answer(ChatCompletion, "the answer; with stream: events of ChatCompletionChunk")
-COMPLETION = _answer(Completion, "the answer; with stream: events of the same shape")
-PROBE_503 = {503: {"description": "not ready or not healthy"}}
+CHAT = _answer(ChatCompletion, ChatCompletionChunk)
+COMPLETION = _answer(Completion, Completion)
+STREAMED = (ChatCompletionChunk,)  # named by the event schemas only: added to the components
+PROBE_503: dict[int | str, dict[str, Any]] = {503: {"description": "not ready or not healthy"}}
 
 
 def _message(item: dict[str, Any]) -> str:
@@ -89,9 +111,13 @@ def _openapi(app: FastAPI, api_key: bool) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
                 if api_key and path.startswith("/v1/"):
                     operation["security"] = [{"bearer": []}]
-        schemas = document.get("components", {}).get("schemas", {})
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
+        for model in STREAMED:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
         if api_key:
             document.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}

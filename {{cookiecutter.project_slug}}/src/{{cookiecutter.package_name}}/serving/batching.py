@@ -23,7 +23,7 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import transformers
@@ -54,7 +54,7 @@ class Output(Protocol):
     def is_finished(self) -> bool: ...
 
 
-class SeededSampler(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]  # untyped base
+class SeededSampler(ContinuousBatchingLogitsProcessor):
     """Greedy rows and seeded rows for continuous batching, batch-composition independent.
 
     Runs last, after temperature and top-p; the math is `seeding.pick_seeded`. The library
@@ -62,8 +62,9 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]  #
     give the same tokens from one batch to the next.
     """
 
-    supported_kwargs: ClassVar[dict[str, type]] = {"seed": int, "greedy": bool}
-    ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+    def __init__(self) -> None:
+        self.supported_kwargs: dict[str, type] = {"seed": int, "greedy": bool}
+        self.ignored_kwargs: tuple[str, ...] = ()
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(0)
@@ -107,7 +108,7 @@ class BatchingLoop:
     """One model's continuous-batching manager: start, submit, cancel, watch, stop."""
 
     def __init__(self, model: Any, eos_ids: list[int], pad_id: int | None, cb: Any) -> None:
-        generation_config = GenerationConfig(
+        generation_config = GenerationConfig(  # type: ignore[no-untyped-call]  # **kwargs
             do_sample=True,  # the library samples (multinomial); SeededSampler handles greedy rows
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
@@ -225,67 +226,52 @@ def cb_config_for(
 
 @dataclass(frozen=True)
 class Surface:
-    """One thing this module relies on: `owner` names where it lives, for the message."""
+    """One thing this module relies on: `owner` and `names` say what, for the message."""
 
     owner: str
-    attribute: str
+    names: tuple[str, ...]
     present: Callable[[], bool]
 
 
-def _has(owner: Any, *names: str) -> Callable[[], bool]:
+def _declares(owner: Any, names: tuple[str, ...]) -> bool:
     """Each name is an attribute of owner, or (on a class) an annotated one."""
-    declared = lambda: set(dir(owner)) | set(getattr(owner, "__annotations__", {}))  # noqa: E731
-    return lambda: set(names) <= declared()
+    declared = set(dir(owner)) | set(getattr(owner, "__annotations__", {}))
+    return set(names) <= declared
 
 
-def _takes(function: Callable[..., Any], *names: str) -> Callable[[], bool]:
-    return lambda: set(names) <= set(inspect.signature(function).parameters)
+def _accepts(function: Any, names: tuple[str, ...]) -> bool:
+    return set(names) <= set(inspect.signature(function).parameters)
 
 
-def _fields(cls: type, *names: str) -> Callable[[], bool]:
-    return lambda: set(names) <= set(inspect.signature(cls).parameters)
-
-
-def _manager_class() -> type:
+def _manager() -> Any:
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-    manager: type = ContinuousBatchingManager
-    return manager
+    return ContinuousBatchingManager
 
 
-# Attributes set in __init__ cannot be seen on the class; the surface test builds a
-# manager on a tiny model for those (MANAGER_ATTRIBUTES).
-MANAGER_METHODS = (
-    "add_request", "register_result_handler", "cancel_request", "get_result",
-    "warmup", "start", "stop", "is_running",
-)  # fmt: skip
-MANAGER_ATTRIBUTES = (
-    "output_router", "input_queue", "batch_processor", "background_thread_status",
-    "logit_processor",
-)  # fmt: skip
+CB_CONFIG = ("page_size", "num_blocks", "max_batch_tokens", "max_memory_percent",
+             "per_request_processors", "max_queue_size")  # fmt: skip
+MANAGER_METHODS = ("add_request", "register_result_handler", "cancel_request", "get_result",
+                   "warmup", "start", "stop", "is_running")  # fmt: skip
+ADD_REQUEST = ("request_id", "max_new_tokens", "streaming", "eos_token_id")
+PROCESSOR = ("supported_kwargs", "ignored_kwargs", "fill_defaults", "prepare_tensor_args")
+# Set in the manager's __init__, so not visible on the class: the surface test builds a
+# manager on a tiny model to check these.
+MANAGER_ATTRIBUTES = ("output_router", "input_queue", "batch_processor",
+                      "background_thread_status", "logit_processor")  # fmt: skip
 LIBRARY_SURFACE = (
-    Surface(
-        "ContinuousBatchingConfig", "page_size, num_blocks, max_batch_tokens, ...",
-        _fields(
-            ContinuousBatchingConfig, "page_size", "num_blocks", "max_batch_tokens",
-            "max_memory_percent", "per_request_processors", "max_queue_size",
-        ),
-    ),
-    Surface("ContinuousBatchingManager", ", ".join(MANAGER_METHODS),
-            lambda: _has(_manager_class(), *MANAGER_METHODS)()),
-    Surface("ContinuousBatchingManager.add_request", "request_id, max_new_tokens, streaming, "
-            "eos_token_id, **sampling",
-            lambda: _takes(_manager_class().add_request, "request_id", "max_new_tokens",
-                           "streaming", "eos_token_id")()),
-    Surface("cb_logits_processors", "ContinuousBatchingLogitsProcessor(List)",
-            _has(cb_logits_processors, "ContinuousBatchingLogitsProcessor",
-                 "ContinuousBatchingLogitsProcessorList")),
-    Surface("ContinuousBatchingLogitsProcessor", "supported_kwargs, fill_defaults, "
-            "prepare_tensor_args",
-            _has(ContinuousBatchingLogitsProcessor, "supported_kwargs", "fill_defaults",
-                 "prepare_tensor_args")),
-    Surface("ContinuousBatchingLogitsProcessorList", "per_request_processors=",
-            _fields(ContinuousBatchingLogitsProcessorList, "per_request_processors")),
+    Surface("ContinuousBatchingConfig", CB_CONFIG,
+            lambda: _accepts(ContinuousBatchingConfig, CB_CONFIG)),
+    Surface("ContinuousBatchingManager", MANAGER_METHODS,
+            lambda: _declares(_manager(), MANAGER_METHODS)),
+    Surface("ContinuousBatchingManager.add_request", ADD_REQUEST,
+            lambda: _accepts(_manager().add_request, ADD_REQUEST)),
+    Surface("ContinuousBatchingLogitsProcessor", PROCESSOR,
+            lambda: _declares(ContinuousBatchingLogitsProcessor, PROCESSOR)),
+    Surface("ContinuousBatchingLogitsProcessorList", ("per_request_processors",),
+            lambda: _accepts(ContinuousBatchingLogitsProcessorList, ("per_request_processors",))),
+    Surface("cb_logits_processors", ("ContinuousBatchingLogitsProcessor",),
+            lambda: _declares(cb_logits_processors, ("ContinuousBatchingLogitsProcessor",))),
 )  # fmt: skip
 
 
@@ -300,6 +286,6 @@ def missing_surface() -> list[str]:
         if not ok:
             missing.append(
                 f"transformers {transformers.__version__}: {item.owner} no longer has "
-                f"{item.attribute} (serving/batching.py relies on it)"
+                f"{', '.join(item.names)} (serving/batching.py relies on it)"
             )
     return missing

@@ -335,10 +335,11 @@ class CompletionsHandler(Generation):
         if isinstance(body.prompt, str):
             ids: list[int] = engine.tokenizer(body.prompt)["input_ids"]
             return ids
+        ids = [int(i) for i in body.prompt]  # the validator left a text or token ids
         vocab = len(engine.tokenizer)
-        if any(not 0 <= i < vocab for i in body.prompt):
+        if any(not 0 <= i < vocab for i in ids):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return [int(i) for i in body.prompt]
+        return ids
 
     def _event(
         self, answer: Answer, text: str, reason: FinishReason | None, usage: Usage | None

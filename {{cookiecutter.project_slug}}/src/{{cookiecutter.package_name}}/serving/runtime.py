@@ -33,7 +33,7 @@ def process_start_time() -> float:
     try:
         import psutil
 
-        return psutil.Process().create_time()
+        return float(psutil.Process().create_time())
     except Exception:
         return _IMPORTED_AT
 
@@ -154,25 +154,23 @@ class Runtime:
     def _load_adapters(self, base: ServedModel) -> list[ServedModel]:
         """Each adapter on the base weights (shared, not copied), with its own tokenizer
         when its folder has one."""
-        from ..inference import attach_adapter, has_tokenizer
+        from ..inference import attach_adapter, tokenizer_source
         from ..modeling import load_tokenizer
 
         trust = self.config.model.trust_remote_code
         vocab = base.model.get_input_embeddings().num_embeddings
         served = []
         for name, path in self.config.adapters.items():
-            own = has_tokenizer(path)
-            tokenizer = load_tokenizer(path, trust_remote_code=trust) if own else base.tokenizer
+            source = tokenizer_source(base.tokenizer_source, path)
+            own = source != base.tokenizer_source
+            tokenizer = load_tokenizer(source, trust_remote_code=trust) if own else base.tokenizer
             if len(tokenizer) > vocab:
                 raise UserError(
                     f"adapter {name!r}: its tokenizer has {len(tokenizer)} tokens, "
                     f"the model's embeddings {vocab}; merge the run instead"
                 )
             adapted = attach_adapter(base.model, path, name, share_base=True)
-            tokenizer_source = str(path) if own else base.tokenizer_source
-            served.append(
-                ServedModel(name, adapted, tokenizer, base.name, str(path), tokenizer_source)
-            )
+            served.append(ServedModel(name, adapted, tokenizer, base.name, str(path), source))
         return served
 
     def _start_engines(
@@ -208,7 +206,9 @@ class Runtime:
 
     def models(self) -> list[ModelCard]:
         created = int(process_start_time())
-        served = [(self.config.base_name, self.config.model.name_or_path, None)]
+        served: list[tuple[str, str, str | None]] = [
+            (self.config.base_name, self.config.model.name_or_path, None)
+        ]
         served += [
             (name, str(Path(path)), self.config.base_name)
             for name, path in self.config.adapters.items()
@@ -260,7 +260,8 @@ class Runtime:
         )
 
     def dead_engines(self) -> dict[str, str]:
-        return {name: e.fatal_error() for name, e in self.engines.items() if e.fatal_error()}
+        errors = {name: engine.fatal_error() for name, engine in self.engines.items()}
+        return {name: error for name, error in errors.items() if error is not None}
 
     def cut_off(self, grace_s: float) -> None:
         """The drain grace ran out: end what is still generating with an error answer."""

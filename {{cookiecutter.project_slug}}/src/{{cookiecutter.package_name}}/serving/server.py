@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -70,7 +71,7 @@ def _serve_transformers(config: ServeConfig) -> int:
             port=config.server.port,
             log_level=config.server.log_level,
             # uvicorn's own cancel comes only after the cut-off answers are sent
-            timeout_graceful_shutdown=grace + CUT_OFF_MARGIN_S,
+            timeout_graceful_shutdown=math.ceil(grace + CUT_OFF_MARGIN_S),
             access_log=config.server.log_level == "debug",
         )
     )

@@ -29,8 +29,8 @@ class TextStream:
             try:  # O(1) per token; tokenizers >= 0.21
                 from tokenizers.decoders import DecodeStream
             except ImportError:
-                DecodeStream = None
-            if DecodeStream is not None:
+                pass  # the fallback: decode the whole answer at each token
+            else:
                 self._stream = DecodeStream(skip_special_tokens=True)
                 self._backend = backend
         self.text = ""

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..inference import check_adapter_dir
+from ..runs import RunFolder
 from .config import ServeConfig
 
 PROGRAM = __package__.partition(".")[0]  # the CLI's name
@@ -79,11 +80,10 @@ def check_vllm_adapters(adapters: dict[str, str]) -> None:
         reasons = vllm_refusals(check_adapter_dir(path))
         if not reasons:
             continue
-        folder = Path(path).expanduser()
-        run = folder.parent if (folder.parent / "config.yaml").is_file() else None
+        run = RunFolder(Path(path).expanduser().parent)
         merge = (
-            f"`{PROGRAM} merge {run}` and serve {run / 'merged'} as model.name_or_path"
-            if run
+            f"`{PROGRAM} merge {run.path}` and serve {run.merged} as model.name_or_path"
+            if run.config_file.is_file()
             else "merge it into its base (peft's merge_and_unload) and serve the merged folder"
         )
         problems.append(
@@ -127,4 +127,3 @@ def run_vllm(config: ServeConfig) -> int:
         executable = sys.executable
     print("exec:", " ".join(command), file=sys.stderr, flush=True)
     os.execvpe(executable, command, vllm_environment(config))
-    return 0  # not reached
