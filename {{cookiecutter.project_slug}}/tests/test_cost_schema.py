@@ -15,8 +15,7 @@ def test_committed_schema_is_the_one_the_models_generate():
     committed = SCHEMA_PATH.read_text(encoding="utf-8")
     assert committed == schema_text(), (
         f"{SCHEMA_PATH.name} differs from the models in cost/schema.py; regenerate it with "
-        f"`{REGENERATE}` (in the template repository, copy the baked file back into "
-        "{% raw %}{{cookiecutter.project_slug}}/src/{{cookiecutter.package_name}}/cost/{% endraw %})"
+        f"`{REGENERATE}`"
     )
 
 
