@@ -197,19 +197,18 @@ def test_seeded_sampler_rows_are_batch_independent():
     import torch
 
     from {{ cookiecutter.package_name }}.serving.batching import SeededSampler
-    from {{ cookiecutter.package_name }}.serving.seeding import GREEDY, row_key
+    from {{ cookiecutter.package_name }}.serving.seeding import row_key
 
     torch.manual_seed(0)
     scores = torch.randn(4, 512)
     key = row_key(7, 42)
     sampler = SeededSampler()
     alone = sampler(scores[:1].clone(), torch.tensor([key], dtype=torch.int32))
-    mixed = sampler(scores.clone(), torch.tensor([key, GREEDY, 0, key], dtype=torch.int32))
+    mixed = sampler(scores.clone(), torch.tensor([key, 0, 0, key], dtype=torch.int32))
     chosen = alone[0].argmax()
     assert torch.isfinite(alone[0]).sum() == 1
     assert mixed[0].argmax() == chosen and mixed[3].argmax() == chosen  # same seed, same token
-    assert mixed[1].argmax() == scores[1].argmax()  # greedy row
-    assert torch.equal(mixed[2], scores[2])  # untouched: the library samples it
+    assert torch.equal(mixed[1], scores[1])  # greedy rows are left to the loop's argmax
     other = sampler(scores[:1].clone(), torch.tensor([row_key(8, 42)], dtype=torch.int32))
     draws = {
         int(sampler(scores[:1].clone(), torch.tensor([row_key(s, 42)], dtype=torch.int32)).argmax())
@@ -233,6 +232,32 @@ def test_seeded_sampler_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+def test_row_top_p_filters_only_the_rows_that_ask_and_as_the_library_does():
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from {{ cookiecutter.package_name }}.serving.batching import RowTopP
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 256)
+    top_p = torch.tensor([1.0, 0.5, 1.0]).view(torch.int32)
+    ours = RowTopP(TopPLogitsWarper(1.0))
+    filtered = ours(scores, top_p)
+    assert torch.equal(filtered[0], scores[0]) and torch.equal(filtered[2], scores[2])
+    library = super(RowTopP, ours).__call__(scores[1:2], top_p[1:2])
+    assert torch.equal(filtered[1], library[0])
+    assert torch.isinf(filtered[1]).sum() > 100  # the nucleus cut most of the vocabulary
+
+
+def test_greedy_requests_carry_no_seed_and_sampled_ones_always_do():
+    from {{ cookiecutter.package_name }}.serving.engine import SamplingParams
+
+    assert "seed" not in SamplingParams(8, temperature=0.0, seed=3).processor_kwargs()
+    assert SamplingParams(8, temperature=0.7, seed=3).processor_kwargs()["seed"] == 3
+    drawn = {SamplingParams(8, temperature=0.7).processor_kwargs()["seed"] for _ in range(4)}
+    assert len(drawn) == 4  # unseeded: a fresh random seed each time
+
+
 def test_server_log_level_wins_over_the_cli_default():
     """The CLI configures the root logger first; server.log_level must still apply."""
     import logging
@@ -250,3 +275,19 @@ def test_server_log_level_wins_over_the_cli_default():
     finally:
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
+
+
+def test_cpu_kv_cache_is_sized_from_the_load_not_from_full_contexts():
+    from {{ cookiecutter.package_name }}.serving.batching import cb_config_for
+    from {{ cookiecutter.package_name }}.serving.config import ServeConfig
+
+    default = ServeConfig()
+    smollm2 = cb_config_for(default, "cpu", 8192, 0, 1)  # 32 requests of 512 tokens
+    assert smollm2.num_blocks * smollm2.page_size == 16384  # 8 full contexts were 65,536
+    long_context = cb_config_for(default, "cpu", 32768, 0, 1)
+    assert long_context.num_blocks * long_context.page_size == 32768  # one whole context fits
+    fewer = ServeConfig.model_validate({"engine": {"max_concurrency": 4}})
+    assert cb_config_for(fewer, "cpu", 8192, 0, 1).num_blocks * 256 == 8192
+    fixed = ServeConfig.model_validate({"engine": {"kv_cache_tokens": 1024}})
+    assert cb_config_for(fixed, "cpu", 8192, 0, 1).num_blocks == 4
+    assert cb_config_for(default, "cuda:0", 8192, 0, 1).num_blocks is None  # sized from memory

@@ -32,6 +32,7 @@ from transformers.generation.continuous_batching import cb_logits_processors
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingLogitsProcessorList,
+    ContinuousBatchingTopPLogitsWarper,
 )
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -39,7 +40,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .seeding import GREEDY, pick_seeded, row_key
+from .seeding import pick_seeded, row_key
 
 if TYPE_CHECKING:
     from .config import ServeConfig
@@ -55,15 +56,18 @@ class Output(Protocol):
 
 
 class SeededSampler(ContinuousBatchingLogitsProcessor):
-    """Greedy rows and seeded rows for continuous batching, batch-composition independent.
+    """Picks the token of every sampled row, batch-composition independent.
 
-    Runs last, after temperature and top-p; the math is `seeding.pick_seeded`. The library
-    samples the whole batch from one random generator, so without this a seed would not
-    give the same tokens from one batch to the next.
+    Runs last, after temperature and top-p; the math is `seeding.pick_seeded`. The loop
+    itself decodes greedily (argmax), as the peer server does: a greedy row needs nothing
+    more, and a sampled row is left with its chosen token as its only finite logit. (The
+    library would sample the whole batch from one random generator, so a seed would not
+    give the same tokens from one batch to the next, and its softmax and multinomial over
+    the vocabulary would run for greedy rows too.)
     """
 
     def __init__(self) -> None:
-        self.supported_kwargs: dict[str, type] = {"seed": int, "greedy": bool}
+        self.supported_kwargs: dict[str, type] = {"seed": int}
         self.ignored_kwargs: tuple[str, ...] = ()
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
@@ -72,18 +76,34 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         args = []
         for request in requests_with_new_token:
-            kwargs = request.state.logit_processor_kwargs
-            if kwargs.get("greedy"):
-                args.append(GREEDY)
-            elif kwargs.get("seed") is not None:
-                # position_offset is the absolute position of the token about to be sampled
-                args.append(row_key(kwargs["seed"], request.state.position_offset))
-            else:
-                args.append(0)
+            seed = request.state.logit_processor_kwargs.get("seed")
+            # Greedy rows (and the warm-up's) carry no seed: 0 leaves them to the argmax.
+            # position_offset is the absolute position of the token about to be sampled.
+            args.append(0 if seed is None else row_key(seed, request.state.position_offset))
         return torch.tensor(args, dtype=torch.int32, device="cpu")
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         return pick_seeded(scores, tensor_arg[: scores.size(0)].to(torch.int64))
+
+
+class RowTopP(ContinuousBatchingTopPLogitsWarper):
+    """The library's per-request top-p, on a CPU only for the rows that set top_p < 1.
+
+    It sorts every row's whole vocabulary at each step, top_p 1 or not: 9% of a SmolLM2
+    decode step on 2 CPU cores (py-spy, issue 14). On a GPU it runs as it is: choosing rows
+    there would wait for the device at each step.
+    """
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if scores.device.type != "cpu":
+            return super().__call__(scores, tensor_arg)
+        top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+        rows = (top_p < 1.0).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        scores = scores.clone()
+        scores[rows] = super().__call__(scores[rows], tensor_arg[rows])
+        return scores
 
 
 def _processors() -> ContinuousBatchingLogitsProcessorList:
@@ -93,7 +113,9 @@ def _processors() -> ContinuousBatchingLogitsProcessorList:
     that holds non-default values, so the list is made here, before the loop starts.
     """
     processors = ContinuousBatchingLogitsProcessorList(
-        LogitsProcessorList([TemperatureLogitsWarper(1.0), TopPLogitsWarper(1.0), SeededSampler()]),
+        LogitsProcessorList(
+            [TemperatureLogitsWarper(1.0), RowTopP(TopPLogitsWarper(1.0)), SeededSampler()]
+        ),
         per_request_processors=True,
     )
     # The list counts one argument row per processor it converted; SeededSampler is
@@ -109,7 +131,7 @@ class BatchingLoop:
 
     def __init__(self, model: Any, eos_ids: list[int], pad_id: int | None, cb: Any) -> None:
         generation_config = GenerationConfig(  # type: ignore[no-untyped-call]  # **kwargs
-            do_sample=True,  # the library samples (multinomial); SeededSampler handles greedy rows
+            do_sample=False,  # argmax: SeededSampler has picked every sampled row's token
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             max_new_tokens=16,
@@ -197,6 +219,13 @@ class BatchingLoop:
             self._manager.stop(block=True, timeout=timeout_s)
 
 
+def cpu_cache_tokens(config: ServeConfig, context_len: int) -> int:
+    """The CPU default: the configured concurrency of typical requests, and room for one
+    request of the whole context."""
+    per_request = min(context_len, config.engine.kv_tokens_per_request)
+    return max(context_len, config.engine.max_concurrency * per_request)
+
+
 def cb_config_for(
     config: ServeConfig, device: str, context_len: int, engine_index: int, engine_count: int
 ) -> ContinuousBatchingConfig:
@@ -211,7 +240,7 @@ def cb_config_for(
         kwargs["max_batch_tokens"] = settings.max_batch_tokens
     tokens = settings.kv_cache_tokens
     if tokens is None and not device.startswith("cuda"):
-        tokens = 8 * context_len
+        tokens = cpu_cache_tokens(config, context_len)
     if tokens is not None:
         kwargs["num_blocks"] = max(2, -(-tokens // settings.page_size))
         if settings.max_batch_tokens is None and not device.startswith("cuda"):

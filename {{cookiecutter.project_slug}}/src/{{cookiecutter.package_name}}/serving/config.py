@@ -34,8 +34,12 @@ class EngineSection(Section):
     kind: Literal["transformers", "vllm"] = "transformers"
     # Paged KV cache per served model, in tokens. null: on a GPU the library sizes it from
     # free memory (gpu_memory_fraction, split between the served models); on a CPU it holds
-    # 8 full contexts (the library would otherwise size it from total RAM).
+    # what the load needs: max_concurrency requests of kv_tokens_per_request (prompt and
+    # answer), and at least one full context. (The library would size it from total RAM.)
+    # A request that finds no room waits for one; none is refused for it.
     kv_cache_tokens: int | None = Field(None, ge=64)
+    max_concurrency: int = Field(32, ge=1)
+    kv_tokens_per_request: int = Field(512, ge=16)
     page_size: int = Field(256, ge=16)
     max_batch_tokens: int | None = Field(None, ge=16)  # tokens per forward pass; null: library
     gpu_memory_fraction: float = Field(0.9, gt=0.0, le=0.98)

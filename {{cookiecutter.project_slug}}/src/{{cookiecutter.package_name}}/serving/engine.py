@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,15 +40,12 @@ class SamplingParams:
     seed: int | None = None
 
     def processor_kwargs(self) -> dict[str, Any]:
-        greedy = self.temperature == 0.0
-        kwargs: dict[str, Any] = {
-            "temperature": 1.0 if greedy else float(self.temperature),
-            "top_p": float(self.top_p),
-            "greedy": greedy,
-        }
-        if self.seed is not None:
-            kwargs["seed"] = int(self.seed)
-        return kwargs
+        """Greedy: no seed (the loop's argmax decides). Sampled: a seed always, a random one
+        when the request gave none, since the seeded sampler picks every sampled token."""
+        if self.temperature == 0.0:
+            return {"temperature": 1.0, "top_p": 1.0}
+        seed = random.getrandbits(63) if self.seed is None else int(self.seed)
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "seed": seed}
 
 
 class GenerationError(RuntimeError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 MASK32 = 0xFFFFFFFF
-GREEDY = -1  # row argument for a greedy row; 0 leaves the row to the library
 
 
 def _mix32(value: int) -> int:
@@ -40,18 +39,27 @@ def row_key(seed: int, position: int) -> int:
     return mixed % 0x7FFFFFFE + 1
 
 
-def pick_seeded(scores: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
-    """Scores with each greedy (arg == GREEDY) or seeded (arg > 0) row reduced to its one
-    chosen token; rows with arg == 0 are returned as they are."""
-    if scores.device.type == "cpu" and not bool((arg != 0).any()):
-        return scores  # nothing to do, and on a CPU the check costs nothing
+def gumbel_choice(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The token each row samples from softmax(scores), given its key (Gumbel-max)."""
     vocab = torch.arange(scores.size(-1), device=scores.device, dtype=torch.int64)
-    keys = (arg.clamp(min=0)[:, None] * 0x9E3779B1) & MASK32
-    bits = _mix32_tensor(keys ^ vocab[None, :]) >> 8  # 24 uniform bits per (row, token)
+    mixed = (keys[:, None] * 0x9E3779B1) & MASK32
+    bits = _mix32_tensor(mixed ^ vocab[None, :]) >> 8  # 24 uniform bits per (row, token)
     uniform = (bits.to(torch.float32) + 0.5) / float(1 << 24)  # strictly inside (0, 1)
-    gumbel = -torch.log(-torch.log(uniform))
-    sampled = torch.argmax(scores + gumbel, dim=-1)
-    greedy = torch.argmax(scores, dim=-1)
-    choice = torch.where(arg == GREEDY, greedy, sampled)
+    return torch.argmax(scores - torch.log(-torch.log(uniform)), dim=-1)
+
+
+def pick_seeded(scores: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """Scores with each sampled row (arg > 0, its key) reduced to its one chosen token as
+    the only finite logit; rows with arg == 0 are returned as they are."""
+    if scores.device.type == "cpu":  # only the sampled rows; on a CPU finding them is free
+        rows = (arg > 0).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        choice = gumbel_choice(scores[rows], arg[rows])
+        only = torch.full_like(scores[rows], float("-inf")).scatter_(1, choice[:, None], 0.0)
+        scores = scores.clone()
+        scores[rows] = only
+        return scores
+    choice = gumbel_choice(scores, arg.clamp(min=0))  # every row: no host sync on a GPU
     only = torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
-    return torch.where((arg != 0)[:, None], only, scores)
+    return torch.where((arg > 0)[:, None], only, scores)
