@@ -42,7 +42,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PARTS = ("serving", "cold_start", "meter", "training", "env_size", "image")
+PARTS = ("serving", "serving_threads1", "cold_start", "meter", "training", "env_size", "image")
+# The serving comparison twice: at the torch/OpenMP threads a user gets (the library's
+# default, one per core), and at one thread per process, where the load client has a core.
+SERVING_THREADS = {"serving": None, "serving_threads1": 1}
 # Model-independent parts: measured once per run, not per model.
 SINGLE_PARTS = ("env_size", "image")
 MODELS = ("tiny", "smollm2")
@@ -211,8 +214,10 @@ class PeerServer:
         self.url = f"http://127.0.0.1:{self.port}"
         cli = Path(sys.executable).parent / "transformers"
         mode = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
+        # --model-timeout -1: its default unloads a model idle for 300 s, and reloads it on
+        # the next request, inside a timed level.
         self.command = [
-            str(cli), "serve", str(folder), mode,
+            str(cli), "serve", str(folder), mode, "--model-timeout", "-1",
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
         ]  # fmt: skip
         self.log_path = log_path
@@ -711,9 +716,26 @@ def main() -> int:
     return 1 if failures else 0
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Any:
+    """OMP/MKL threads of the processes started inside (None: as they are)."""
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if count is not None:
+        os.environ.update(dict.fromkeys(saved, str(count)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_part(part: str, project, serving, model, folder, sizing, scratch) -> dict:
-    if part == "serving":
-        return serving.run(model, folder)
+    if part in SERVING_THREADS:
+        with torch_threads(SERVING_THREADS[part]):
+            return serving.run(model, folder) | {"threads": SERVING_THREADS[part] or "default"}
     if part == "cold_start":
         return serving.cold_start(model, folder)
     if part == "training":

@@ -104,21 +104,8 @@ def _summary_rows(results: dict) -> list[str]:
     rows = _image_summary(results)
     for model, section in results.get("models", {}).items():
         label = MODEL_LABELS.get(model, model)
-        serving = section.get("serving") or {}
-        for row in serving.get("rows", []):
-            c = row["concurrency"]
-            rows.append(
-                f"| [serving tokens/s, c={c}](#serving-{model}-c{c}) | {label} | "
-                f"{_num(row['throughput_ratio'])}x vs the better peer mode | "
-                f"{_target('serving_throughput')} | {_verdict(row['throughput_pass'])} |"
-            )
-        for row in serving.get("rows", []):
-            c = row["concurrency"]
-            rows.append(
-                f"| [serving TTFT p50, c={c}](#serving-{model}-c{c}) | {label} | "
-                f"{_num(row['ttft_ratio'])}x (peer TTFT / ours) | "
-                f"{_target('serving_ttft')} | {_verdict(row['ttft_pass'])} |"
-            )
+        for part, threads in SERVING_PARTS.items():
+            rows += _serving_summary(model, label, part, threads, section.get(part) or {})
         cold = section.get("cold_start") or {}
         if "ratio" in cold:
             rows.append(
@@ -144,7 +131,7 @@ def _summary_rows(results: dict) -> list[str]:
                     f"| [meter: {key.replace('_', ' ')}](#meter-{model}) | {label} | "
                     f"{figure['median']:.1%} apart | within 10% | {_verdict(figure['pass'])} |"
                 )
-        for part in ("serving", "cold_start", "training", "meter"):
+        for part in (*SERVING_PARTS, "cold_start", "training", "meter"):
             value = section.get(part)
             if isinstance(value, dict) and "error" in value:
                 rows.append(f"| {part} | {label} | did not run (see below) | | **ERROR** |")
@@ -177,6 +164,25 @@ def _error(section: dict | None) -> list[str]:
     return []
 
 
+SERVING_PARTS = {"serving": "default threads", "serving_threads1": "1 thread"}
+
+
+def _serving_summary(model: str, label: str, part: str, threads: str, serving: dict) -> list:
+    rows = []
+    for metric, key, target, what in (
+        ("tokens/s", "throughput", "serving_throughput", "x vs the better peer mode"),
+        ("TTFT p50", "ttft", "serving_ttft", "x (peer TTFT / ours)"),
+    ):
+        for row in serving.get("rows", []):
+            c = row["concurrency"]
+            rows.append(
+                f"| [serving {metric}, c={c}, {threads}](#{part}-{model}-c{c}) | {label} | "
+                f"{_num(row[f'{key}_ratio'])}{what} | {_target(target)} | "
+                f"{_verdict(row[f'{key}_pass'])} |"
+            )
+    return rows
+
+
 def _serving(results: dict) -> list[str]:
     lines = [
         "## 1. Serving throughput and TTFT",
@@ -189,51 +195,58 @@ def _serving(results: dict) -> list[str]:
         "own meter (`<pkg>.cost.load`, the client of `<pkg> token-cost`), after an untimed",
         "warm-up (two requests, then one wave at the top concurrency). The ratio is against",
         "the **better** of the peer's two modes at each concurrency, for each metric on its",
-        "own. TTFT ratio = peer TTFT / our TTFT (above 1: ours answers sooner).",
+        "own. TTFT ratio = peer TTFT / our TTFT (above 1: ours answers sooner). Measured",
+        "twice: at the torch/OpenMP threads each process gets by default (one per core, what a",
+        "user runs) and at one thread per process (the load client keeps a core).",
         "",
         "![output tokens/s and TTFT against concurrency](benchmarks/serving_throughput.png)",
         "",
     ]
-    for model, section in results.get("models", {}).items():
-        serving = section.get("serving")
-        if not serving:
-            continue
-        lines += [f"### {MODEL_LABELS.get(model, model)}", *_error(serving)]
-        if "rows" not in serving:
-            continue
-        lines += [
-            f"max_tokens {serving['max_tokens']}, {serving['repeats']} repetitions; "
-            f"{serving['prompts']}.",
-            "",
-            "| concurrency (requests) | ours tok/s | peer tok/s | peer CB tok/s | ratio | target"
-            " | result | ours TTFT p50 s | peer TTFT p50 s | peer CB TTFT p50 s | TTFT ratio "
-            "| result |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    for part, threads in SERVING_PARTS.items():
+        for model, section in results.get("models", {}).items():
+            lines += _serving_model(part, threads, model, section.get(part))
+    return lines
+
+
+def _serving_model(part: str, threads: str, model: str, serving: dict | None) -> list[str]:
+    lines: list[str] = []
+    if serving:
+        lines += [f"### {MODEL_LABELS.get(model, model)}, {threads}", *_error(serving)]
+    if not serving or "rows" not in serving:
+        return lines
+    lines += [
+        f"max_tokens {serving['max_tokens']}, {serving['repeats']} repetitions; "
+        f"{serving['prompts']}.",
+        "",
+        "| concurrency (requests) | ours tok/s | peer tok/s | peer CB tok/s | ratio | target"
+        " | result | ours TTFT p50 s | peer TTFT p50 s | peer CB TTFT p50 s | TTFT ratio "
+        "| result |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in serving["rows"]:
+        f = row["figures"]
+        c = row["concurrency"]
+        lines.append(
+            f"| {_anchor(f'{part}-{model}-c{c}')}{c} ({row['requests']}) | "
+            + " | ".join(_spread(f[s]["output_tokens_per_s"], 1) for s in SERVERS)
+            + f" | {_num(row['throughput_ratio'])}x | {_target('serving_throughput')} | "
+            f"{_verdict(row['throughput_pass'])} | "
+            + " | ".join(_spread(f[s]["ttft_p50_s"], 3) for s in SERVERS)
+            + f" | {_num(row['ttft_ratio'])}x | {_verdict(row['ttft_pass'])} |"
+        )
+    lines += ["", "Output tokens per request (median), errors over all repetitions:", ""]
+    lines += ["| concurrency | " + " | ".join(SERVER_LABELS[s] for s in SERVERS) + " |"]
+    lines += ["| --- | --- | --- | --- |"]
+    for row in serving["rows"]:
+        f = row["figures"]
+        cells = [
+            f"{f[s]['output_tokens_per_request']['median']:.1f} tokens, "
+            f"{f[s]['errors']} errors"
+            + (f" ({f[s]['first_errors'][0]})" if f[s]["first_errors"] else "")
+            for s in SERVERS
         ]
-        for row in serving["rows"]:
-            f = row["figures"]
-            c = row["concurrency"]
-            lines.append(
-                f"| {_anchor(f'serving-{model}-c{c}')}{c} ({row['requests']}) | "
-                + " | ".join(_spread(f[s]["output_tokens_per_s"], 1) for s in SERVERS)
-                + f" | {_num(row['throughput_ratio'])}x | {_target('serving_throughput')} | "
-                f"{_verdict(row['throughput_pass'])} | "
-                + " | ".join(_spread(f[s]["ttft_p50_s"], 3) for s in SERVERS)
-                + f" | {_num(row['ttft_ratio'])}x | {_verdict(row['ttft_pass'])} |"
-            )
-        lines += ["", "Output tokens per request (median), errors over all repetitions:", ""]
-        lines += ["| concurrency | " + " | ".join(SERVER_LABELS[s] for s in SERVERS) + " |"]
-        lines += ["| --- | --- | --- | --- |"]
-        for row in serving["rows"]:
-            f = row["figures"]
-            cells = [
-                f"{f[s]['output_tokens_per_request']['median']:.1f} tokens, "
-                f"{f[s]['errors']} errors"
-                + (f" ({f[s]['first_errors'][0]})" if f[s]["first_errors"] else "")
-                for s in SERVERS
-            ]
-            lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 
@@ -413,13 +426,14 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = [
-        (m, s["serving"])
+        (f"{MODEL_LABELS.get(m, m)}, {threads}", s[part])
+        for part, threads in SERVING_PARTS.items()
         for m, s in results.get("models", {}).items()
-        if isinstance(s.get("serving"), dict) and "rows" in s["serving"]
+        if isinstance(s.get(part), dict) and "rows" in s[part]
     ]
     if not models:
         return
-    figure, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
+    figure, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 7), squeeze=False)
     styles = {"ours": ("C0", "o"), "peer": ("C1", "s"), "peer_cb": ("C2", "^")}
     for column, (model, serving) in enumerate(models):
         x = [row["concurrency"] for row in serving["rows"]]
@@ -446,7 +460,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_ylabel(label)
             if metric == "ttft_p50_s":
                 ax.set_yscale("log")
-            ax.set_title(f"{MODEL_LABELS.get(model, model)}\n(median, bars: min to max)"
+            ax.set_title(f"{model}\n(median, bars: min to max)"
                          if row_index == 0 else "", fontsize=9)  # fmt: skip
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

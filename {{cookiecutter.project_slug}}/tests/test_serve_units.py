@@ -291,3 +291,14 @@ def test_cpu_kv_cache_is_sized_from_the_load_not_from_full_contexts():
     fixed = ServeConfig.model_validate({"engine": {"kv_cache_tokens": 1024}})
     assert cb_config_for(fixed, "cpu", 8192, 0, 1).num_blocks == 4
     assert cb_config_for(default, "cuda:0", 8192, 0, 1).num_blocks is None  # sized from memory
+
+
+def test_the_http_app_imports_no_torch_so_the_server_listens_at_once():
+    """torch, transformers and the batching loop load in the background, timed as the
+    `imports` phase; the app that answers /health and /ready must not wait for them."""
+    code = (
+        "import sys\n"
+        "from {{ cookiecutter.package_name }}.serving.app import create_app\n"
+        "assert 'torch' not in sys.modules, 'the app imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -182,9 +182,9 @@ class BatchingLoop:
             router.result_handlers.pop(request_id, None)
 
     def run_once(self, request_id: str, prompt_ids: list[int], timeout_s: float) -> None:
-        """Generate two tokens without a handler (the warm-up); raises on failure."""
+        """Generate one token without a handler (the warm-up); raises on failure."""
         self._manager.add_request(
-            prompt_ids, request_id=request_id, max_new_tokens=2, streaming=False
+            prompt_ids, request_id=request_id, max_new_tokens=1, streaming=False
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -27,9 +27,10 @@ import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .batching import BatchingLoop, Output
+if TYPE_CHECKING:  # batching imports torch: not before the server listens (handlers use this)
+    from .batching import BatchingLoop, Output
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ class Engine:
         self._live: dict[str, tuple[Submission, asyncio.AbstractEventLoop]] = {}
 
     def start(self) -> None:
+        from .batching import BatchingLoop
+
         loop = BatchingLoop(self.model, self.eos_ids, self.tokenizer.pad_token_id, self.cb_config)
         loop.start()
         self._loop = loop
