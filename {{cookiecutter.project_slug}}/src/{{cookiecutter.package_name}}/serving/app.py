@@ -23,7 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
 from .gate import Gate
-from .handlers import ChatHandler, CompletionsHandler, ModelsHandler, ProbesHandler, error_json
+from .handlers import (
+    ChatHandler,
+    CompletionsHandler,
+    Generation,
+    ModelsHandler,
+    ProbesHandler,
+    error_json,
+)
 from .metrics import Metrics
 from .protocol import (
     ChatCompletion,
@@ -145,12 +152,11 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(Gate, max_body_bytes=config.server.max_body_bytes, api_key=api_key)
     app.openapi = lambda: _openapi(app, api_key is not None)  # type: ignore[method-assign]
-    _handle_errors(app, runtime)
-
     chat, completions = (
         ChatHandler(runtime, config.limits),
         CompletionsHandler(runtime, config.limits),
     )
+    _handle_errors(app, {"/v1/chat/completions": chat, "/v1/completions": completions})
     models, probes = ModelsHandler(runtime), ProbesHandler(runtime)
     app.post("/v1/chat/completions", responses=CHAT)(chat.create)
     app.post("/v1/completions", responses=COMPLETION)(completions.create)
@@ -162,14 +168,15 @@ def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
     return app
 
 
-def _handle_errors(app: FastAPI, runtime: Runtime) -> None:
-    """Every error answer is OpenAI's error JSON, and is counted."""
-    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+def _handle_errors(app: FastAPI, generation: dict[str, Generation]) -> None:
+    """Every error answer is OpenAI's error JSON; a malformed body is counted by the
+    handler of its path, as the handler counts the errors it answers itself."""
 
     async def invalid(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        endpoint = endpoints.get(request.url.path, "other")
-        runtime.metrics.requests.labels(endpoint, "unknown", "400").inc()
+        handler = generation.get(request.url.path)
+        if handler is not None:
+            handler.record("", 400)
         return _invalid_request(error)
 
     async def http_error(request: Request, error: Exception) -> JSONResponse:

@@ -55,11 +55,14 @@ def pick_seeded(scores: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
         rows = (arg > 0).nonzero().squeeze(-1)
         if rows.numel() == 0:
             return scores
-        choice = gumbel_choice(scores[rows], arg[rows])
-        only = torch.full_like(scores[rows], float("-inf")).scatter_(1, choice[:, None], 0.0)
+        sampled = scores[rows]
         scores = scores.clone()
-        scores[rows] = only
+        scores[rows] = _only(sampled, gumbel_choice(sampled, arg[rows]))
         return scores
-    choice = gumbel_choice(scores, arg.clamp(min=0))  # every row: no host sync on a GPU
-    only = torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
+    only = _only(scores, gumbel_choice(scores, arg.clamp(min=0)))  # no host sync on a GPU
     return torch.where((arg > 0)[:, None], only, scores)
+
+
+def _only(scores: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Each row's chosen token as its only finite logit."""
+    return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
