@@ -232,6 +232,26 @@ def test_seeded_sampler_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+def test_a_greedy_cpu_batch_skips_the_processors_and_a_sampled_row_does_not():
+    import torch
+
+    from {{ cookiecutter.package_name }}.serving.batching import RequestProcessors
+    from {{ cookiecutter.package_name }}.serving.seeding import row_key
+
+    processors = RequestProcessors()
+    assert processors.tensors_required == 3  # temperature, top-p, seed
+    torch.manual_seed(0)
+    scores = torch.randn(2, 128)
+    args = torch.zeros(3, 4, dtype=torch.int32)
+    args[:2] = torch.tensor(1.0).view(torch.int32)  # temperature and top-p 1 in every row
+    args[2, 2:] = row_key(5, 3)  # stale rows of an earlier batch: not this one's
+    assert processors(torch.zeros(2, dtype=torch.long), scores, args) is scores
+    args[2, 1] = row_key(5, 3)
+    picked = processors(torch.zeros(2, dtype=torch.long), scores.clone(), args)
+    assert torch.equal(picked[0], scores[0])  # the greedy row is left to the argmax
+    assert torch.isfinite(picked[1]).sum() == 1  # the sampled row got its token
+
+
 def test_row_top_p_filters_only_the_rows_that_ask_and_as_the_library_does():
     import torch
     from transformers.generation.logits_process import TopPLogitsWarper

@@ -106,24 +106,45 @@ class RowTopP(ContinuousBatchingTopPLogitsWarper):
         return scores
 
 
-def _processors() -> ContinuousBatchingLogitsProcessorList:
-    """Temperature and top-p per request, then SeededSampler.
+class RequestProcessors(ContinuousBatchingLogitsProcessorList):
+    """Temperature and top-p per request, then SeededSampler; skipped for a greedy CPU batch.
 
-    The library builds its per-request processors from the generation config only when
-    that holds non-default values, so the list is made here, before the loop starts.
+    Every sampled row carries a seed (engine.SamplingParams), so a batch whose seed row is
+    all zeros is all greedy and the loop's argmax needs nothing more. Skipping saves 6-8% of
+    CPU time per token on the tiny model at concurrency 32 (in-process A/B, issue 14). On a
+    GPU they always run: the check would wait for the device at each step, and a captured
+    CUDA graph cannot branch on it.
+
+    The library builds its per-request processors from the generation config only when that
+    holds non-default values, so the list is made here, before the loop starts.
     """
-    processors = ContinuousBatchingLogitsProcessorList(
-        LogitsProcessorList(
-            [TemperatureLogitsWarper(1.0), RowTopP(TopPLogitsWarper(1.0)), SeededSampler()]
-        ),
-        per_request_processors=True,
-    )
-    # The list counts one argument row per processor it converted; SeededSampler is
-    # already a continuous-batching processor and needs its row too.
-    processors.tensors_required = sum(
-        isinstance(p, ContinuousBatchingLogitsProcessor) for p in processors.logits_processor
-    )
-    return processors
+
+    def __init__(self) -> None:
+        super().__init__(
+            LogitsProcessorList(
+                [TemperatureLogitsWarper(1.0), RowTopP(TopPLogitsWarper(1.0)), SeededSampler()]
+            ),
+            per_request_processors=True,
+        )
+        # The list counts one argument row per processor it converted; SeededSampler is
+        # already a continuous-batching processor and needs its row too (the last one).
+        self.tensors_required = sum(
+            isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor
+        )
+        self.seed_row = self.tensors_required - 1
+
+    def __call__(
+        self,
+        input_ids: torch.LongTensor,
+        scores: torch.Tensor,
+        logits_processor_args: torch.Tensor,
+    ) -> torch.Tensor:
+        # Only the first rows are this batch's; the rest of the storage is stale.
+        seeds = logits_processor_args[self.seed_row, : scores.size(0)]
+        if scores.device.type == "cpu" and not bool(seeds.any()):
+            return scores
+        processed: torch.Tensor = super().__call__(input_ids, scores, logits_processor_args)
+        return processed
 
 
 class BatchingLoop:
@@ -141,7 +162,7 @@ class BatchingLoop:
         )
 
     def start(self) -> None:
-        self._manager.logit_processor = _processors()
+        self._manager.logit_processor = RequestProcessors()
         self._manager.warmup()
         self._manager.start()
 
