@@ -14,9 +14,10 @@ same adapter are batched together, requests for different adapters run side by s
 in one batch. To batch many adapters in one pass, use the vllm engine (multi-LoRA
 kernels) or serve a merged model.
 
-Sampling: temperature and top-p per request use the library's per-request processors;
-greedy decoding (temperature 0) and per-request seeds are one more processor
-(``batching.SeededSampler``).
+Sampling: the loop decodes by argmax, so greedy requests (temperature 0) need nothing
+more. A sampled request gets temperature and top-p from the library's per-request
+processors, and its token from ``batching.SeededSampler``, keyed by its seed (a random one
+when it gave none).
 """
 
 from __future__ import annotations
