@@ -256,6 +256,11 @@ def _serving_model(part: str, threads: str, model: str, serving: dict | None) ->
 
 
 def _cold(results: dict) -> list[str]:
+    counts = {
+        (section.get("cold_start") or {}).get("repeats")
+        for section in results.get("models", {}).values()
+    } - {None}
+    repeated = f", {' or '.join(map(str, sorted(counts)))} times each" if counts else ""
     lines = [
         "## 2. Cold start",
         "",
@@ -264,7 +269,7 @@ def _cold(results: dict) -> list[str]:
         "moment `/ready` says 200, timed from the spawn), against a floor: a bare Python script",
         "that imports torch and transformers, loads the same weights (float32, as ours on a",
         "CPU) and generates one token for the same prompt. Both start from a warm page cache;",
-        "the two alternate. The server's own phases show where its time goes.",
+        f"the two alternate{repeated}. The server's own phases show where its time goes.",
         "",
         "| model | ours: spawn to first token s | ours: spawn to /ready s | floor s | ratio | "
         "target | result |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,15 @@ def test_the_http_app_imports_no_torch_so_the_server_listens_at_once():
         "assert 'torch' not in sys.modules, 'the app imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_process_start_time_is_when_the_process_started_not_a_second_early():
+    # The server's "ready" phase is counted from it; a clock that rounds the boot time
+    # to whole seconds (psutil on Linux) put the start up to a second early.
+    code = (
+        "import time; from {{ cookiecutter.package_name }}.serving.runtime import "
+        "process_start_time; print(process_start_time(), time.time())"
+    )
+    spawned = time.time()
+    started, printed = map(float, subprocess.check_output([sys.executable, "-c", code]).split())
+    assert spawned - 0.05 <= started <= printed

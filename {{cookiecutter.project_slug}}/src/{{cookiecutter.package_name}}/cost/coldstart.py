@@ -207,8 +207,8 @@ def cold_start_section(
     if "ready" in phases and "ready_s" in timings:
         outside = timings["ready_s"] - phases["ready"]
         if outside < 0:
-            # The server dates its own start from psutil's process create time, which
-            # Linux derives from a boot time in whole seconds: up to 1 s off.
+            # Without /proc the server dates its own start from psutil's process create
+            # time, which can be up to 1 s early (serving/runtime.py process_start_time).
             note = (
                 f"the server's own ready time ({phases['ready']:.2f} s) exceeds the measured "
                 f"{timings['ready_s']:.2f} s: its process-start clock is coarse; trust ready_s"
