@@ -256,20 +256,24 @@ def _serving_model(part: str, threads: str, model: str, serving: dict | None) ->
 
 
 def _cold(results: dict) -> list[str]:
-    counts = {
-        (section.get("cold_start") or {}).get("repeats")
-        for section in results.get("models", {}).values()
-    } - {None}
-    repeated = f", {' or '.join(map(str, sorted(counts)))} times each" if counts else ""
+    counts = sorted(
+        {
+            (section.get("cold_start") or {}).get("repeats")
+            for section in results.get("models", {}).values()
+        }
+        - {None}
+    )
+    repeated = ", once each" if counts == [1] else f", {' or '.join(map(str, counts))} times each"
     lines = [
         "## 2. Cold start",
         "",
         "Process start to the first token: our server spawned the way `<pkg> token-cost` does",
-        "(`<pkg> serve` on a free loopback port; one request with `max_tokens` 1 sent the",
-        "moment `/ready` says 200, timed from the spawn), against a floor: a bare Python script",
-        "that imports torch and transformers, loads the same weights (float32, as ours on a",
-        "CPU) and generates one token for the same prompt. Both start from a warm page cache;",
-        f"the two alternate{repeated}. The server's own phases show where its time goes.",
+        "(`<pkg> serve` on a free loopback port, `/ready` polled every 0.1 s; one request with",
+        "`max_tokens` 1 sent once it says 200, timed from the spawn), against a floor: a bare",
+        "Python script that imports torch and transformers, loads the same weights (float32, as",
+        "ours on a CPU) and generates one token for the same prompt. Both start from a warm page",
+        f"cache; the two alternate{repeated if counts else ''}. The server's own phases show where",
+        "its time goes.",
         "",
         "| model | ours: spawn to first token s | ours: spawn to /ready s | floor s | ratio | "
         "target | result |",
