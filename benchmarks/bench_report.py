@@ -263,7 +263,8 @@ def _cold(results: dict) -> list[str]:
         }
         - {None}
     )
-    repeated = ", once each" if counts == [1] else f", {' or '.join(map(str, counts))} times each"
+    times = "once" if counts == [1] else f"{' or '.join(map(str, counts))} times"
+    repeated = f", {times} each" if counts else ""
     lines = [
         "## 2. Cold start",
         "",
@@ -272,7 +273,7 @@ def _cold(results: dict) -> list[str]:
         "`max_tokens` 1 sent once it says 200, timed from the spawn), against a floor: a bare",
         "Python script that imports torch and transformers, loads the same weights (float32, as",
         "ours on a CPU) and generates one token for the same prompt. Both start from a warm page",
-        f"cache; the two alternate{repeated if counts else ''}. The server's own phases show where",
+        f"cache; the two alternate{repeated}. The server's own phases show where",
         "its time goes.",
         "",
         "| model | ours: spawn to first token s | ours: spawn to /ready s | floor s | ratio | "
