@@ -6,6 +6,7 @@ only once every served model is loaded and has generated a token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 _IMPORTED_AT = time.time()
 
 
+@functools.cache  # constant, and /v1/models reads it on every call
 def process_start_time() -> float:
     """Wall-clock time this process started (falls back to when this module was imported).
 
