@@ -167,6 +167,7 @@ def _error(section: dict | None) -> list[str]:
 
 
 SERVING_PARTS = {"serving": "default threads", "serving_threads1": "1 thread"}
+SHORT_LABELS = {"ours": "ours", "peer": "peer", "peer_cb": "peer CB", "peer_cb16": "peer CB 16"}
 
 
 def _serving_summary(model: str, label: str, part: str, threads: str, serving: dict) -> list:
@@ -193,7 +194,11 @@ def _serving(results: dict) -> list[str]:
         "concurrency 1, 8 and 32, with the same prompts, `max_tokens` and greedy decoding, for",
         "our server (`<pkg> serve`, transformers continuous batching) and `transformers serve`",
         "with and without `--continuous-batching`, each in its own process on 127.0.0.1, one",
-        "at a time, the order rotated every repetition. All three are driven by the project's",
+        "at a time, the order rotated every repetition. A fourth arm, `transformers serve",
+        "--continuous-batching --cb-block-size 16` (peer CB 16), gives the peer our CPU page",
+        "size through its own flag: the columns *vs CB 16* show how much of a difference is",
+        "that setting, whose default the peer leaves at 256; they are not part of the targets.",
+        "All four are driven by the project's",
         "own meter (`<pkg>.cost.load`, the client of `<pkg> token-cost`), after an untimed",
         "warm-up (two requests, then one wave at the top concurrency). The ratio is against",
         "the **better** of the peer's two modes at each concurrency, for each metric on its",
@@ -223,10 +228,12 @@ def _serving_model(part: str, threads: str, model: str, serving: dict | None) ->
         f"max_tokens {serving['max_tokens']}, {serving['repeats']} repetitions; "
         f"{serving['prompts']}.",
         "",
-        "| concurrency (requests) | ours tok/s | peer tok/s | peer CB tok/s | ratio | target"
-        " | result | ours TTFT p50 s | peer TTFT p50 s | peer CB TTFT p50 s | TTFT ratio "
-        "| result |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency (requests) | "
+        + " | ".join(f"{SHORT_LABELS[s]} tok/s" for s in SERVERS)
+        + " | ratio | target | result | vs CB 16 | "
+        + " | ".join(f"{SHORT_LABELS[s]} TTFT p50 s" for s in SERVERS)
+        + " | TTFT ratio | result | vs CB 16 |",
+        "|" + " --- |" * (2 * len(SERVERS) + 9),
     ]
     for row in serving["rows"]:
         f = row["figures"]
@@ -235,13 +242,14 @@ def _serving_model(part: str, threads: str, model: str, serving: dict | None) ->
             f"| {_anchor(f'{part}-{model}-c{c}')}{c} ({row['requests']}) | "
             + " | ".join(_spread(f[s]["output_tokens_per_s"], 1) for s in SERVERS)
             + f" | {_num(row['throughput_ratio'])}x | {_target('serving_throughput')} | "
-            f"{_verdict(row['throughput_pass'])} | "
+            f"{_verdict(row['throughput_pass'])} | {_ratio(row['same_pages_throughput_ratio'])} | "
             + " | ".join(_spread(f[s]["ttft_p50_s"], 3) for s in SERVERS)
-            + f" | {_num(row['ttft_ratio'])}x | {_verdict(row['ttft_pass'])} |"
+            + f" | {_num(row['ttft_ratio'])}x | {_verdict(row['ttft_pass'])} | "
+            f"{_ratio(row['same_pages_ttft_ratio'])} |"
         )
     lines += ["", "Output tokens per request (median), errors over all repetitions:", ""]
     lines += ["| concurrency | " + " | ".join(SERVER_LABELS[s] for s in SERVERS) + " |"]
-    lines += ["| --- | --- | --- | --- |"]
+    lines += ["|" + " --- |" * (len(SERVERS) + 1)]
     for row in serving["rows"]:
         f = row["figures"]
         cells = [
@@ -449,7 +457,8 @@ def plot(results: dict, path: Path) -> None:
     if not models:
         return
     figure, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 7), squeeze=False)
-    styles = {"ours": ("C0", "o"), "peer": ("C1", "s"), "peer_cb": ("C2", "^")}
+    styles = {"ours": ("C0", "o"), "peer": ("C1", "s"), "peer_cb": ("C2", "^"),
+              "peer_cb16": ("C3", "v")}  # fmt: skip
     for column, (model, serving) in enumerate(models):
         x = [row["concurrency"] for row in serving["rows"]]
         for metric, row_index, label in (

@@ -307,11 +307,26 @@ def test_cpu_kv_cache_is_sized_from_the_load_not_from_full_contexts():
     assert smollm2.num_blocks * smollm2.page_size == 16384  # 8 full contexts were 65,536
     long_context = cb_config_for(default, "cpu", 32768, 0, 1)
     assert long_context.num_blocks * long_context.page_size == 32768  # one whole context fits
-    fewer = ServeConfig.model_validate({"engine": {"max_concurrency": 4}})
-    assert cb_config_for(fewer, "cpu", 8192, 0, 1).num_blocks * 256 == 8192
-    fixed = ServeConfig.model_validate({"engine": {"kv_cache_tokens": 1024}})
-    assert cb_config_for(fixed, "cpu", 8192, 0, 1).num_blocks == 4
+    fewer = cb_config_for(
+        ServeConfig.model_validate({"engine": {"max_concurrency": 4}}), "cpu", 8192, 0, 1
+    )
+    assert fewer.num_blocks * fewer.page_size == 8192
+    fixed = ServeConfig.model_validate({"engine": {"kv_cache_tokens": 1000, "page_size": 256}})
+    assert cb_config_for(fixed, "cpu", 8192, 0, 1).num_blocks == 4  # rounded up to pages
     assert cb_config_for(default, "cuda:0", 8192, 0, 1).num_blocks is None  # sized from memory
+
+
+def test_page_size_default_is_per_device_and_a_set_one_wins():
+    from {{ cookiecutter.package_name }}.serving.batching import cb_config_for
+    from {{ cookiecutter.package_name }}.serving.config import ServeConfig
+
+    default = ServeConfig()
+    assert cb_config_for(default, "cpu", 8192, 0, 1).page_size == 16
+    assert cb_config_for(default, "cuda:0", 8192, 0, 1).page_size == 256
+    chosen = ServeConfig.model_validate({"engine": {"page_size": 64, "cuda_graphs": True}})
+    for device in ("cpu", "cuda:1"):
+        cb = cb_config_for(chosen, device, 8192, 0, 1)
+        assert (cb.page_size, cb.use_cuda_graph, cb.use_async_batching) == (64, True, None)
 
 
 def test_the_http_app_imports_no_torch_so_the_server_listens_at_once():

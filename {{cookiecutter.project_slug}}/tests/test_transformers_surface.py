@@ -44,3 +44,60 @@ def test_a_manager_has_the_attributes_it_is_read_through(tiny_model_dir):
         loop.run_once("surface", [1, 2, 3], timeout_s=60)
     finally:
         loop.stop(5)
+
+
+def _greedy_answers(model, cb, prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Serve the prompts one after another; the answers, and the prefix tokens each reused."""
+    import asyncio
+
+    loop = batching.BatchingLoop(model, [0], 0, cb)
+    loop.start()
+    cache = loop._manager.batch_processor.cache
+    reused: list[int] = []
+    search = cache.search_prefix_match
+
+    def recorded_search(request_id, prompt_ids):
+        reused.append(search(request_id, prompt_ids))
+        return reused[-1]
+
+    cache.search_prefix_match = recorded_search
+
+    async def answer(request_id: str, prompt: list[int]) -> list[int]:
+        # The library calls a result handler on the asyncio loop that registered it.
+        finished: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_output(output):
+            if output.is_finished() and not finished.done():
+                finished.set_result(output)
+
+        assert loop.add(request_id, prompt, 8, [0], on_output, {})
+        output = await asyncio.wait_for(finished, 60)
+        assert output.error is None
+        return list(output.generated_tokens)
+
+    try:
+        answers = [asyncio.run(answer(f"r{i}", prompt)) for i, prompt in enumerate(prompts)]
+    finally:
+        loop.stop(5)
+    return answers, reused
+
+
+def test_a_repeated_system_prompt_is_reused_and_changes_no_token(tiny_model_dir):
+    """The CPU page size is small so that a common prompt prefix (the system prompt) is
+    served from cached pages; the library shares whole pages only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from {{ cookiecutter.package_name }}.serving.config import ServeConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    system = list(range(5, 45))  # 40 tokens: two whole pages of 16
+    prompts = [[*system, 50, 51], [*system, 60, 61, 62]]
+    cpu_default = batching.cb_config_for(ServeConfig(), "cpu", 512, 0, 1)
+    answers, reused = _greedy_answers(model, cpu_default, prompts)
+    assert reused == [0, 32]
+    one_page = ServeConfig.model_validate({"engine": {"page_size": 256}})
+    unshared, reused = _greedy_answers(
+        model, batching.cb_config_for(one_page, "cpu", 512, 0, 1), prompts
+    )
+    assert reused == [0, 0] and unshared == answers

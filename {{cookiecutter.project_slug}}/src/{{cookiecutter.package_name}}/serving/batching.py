@@ -252,8 +252,11 @@ def cb_config_for(
 ) -> ContinuousBatchingConfig:
     """The library's continuous-batching config for one of `engine_count` engines."""
     settings = config.engine
+    page_size = settings.page_size or (256 if device.startswith("cuda") else 16)
     kwargs: dict[str, Any] = {
-        "page_size": settings.page_size,
+        "page_size": page_size,
+        "use_cuda_graph": settings.cuda_graphs,
+        "use_async_batching": settings.async_batching,
         "per_request_processors": True,
         "max_queue_size": 0,
     }
@@ -263,7 +266,7 @@ def cb_config_for(
     if tokens is None and not device.startswith("cuda"):
         tokens = cpu_cache_tokens(config, context_len)
     if tokens is not None:
-        kwargs["num_blocks"] = max(2, -(-tokens // settings.page_size))
+        kwargs["num_blocks"] = max(2, -(-tokens // page_size))
         if settings.max_batch_tokens is None and not device.startswith("cuda"):
             kwargs["max_batch_tokens"] = min(2048, tokens)
     elif device.startswith("cuda"):
@@ -300,7 +303,8 @@ def _manager() -> Any:
 
 
 CB_CONFIG = ("page_size", "num_blocks", "max_batch_tokens", "max_memory_percent",
-             "per_request_processors", "max_queue_size")  # fmt: skip
+             "use_cuda_graph", "use_async_batching", "per_request_processors",
+             "max_queue_size")  # fmt: skip
 MANAGER_METHODS = ("add_request", "register_result_handler", "cancel_request", "get_result",
                    "warmup", "start", "stop", "is_running")  # fmt: skip
 ADD_REQUEST = ("request_id", "max_new_tokens", "streaming", "eos_token_id")

@@ -40,9 +40,19 @@ class EngineSection(Section):
     kv_cache_tokens: int | None = Field(None, ge=64)
     max_concurrency: int = Field(32, ge=1)
     kv_tokens_per_request: int = Field(512, ge=16)
-    page_size: int = Field(256, ge=16)
+    # Tokens per KV-cache page. The library reuses a cached prompt prefix (the system
+    # prompt) in whole pages only, so at its default of 256 short chat prompts share
+    # nothing. null: 16 on a CPU, where the shared pages raised the benchmark's tokens/s
+    # up to 1.8x and cut TTFT about 2x (BENCHMARKS.md, "vs CB 16"); 256 on a GPU, the
+    # library's own (unmeasured here), whose flash-attention decode path takes requests
+    # of up to 32 pages by default.
+    page_size: int | None = Field(None, ge=4)
     max_batch_tokens: int | None = Field(None, ge=16)  # tokens per forward pass; null: library
     gpu_memory_fraction: float = Field(0.9, gt=0.0, le=0.98)
+    # null: the library decides, on for both when the attention needs no mask (flash
+    # attention on a GPU); there is no graph backend on a CPU
+    cuda_graphs: bool | None = None
+    async_batching: bool | None = None  # double-buffered batches, twice the cache's I/O memory
     warmup: bool = True
     # vllm only: extra arguments appended to `vllm serve`, e.g. ["--max-num-seqs", "64"]
     vllm_args: list[str] = Field(default_factory=list)
