@@ -488,10 +488,11 @@ def plot(results: dict, path: Path) -> None:
                          if row_index == 0 else "", fontsize=9)  # fmt: skip
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    wide = len(models) > 1  # one column has room for one label a row
+    figure.legend(handles, labels, loc="lower center", ncol=4 if wide else 1, fontsize=8)
     figure.suptitle(f"Serving on {results.get('machine', {}).get('cores', '?')} CPU cores, "
                     f"{results.get('date', '')}", fontsize=10)  # fmt: skip
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    figure.tight_layout(rect=(0, 0.05 if wide else 0.13, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
