@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,15 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The CPU suite runs on the CPU on any machine: with GPUs hidden from this process and
+    everything it starts (servers, training runs), `auto` picks the CPU and float32, as
+    its tests expect. `pytest -m gpu` (nox -s gpu_tests) keeps them."""
+    expression = config.option.markexpr
+    if "gpu" not in expression or "not gpu" in expression:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,19 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def serve_overrides(port: int) -> list[str]:
+    """The test server's settings. The device is named: on a machine with a GPU, `auto`
+    would pick it, and these tests expect the CPU in float32."""
+    return [
+        "model.device=cpu",
+        "model.served_name=tiny",
+        f"server.port={port}",
+        f"limits.max_tokens_cap={CAP}",
+        f"server.max_body_bytes={BODY_LIMIT}",
+        "server.shutdown_grace_s=20",
+    ]
+
+
 def launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> Server:
     port = free_port()
     command = [
@@ -50,11 +63,7 @@ def launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> Server:
         "--model",
         str(model_dir),
         *(f"--adapter={name}={path}" for name, path in adapters.items()),
-        "model.served_name=tiny",
-        f"server.port={port}",
-        f"limits.max_tokens_cap={CAP}",
-        f"server.max_body_bytes={BODY_LIMIT}",
-        "server.shutdown_grace_s=20",
+        *serve_overrides(port),
     ]
     env = {
         **os.environ,

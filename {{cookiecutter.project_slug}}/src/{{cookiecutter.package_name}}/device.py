@@ -92,16 +92,33 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def pick_precision(requested_device: str = "auto", requested_dtype: str = "auto") -> Precision:
-    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 in hardware
 
-    An explicit ``requested_dtype`` ('float32', 'bfloat16', 'float16') wins.
+
+def native_bf16(device: str) -> bool:
+    """Whether the GPU computes bf16 in hardware. Not `torch.cuda.is_bf16_supported()`: it
+    also counts emulation and says True on a T4 or V100, where bf16 runs far slower than
+    fp16."""
+    return torch.cuda.get_device_capability(torch.device(device)) >= BF16_CAPABILITY
+
+
+def pick_precision(requested_device: str = "auto", requested_dtype: str = "auto") -> Precision:
+    """bf16 on GPUs that have it (compute capability 8.0 and newer), fp16 on older GPUs,
+    fp32 on CPU.
+
+    An explicit ``requested_dtype`` ('float32', 'bfloat16', 'float16') wins, except bf16 on
+    a GPU without it, which is refused.
     """
     device = pick_device(requested_device)
+    on_gpu = device.startswith("cuda")
+    if requested_dtype == "bfloat16" and on_gpu and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        raise UserError(
+            f"dtype bfloat16 needs a GPU of compute capability {BF16_CAPABILITY[0]}.0 or newer; "
+            f"{device_name(device)} is {major}.{minor}. Use float16 or auto (model.dtype)"
+        )
     if requested_dtype != "auto":
         return Precision(device, getattr(torch, requested_dtype))
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    return Precision(device, dtype)
+    if not on_gpu:
+        return Precision(device, torch.float32)
+    return Precision(device, torch.bfloat16 if native_bf16(device) else torch.float16)

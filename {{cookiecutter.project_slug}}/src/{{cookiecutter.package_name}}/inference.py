@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from . import quantized_base
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,20 @@ def attach_adapter(model: Any, path: str | Path, name: str, share_base: bool) ->
             model.name_or_path,
         )
     target = share_weights_clone(model) if share_base else model
-    dtype = model.dtype
+    base_tensors = {id(tensor) for tensor in (*model.parameters(), *model.buffers())}
     # Injects the LoRA layers into `target` in place; the returned wrapper is not needed
     # for inference, the layers carry their weights and active adapter.
     PeftModel.from_pretrained(
         target, str(Path(path).expanduser()), adapter_name=name, is_trainable=False
     )
-    target.to(dtype)  # adapter weights in the serving dtype; shared base weights are untouched
+    # peft loads adapter weights in float32; only they take the serving dtype. Not
+    # `target.to(dtype)`: that would also cast buffers the model keeps in float32 on
+    # purpose, such as the rotary inverse frequencies, whose bf16 rounding turns into
+    # an angle error that grows with the position (over a radian at position 1024).
+    for parameter in target.parameters():
+        if id(parameter) not in base_tensors and parameter.is_floating_point():
+            parameter.data = parameter.data.to(model.dtype)
+    quantized_base.apply_if_needed(target, path)  # LoftQ: the adapter's base is Q(W)
     target.eval()
     return target
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from . import quantized_base
 from .runs import RunFolder
 
 
@@ -14,7 +15,9 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
     A 4-bit or 8-bit run is merged into the unquantized base weights: adding a
     LoRA delta to quantized weights would round it away. The merged model is
     therefore the full-precision base plus the adapter, which differs slightly
-    from the quantized model the adapter was trained against.
+    from the quantized model the adapter was trained against. A LoftQ adapter is the
+    exception: it was fitted to the quantization error, so it is merged into the
+    dequantized 4-bit weights (quantized_base.py), as it was trained.
     """
     import torch
     from peft import PeftModel
@@ -26,7 +29,7 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
     run = RunFolder(run_dir)
     adapter = run.finished_adapter()
     config = run.read_config()
-    if config.quantization.mode != "none":
+    if config.quantization.mode != "none" and quantized_base.read(adapter) is None:
         print(
             f"note: this run trained on a {config.quantization.mode} base; merging into the "
             "dequantized (full-precision) base weights instead"
@@ -39,7 +42,10 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
         dtype=merge_dtype,
         trust_remote_code=config.model.trust_remote_code,
     )
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, adapter)
+    if quantized_base.apply_if_needed(adapted, adapter) is not None:
+        print("note: this adapter was fitted to the 4-bit base (LoftQ): merged into it")
+    merged = adapted.merge_and_unload()
     tokenizer = load_tokenizer(
         tokenizer_source(config.model.name_or_path, adapter), config.model.trust_remote_code
     )

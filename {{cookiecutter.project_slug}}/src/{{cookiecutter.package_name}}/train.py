@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config, load_config
 from .device import Precision, pick_precision
 from .errors import UserError
+from .quantized_base import QuantizedBase
 from .runs import RunFolder, StepLog, TrainingCost, TrainingMetrics, replace_atomically
 
 if TYPE_CHECKING:
@@ -360,7 +361,9 @@ def run_training(
         if session.main_process:
             write_metrics(run, session)
         return RunResult(run, completed=False)
-    save_adapter(run, session.trainer, session.main_process, config.lora.mutates_base)
+    # A LoftQ adapter is fitted to the 4-bit base: it records how, for merging and serving.
+    fitted_to = QuantizedBase.of_model(session.model) if config.lora.init == "loftq" else None
+    save_adapter(run, session.trainer, session.main_process, config.lora.mutates_base, fitted_to)
     if session.main_process:
         write_metrics(run, session)
         tokens = session.trainer.state.num_input_tokens_seen - tokens_before
@@ -454,7 +457,13 @@ def save_initial_adapter(model: Any, folder: Path) -> None:
         lora.init_lora_weights = init
 
 
-def save_adapter(run: RunFolder, trainer: Any, main_process: bool, convert: bool = False) -> None:
+def save_adapter(
+    run: RunFolder,
+    trainer: Any,
+    main_process: bool,
+    convert: bool = False,
+    fitted_to: QuantizedBase | None = None,
+) -> None:
     """Write into a scratch folder and rename it: a crash never leaves a half adapter.
 
     Every process calls this: under FSDP `save_model` gathers the sharded weights.
@@ -472,6 +481,8 @@ def save_adapter(run: RunFolder, trainer: Any, main_process: bool, convert: bool
             str(partial), path_initial_model_for_weight_conversion=str(run.initial_adapter)
         )
     (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing loads it
+    if fitted_to is not None:
+        fitted_to.write(partial)
     shutil.rmtree(run.adapter, ignore_errors=True)
     partial.rename(run.adapter)
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import quantized_base
 from ..errors import UserError
 from ..inference import check_adapter_dir
 from ..runs import RunFolder
@@ -78,6 +79,11 @@ def check_vllm_adapters(adapters: dict[str, str]) -> None:
     problems = []
     for name, path in adapters.items():
         reasons = vllm_refusals(check_adapter_dir(path))
+        if quantized_base.read(path) is not None:
+            reasons.append(
+                "it was fitted to the 4-bit base (lora.init=loftq), and vLLM would apply it "
+                "to the full-precision weights"
+            )
         if not reasons:
             continue
         run = RunFolder(Path(path).expanduser().parent)
