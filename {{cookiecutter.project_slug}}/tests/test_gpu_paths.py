@@ -47,7 +47,7 @@ def merged_copy(base_dir: Path, adapter: Path, out: Path) -> Path:
 def test_adapter_served_in_bf16_keeps_the_rotary_table_in_float32(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lora_chat.inference import attach_adapter
+    from {{ cookiecutter.package_name }}.inference import attach_adapter
 
     adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
@@ -79,7 +79,7 @@ def test_adapter_served_in_bf16_keeps_the_rotary_table_in_float32(tiny_model_dir
 def test_shared_base_keeps_its_dtypes_after_an_adapter_is_attached(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lora_chat.inference import attach_adapter
+    from {{ cookiecutter.package_name }}.inference import attach_adapter
 
     adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
@@ -105,9 +105,9 @@ def residual_run(tiny_model_dir, tmp_path_factory):
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    from lora_chat.config import load_config
-    from lora_chat.quantized_base import QuantizedBase, quantize_roundtrip
-    from lora_chat.runs import RunFolder
+    from {{ cookiecutter.package_name }}.config import load_config
+    from {{ cookiecutter.package_name }}.quantized_base import QuantizedBase, quantize_roundtrip
+    from {{ cookiecutter.package_name }}.runs import RunFolder
 
     spec = QuantizedBase(**NF4)
     root = tmp_path_factory.mktemp("loftq")
@@ -156,7 +156,7 @@ def test_loftq_adapter_is_merged_into_the_4bit_base(residual_run, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_chat.merge import merge_run
+    from {{ cookiecutter.package_name }}.merge import merge_run
 
     run, quantized_dir = residual_run
     merged_dir = merge_run(run.path)
@@ -175,7 +175,7 @@ def test_loftq_adapter_is_merged_into_the_4bit_base(residual_run, tiny_model_dir
 def test_loftq_adapter_is_served_on_the_4bit_base(residual_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lora_chat.inference import attach_adapter
+    from {{ cookiecutter.package_name }}.inference import attach_adapter
 
     run, quantized_dir = residual_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -190,7 +190,7 @@ def test_loftq_adapter_is_served_on_the_4bit_base(residual_run, tiny_model_dir):
 
 
 def test_vllm_refuses_an_adapter_fitted_to_the_4bit_base(residual_run, capsys):
-    from lora_chat.cli import main
+    from {{ cookiecutter.package_name }}.cli import main
 
     run, _ = residual_run
     code = main(["serve", "--model", "org/model", "engine.kind=vllm", f"--adapter=q={run.adapter}"])
@@ -225,7 +225,7 @@ def fake_gpu(monkeypatch):
      ((9, 0), torch.bfloat16)],
 )  # fmt: skip
 def test_auto_dtype_is_fp16_below_compute_capability_8(fake_gpu, capability, expected):
-    from lora_chat.device import pick_precision
+    from {{ cookiecutter.package_name }}.device import pick_precision
 
     fake_gpu(capability)
     precision = pick_precision()
@@ -235,7 +235,7 @@ def test_auto_dtype_is_fp16_below_compute_capability_8(fake_gpu, capability, exp
 def test_bf16_asked_for_on_a_gpu_without_it_is_one_clear_line(
     fake_gpu, tiny_model_dir, tmp_path, capsys
 ):
-    from lora_chat.cli import main
+    from {{ cookiecutter.package_name }}.cli import main
     from tickets import write_ticket_data
 
     fake_gpu((7, 5), "Tesla T4")
@@ -265,8 +265,8 @@ def test_the_cpu_suite_hides_gpus_from_everything_it_starts():
 
 
 def test_the_serve_tests_ask_for_the_cpu_where_a_gpu_is_visible(fake_gpu, tiny_model_dir):
-    from lora_chat.device import pick_precision
-    from lora_chat.serving.config import load_serve_config
+    from {{ cookiecutter.package_name }}.device import pick_precision
+    from {{ cookiecutter.package_name }}.serving.config import load_serve_config
     from test_serve import serve_overrides
 
     fake_gpu((9, 0))

@@ -233,24 +233,84 @@ def test_seeded_sampler_follows_the_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
-def test_a_greedy_cpu_batch_skips_the_processors_and_a_sampled_row_does_not():
+class _Request:
+    """What the library hands the processors for one row of a batch."""
+
+    def __init__(self, seed: int | None, position: int = 3) -> None:
+        from types import SimpleNamespace
+
+        kwargs = {} if seed is None else {"seed": seed, "temperature": 1.0, "top_p": 1.0}
+        self.has_new_token = True
+        self.state = SimpleNamespace(logit_processor_kwargs=kwargs, position_offset=position)
+
+
+def prepared(processors, requests: list[_Request]):
+    import torch
+
+    storage = torch.zeros(processors.tensors_required, 4, dtype=torch.int32)
+    storage[:2] = torch.tensor(1.0).view(torch.int32)  # temperature and top-p 1 in every row
+    return processors.prepare_tensor_args(requests, storage)
+
+
+def test_a_greedy_batch_skips_the_processors_and_a_sampled_row_does_not():
     import torch
 
     from {{ cookiecutter.package_name }}.serving.batching import RequestProcessors
-    from {{ cookiecutter.package_name }}.serving.seeding import row_key
 
     processors = RequestProcessors()
     assert processors.tensors_required == 3  # temperature, top-p, seed
     torch.manual_seed(0)
     scores = torch.randn(2, 128)
-    args = torch.zeros(3, 4, dtype=torch.int32)
-    args[:2] = torch.tensor(1.0).view(torch.int32)  # temperature and top-p 1 in every row
-    args[2, 2:] = row_key(5, 3)  # stale rows of an earlier batch: not this one's
+    args = prepared(processors, [_Request(None), _Request(None)])
     assert processors(torch.zeros(2, dtype=torch.long), scores, args) is scores
-    args[2, 1] = row_key(5, 3)
+    args = prepared(processors, [_Request(None), _Request(5)])
     picked = processors(torch.zeros(2, dtype=torch.long), scores.clone(), args)
     assert torch.equal(picked[0], scores[0])  # the greedy row is left to the argmax
     assert torch.isfinite(picked[1]).sum() == 1  # the sampled row got its token
+
+
+def test_a_greedy_gpu_batch_skips_the_processors_without_reading_the_device():
+    """The decision is made on the host: scores on the meta device stand for a GPU tensor
+    whose values cannot be read without waiting for the device."""
+    import torch
+
+    from {{ cookiecutter.package_name }}.serving.batching import RequestProcessors
+
+    processors = RequestProcessors()
+    scores = torch.empty(2, 128, device="meta")
+    args = prepared(processors, [_Request(None), _Request(None)]).to("meta")
+    assert processors(torch.zeros(2, dtype=torch.long), scores, args) is scores
+    # Under CUDA graphs they always run: a captured graph cannot branch per batch.
+    graphed = RequestProcessors(always=True)
+    args = prepared(graphed, [_Request(None), _Request(None)])
+    cpu_scores = torch.randn(2, 128)
+    assert graphed(torch.zeros(2, dtype=torch.long), cpu_scores, args) is not cpu_scores
+
+
+def test_gpu_kv_cache_leaves_the_library_margin_for_logits_processors():
+    import torch
+    from transformers import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.initialization import (
+        resolve_max_memory_percent,
+    )
+
+    from {{ cookiecutter.package_name }}.serving.batching import cb_config_for
+    from {{ cookiecutter.package_name }}.serving.config import ServeConfig
+
+    margins = {}
+    for processors in (True, False):
+        probe = ContinuousBatchingConfig()
+        resolve_max_memory_percent(probe, processors, device=torch.device("cuda"))
+        margins[processors] = probe.max_memory_percent
+    assert margins[True] < margins[False]  # the library keeps room for the processors
+    one = cb_config_for(ServeConfig(), "cuda", 8192, 0, 1)
+    assert one.max_memory_percent == margins[True]
+    # Two served models: equal shares of the same total.
+    first, second = (cb_config_for(ServeConfig(), "cuda", 8192, i, 2) for i in range(2))
+    total = first.max_memory_percent + second.max_memory_percent * (1 - first.max_memory_percent)
+    assert abs(total - margins[True]) < 1e-9
+    chosen = ServeConfig.model_validate({"engine": {"gpu_memory_fraction": 0.5}})
+    assert cb_config_for(chosen, "cuda", 8192, 0, 1).max_memory_percent == 0.5
 
 
 def test_row_top_p_filters_only_the_rows_that_ask_and_as_the_library_does():

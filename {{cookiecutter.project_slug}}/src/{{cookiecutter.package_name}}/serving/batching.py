@@ -107,19 +107,21 @@ class RowTopP(ContinuousBatchingTopPLogitsWarper):
 
 
 class RequestProcessors(ContinuousBatchingLogitsProcessorList):
-    """Temperature and top-p per request, then SeededSampler; skipped for a greedy CPU batch.
+    """Temperature and top-p per request, then SeededSampler; skipped for an all-greedy batch.
 
-    Every sampled row carries a seed (engine.SamplingParams), so a batch whose seed row is
-    all zeros is all greedy and the loop's argmax needs nothing more. The processors took
-    5-9% of the CPU time per token on a tiny model at concurrency 32 (in-process A/B,
-    issue 14). On a GPU they always run: the check would wait for the device at each step,
-    and a captured CUDA graph cannot branch on it.
+    Every sampled request carries a seed (engine.SamplingParams), so the batch's requests say
+    on the host, while its arguments are prepared, whether any row samples. With none, the
+    loop's argmax needs nothing more, and the vocabulary-wide processors are skipped (5-9% of
+    the CPU time per token on a tiny model at concurrency 32; on a GPU a top-p sort per row).
+    Deciding on the host never waits for the device. Where the loop captures CUDA graphs
+    (`always=True`) they always run: a captured graph replays what it recorded and cannot
+    branch per batch.
 
     The library builds its per-request processors from the generation config only when that
     holds non-default values, so the list is made here, before the loop starts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, always: bool = False) -> None:
         super().__init__(
             LogitsProcessorList(
                 [TemperatureLogitsWarper(1.0), RowTopP(TopPLogitsWarper(1.0)), SeededSampler()]
@@ -131,7 +133,19 @@ class RequestProcessors(ContinuousBatchingLogitsProcessorList):
         self.tensors_required = sum(
             isinstance(p, ContinuousBatchingLogitsProcessor) for p in self.logits_processor
         )
-        self.seed_row = self.tensors_required - 1
+        self.always = always
+        self.sampled = True  # until a batch is prepared
+
+    def prepare_tensor_args(
+        self, requests_in_batch: list[Any], arg_storage: torch.Tensor
+    ) -> torch.Tensor:
+        # Called on the loop's thread for each batch before its forward pass.
+        self.sampled = any(
+            request.has_new_token and request.state.logit_processor_kwargs.get("seed") is not None
+            for request in requests_in_batch
+        )
+        prepared: torch.Tensor = super().prepare_tensor_args(requests_in_batch, arg_storage)
+        return prepared
 
     def __call__(
         self,
@@ -139,9 +153,7 @@ class RequestProcessors(ContinuousBatchingLogitsProcessorList):
         scores: torch.Tensor,
         logits_processor_args: torch.Tensor,
     ) -> torch.Tensor:
-        # Only the first rows are this batch's; the rest of the storage is stale.
-        seeds = logits_processor_args[self.seed_row, : scores.size(0)]
-        if scores.device.type == "cpu" and not bool(seeds.any()):
+        if not (self.always or self.sampled):
             return scores
         processed: torch.Tensor = super().__call__(input_ids, scores, logits_processor_args)
         return processed
@@ -162,7 +174,8 @@ class BatchingLoop:
         )
 
     def start(self) -> None:
-        self._manager.logit_processor = RequestProcessors()
+        graphs = any(self._manager.continuous_batching_config.cuda_graph_booleans)
+        self._manager.logit_processor = RequestProcessors(always=graphs)
         self._manager.warmup()
         self._manager.start()
 
@@ -272,9 +285,22 @@ def cb_config_for(
     elif device.startswith("cuda"):
         # Each engine sizes its cache from the memory still free when it starts, so
         # engine i takes share / (1 - i * share) of that to end with equal shares.
-        share = settings.gpu_memory_fraction / engine_count
+        share = (settings.gpu_memory_fraction or processor_memory_margin()) / engine_count
         kwargs["max_memory_percent"] = share / (1 - engine_index * share)
     return ContinuousBatchingConfig(**kwargs)
+
+
+def processor_memory_margin() -> float:
+    """The share of free GPU memory the library gives a KV cache when logits processors run
+    (ours always may): it keeps the rest for their vocabulary-wide temporaries. The library
+    decides this before our processors are installed, so it is asked here."""
+    from transformers.generation.continuous_batching.initialization import (
+        resolve_max_memory_percent,
+    )
+
+    probe = ContinuousBatchingConfig()
+    resolve_max_memory_percent(probe, has_logit_processors=True, device=torch.device("cuda"))
+    return float(probe.max_memory_percent)
 
 
 @dataclass(frozen=True)
@@ -302,6 +328,12 @@ def _manager() -> Any:
     return ContinuousBatchingManager
 
 
+def _initialization() -> Any:
+    from transformers.generation.continuous_batching import initialization
+
+    return initialization
+
+
 CB_CONFIG = ("page_size", "num_blocks", "max_batch_tokens", "max_memory_percent",
              "use_cuda_graph", "use_async_batching", "per_request_processors",
              "max_queue_size")  # fmt: skip
@@ -312,7 +344,8 @@ PROCESSOR = ("supported_kwargs", "ignored_kwargs", "fill_defaults", "prepare_ten
 # Set in the manager's __init__, so not visible on the class: the surface test builds a
 # manager on a tiny model to check these.
 MANAGER_ATTRIBUTES = ("output_router", "input_queue", "batch_processor",
-                      "background_thread_status", "logit_processor")  # fmt: skip
+                      "background_thread_status", "logit_processor",
+                      "continuous_batching_config")  # fmt: skip
 LIBRARY_SURFACE = (
     Surface("ContinuousBatchingConfig", CB_CONFIG,
             lambda: _accepts(ContinuousBatchingConfig, CB_CONFIG)),
@@ -324,6 +357,13 @@ LIBRARY_SURFACE = (
             lambda: _declares(ContinuousBatchingLogitsProcessor, PROCESSOR)),
     Surface("ContinuousBatchingLogitsProcessorList", ("per_request_processors",),
             lambda: _accepts(ContinuousBatchingLogitsProcessorList, ("per_request_processors",))),
+    Surface("ContinuousBatchingLogitsProcessorList.prepare_tensor_args",
+            ("requests_in_batch", "arg_storage"),
+            lambda: _accepts(ContinuousBatchingLogitsProcessorList.prepare_tensor_args,
+                             ("requests_in_batch", "arg_storage"))),
+    Surface("continuous_batching.initialization", ("resolve_max_memory_percent",),
+            lambda: _accepts(_initialization().resolve_max_memory_percent,
+                             ("cb_config", "has_logit_processors", "device"))),
     Surface("cb_logits_processors", ("ContinuousBatchingLogitsProcessor",),
             lambda: _declares(cb_logits_processors, ("ContinuousBatchingLogitsProcessor",))),
 )  # fmt: skip

@@ -48,7 +48,10 @@ class EngineSection(Section):
     # of up to 32 pages by default.
     page_size: int | None = Field(None, ge=4)
     max_batch_tokens: int | None = Field(None, ge=16)  # tokens per forward pass; null: library
-    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=0.98)
+    # Of free GPU memory for the KV caches, shared by the served models. null: the
+    # library's margin for a loop with logits processors (0.8 in transformers 5.24), which
+    # leaves room for their vocabulary-wide temporaries.
+    gpu_memory_fraction: float | None = Field(None, gt=0.0, le=0.98)
     # null: the library decides, on for both when the attention needs no mask (flash
     # attention on a GPU); there is no graph backend on a CPU
     cuda_graphs: bool | None = None
