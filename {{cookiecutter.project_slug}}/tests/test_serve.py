@@ -272,6 +272,12 @@ def test_info_names_device_precision_and_tokenizers(server):
     assert models["random"]["parent"] == "tiny"
     assert models["tiny"]["tokenizer"] == models["tiny"]["source"]
     assert models["tiny"]["max_model_len"] == 512
+    # What the library chose: no flash attention on a CPU, so none of what needs it.
+    for model in models.values():
+        assert model["attention"] in ("sdpa", "paged|eager")
+        assert (model["cuda_graphs"], model["async_batching"], model["decode_fast_path"]) == (
+            False, False, False,
+        )  # fmt: skip
 
 
 def test_seed_gives_the_same_sample_whatever_the_batch(client):

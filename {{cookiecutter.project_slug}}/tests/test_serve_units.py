@@ -287,6 +287,17 @@ def test_a_greedy_gpu_batch_skips_the_processors_without_reading_the_device():
     assert graphed(torch.zeros(2, dtype=torch.long), cpu_scores, args) is not cpu_scores
 
 
+def test_flash_attention_is_looked_for_on_a_gpu_only_and_only_when_not_chosen():
+    from {{ cookiecutter.package_name }}.serving.batching import cb_config_for
+    from {{ cookiecutter.package_name }}.serving.config import ServeConfig
+
+    auto = ServeConfig()
+    sdpa = ServeConfig.model_validate({"model": {"attn_implementation": "sdpa"}})
+    assert cb_config_for(auto, "cuda:0", 8192, 0, 1).auto_switch_to_flash is True
+    assert cb_config_for(auto, "cpu", 8192, 0, 1).auto_switch_to_flash is False
+    assert cb_config_for(sdpa, "cuda:0", 8192, 0, 1).auto_switch_to_flash is False
+
+
 def test_gpu_kv_cache_leaves_the_library_margin_for_logits_processors():
     import torch
     from transformers import ContinuousBatchingConfig

@@ -159,6 +159,17 @@ class RequestProcessors(ContinuousBatchingLogitsProcessorList):
         return processed
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """The speed settings a loop runs with; all but attention need flash attention on a GPU
+    unless forced (engine.cuda_graphs, engine.async_batching)."""
+
+    attention: str  # the attention implementation continuous batching runs
+    cuda_graphs: bool  # steps replayed from captured CUDA graphs
+    async_batching: bool  # the next batch prepared while the device computes this one
+    decode_fast_path: bool  # decode steps read the paged cache through a block table
+
+
 class BatchingLoop:
     """One model's continuous-batching manager: start, submit, cancel, watch, stop."""
 
@@ -178,6 +189,17 @@ class BatchingLoop:
         self._manager.logit_processor = RequestProcessors(always=graphs)
         self._manager.warmup()
         self._manager.start()
+
+    def settings(self) -> LoopSettings:
+        """What the library chose for this loop once its config was resolved."""
+        resolved = self._manager.continuous_batching_config
+        varlen, decode = resolved.cuda_graph_booleans
+        return LoopSettings(
+            attention=str(self._manager.model.config._attn_implementation),
+            cuda_graphs=bool(varlen or decode),
+            async_batching=bool(resolved.use_async_batching),
+            decode_fast_path=bool(resolved.max_blocks_per_request),
+        )
 
     def add(
         self,
@@ -272,6 +294,10 @@ def cb_config_for(
         "use_async_batching": settings.async_batching,
         "per_request_processors": True,
         "max_queue_size": 0,
+        # The library's own switch to flash attention, only where it can help: on a CPU it
+        # would still look for a flash kernel on the Hub at every start.
+        "auto_switch_to_flash": device.startswith("cuda")
+        and config.model.attn_implementation == "auto",
     }
     if settings.max_batch_tokens is not None:
         kwargs["max_batch_tokens"] = settings.max_batch_tokens
@@ -336,7 +362,7 @@ def _initialization() -> Any:
 
 CB_CONFIG = ("page_size", "num_blocks", "max_batch_tokens", "max_memory_percent",
              "use_cuda_graph", "use_async_batching", "per_request_processors",
-             "max_queue_size")  # fmt: skip
+             "max_queue_size", "auto_switch_to_flash")  # fmt: skip
 MANAGER_METHODS = ("add_request", "register_result_handler", "cancel_request", "get_result",
                    "warmup", "start", "stop", "is_running")  # fmt: skip
 ADD_REQUEST = ("request_id", "max_new_tokens", "streaming", "eos_token_id")
@@ -345,7 +371,7 @@ PROCESSOR = ("supported_kwargs", "ignored_kwargs", "fill_defaults", "prepare_ten
 # manager on a tiny model to check these.
 MANAGER_ATTRIBUTES = ("output_router", "input_queue", "batch_processor",
                       "background_thread_status", "logit_processor",
-                      "continuous_batching_config")  # fmt: skip
+                      "continuous_batching_config", "model")  # fmt: skip
 LIBRARY_SURFACE = (
     Surface("ContinuousBatchingConfig", CB_CONFIG,
             lambda: _accepts(ContinuousBatchingConfig, CB_CONFIG)),

@@ -28,6 +28,12 @@ class ModelSection(Section):
     device: str = "auto"
     trust_remote_code: bool = False
     max_context: int | None = Field(None, ge=16)  # default: the model's max_position_embeddings
+    # auto: on a GPU, flash attention where flash-attn is installed or the `kernels` package
+    # can fetch it from the Hub (once, into the Hugging Face cache), else sdpa; CUDA graphs,
+    # async batching and the fast decode path need flash attention. sdpa on a CPU.
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"
+    ] = "auto"
 
 
 class EngineSection(Section):

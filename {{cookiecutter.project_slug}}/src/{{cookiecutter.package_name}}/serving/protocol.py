@@ -254,6 +254,10 @@ class ServedModelInfo(BaseModel):
     parent: str | None = Field(description="for an adapter: the served name of its base model")
     tokenizer: str = Field(description="where its tokenizer was loaded from")
     max_model_len: int = Field(description="context window in tokens, prompt and answer")
+    attention: str = Field(description="the attention implementation it runs, e.g. paged|sdpa")
+    cuda_graphs: bool = Field(description="steps replayed from captured CUDA graphs")
+    async_batching: bool = Field(description="next batch prepared while this one computes")
+    decode_fast_path: bool = Field(description="decode reads the KV cache by block table")
 
 
 class ServerInfo(BaseModel):

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +162,11 @@ class Runtime:
         source, trust = self.config.model.name_or_path, self.config.model.trust_remote_code
         tokenizer = load_tokenizer(source, trust_remote_code=trust)
         model = load_model(
-            source, dtype=precision.dtype, device=precision.device, trust_remote_code=trust
+            source,
+            dtype=precision.dtype,
+            device=precision.device,
+            trust_remote_code=trust,
+            attn_implementation=self.config.model.attn_implementation,
         )
         model.eval()
         return ServedModel(self.config.base_name, model, tokenizer, None, source, source)
@@ -210,6 +214,15 @@ class Runtime:
                 tokenizer_source=item.tokenizer_source,
             )
             engine.start()
+            settings = engine.loop.settings()
+            log.info(
+                "%s: attention %s; CUDA graphs %s, async batching %s, fast decode path %s",
+                item.name,
+                settings.attention,
+                *("on" if on else "off" for on in (
+                    settings.cuda_graphs, settings.async_batching, settings.decode_fast_path
+                )),
+            )  # fmt: skip
             engines[item.name] = engine
             self.metrics.track_engine(item.name, engine.pending)
             if self.config.engine.warmup:
@@ -270,6 +283,7 @@ class Runtime:
                     parent=engine.parent,
                     tokenizer=engine.tokenizer_source,
                     max_model_len=engine.context_len,
+                    **asdict(engine.loop.settings()),
                 )
                 for name, engine in self.engines.items()
             ],
