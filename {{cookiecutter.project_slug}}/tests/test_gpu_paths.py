@@ -206,6 +206,10 @@ def test_vllm_refuses_an_adapter_fitted_to_the_4bit_base(residual_run, capsys):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """torch sees one CUDA device whose compute capability the test sets."""
+    # Imported while torch still tells the truth: bitsandbytes (under the Trainer) sets up
+    # its CUDA backend at import, which a faked device cannot serve.
+    import bitsandbytes  # noqa: F401
+    from transformers import PrinterCallback  # noqa: F401
 
     def install(capability: tuple[int, int], name: str = "Fake GPU") -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -274,3 +278,30 @@ def test_the_serve_tests_ask_for_the_cpu_where_a_gpu_is_visible(fake_gpu, tiny_m
     serving = load_serve_config(None, serve_overrides(8000), model=str(tiny_model_dir))
     served = pick_precision(serving.model.device, serving.model.dtype)
     assert (served.device, served.dtype) == ("cpu", torch.float32)
+
+
+def test_4bit_without_the_bitsandbytes_cuda_library_is_one_clear_line(
+    fake_gpu, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from bitsandbytes import cextension
+
+    from {{ cookiecutter.package_name }}.cli import main
+    from tickets import write_ticket_data
+
+    fake_gpu((9, 0), "H100")
+    missing = "libbitsandbytes_cuda129.so: cannot open shared object file"
+    monkeypatch.setattr(cextension, "lib", cextension.ErrorHandlerMockBNBNativeLibrary(missing))
+    data = write_ticket_data(tmp_path)
+    out = tmp_path / "runs"
+    code = main(
+        [
+            "train", "--config", str(CONFIG), f"model.name_or_path={tiny_model_dir}",
+            f"data.train={data['train']}", "data.eval=null", f"output.dir={out}",
+            "quantization.mode=4bit", "output.run_name=q",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "bitsandbytes' CUDA library" in err and "libbitsandbytes_cuda129.so" in err
+    assert "quantization.mode=none" in err and "Traceback" not in err
+    assert not (out / "q").exists()

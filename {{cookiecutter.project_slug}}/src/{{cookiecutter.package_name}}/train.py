@@ -64,6 +64,31 @@ def quantization_config(config: Config, precision: Precision) -> Any:
     )
 
 
+def check_quantization_backend(mode: str, device: str) -> None:
+    """A quantized base needs bitsandbytes, and on a GPU its CUDA library, which bitsandbytes
+    otherwise reports only at the first 4-bit matmul: say so before the run starts."""
+    if mode == "none":
+        return
+    try:
+        from bitsandbytes import cextension
+    except ImportError:
+        raise UserError(
+            f"quantization.mode={mode} needs bitsandbytes: pip install -e '.[qlora]' (it is in "
+            "the dev lock), or train with quantization.mode=none"
+        ) from None
+    if device.startswith("cuda") and isinstance(
+        cextension.lib, cextension.ErrorHandlerMockBNBNativeLibrary
+    ):
+        import torch
+
+        reason = cextension.lib.error_msg.strip().splitlines()[0]
+        raise UserError(
+            f"quantization.mode={mode} on {device} needs bitsandbytes' CUDA library, which did "
+            f"not load ({reason}). Install a bitsandbytes release built for CUDA "
+            f"{torch.version.cuda}, or train with quantization.mode=none"
+        )
+
+
 def peft_lora_config(config: Config) -> Any:
     from peft import EvaConfig, LoraConfig
 
@@ -381,6 +406,7 @@ def start_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ..
     from .modeling import load_tokenizer
 
     precision = pick_precision(config.model.device, config.model.dtype)
+    check_quantization_backend(config.quantization.mode, precision.device)
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     train_split, eval_split = load_splits(config.data, tokenizer, config.train.seed)
     run.path.mkdir(parents=True, exist_ok=True)
