@@ -116,6 +116,10 @@ EXPECTED_FILES = {
     "tests/test_gpu_suite.py",
     "tests/test_gpu_paths.py",
     "tools/gpu_check.sh",
+    "tools/gpu_carry.py",
+    "tools/gpu_probes.py",
+    "tools/gpu_run.sh",
+    "tools/stand_in_base.py",
     "configs/token_cost.yaml",
     "configs/prices.yaml",
     "src/PKG/cost/__init__.py",
@@ -355,6 +359,9 @@ def test_gpu_workflow_runs_on_the_configured_labels_and_never_for_forks(tmp_path
     assert job["runs-on"] == ["self-hosted", "linux", "a100", "cuda12"]
     assert "head.repo.full_name == github.repository" in job["if"]
     assert job["steps"][-1]["run"] == "nox -s gpu_tests"
+    # The base-model tests never download: the step before fills the runner's cache.
+    (fill,) = [step for step in job["steps"] if "hf download" in step.get("run", "")]
+    assert fill["env"]["BASE_MODEL"] == DEFAULTS["base_model"]
     assert workflow["permissions"] == {"contents": "read"}
 
 

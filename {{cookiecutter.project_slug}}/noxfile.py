@@ -66,15 +66,25 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def gpu_tests(session: nox.Session) -> None:
-    """The GPU suite (`pytest -m gpu`, reports/gpu_tests.json); refuses without a CUDA device."""
+    """The GPU suite (`pytest -m gpu`, reports/gpu_tests.json); refuses without a CUDA device.
+
+    `nox -s gpu_tests --no-venv`: on the packages of the Python that runs nox, nothing
+    installed (a prepared or offline machine; src/ goes on PYTHONPATH)."""
     if not _gpu_listed():  # before installing gigabytes of CUDA wheels
         session.error(NO_CUDA)
-    install_project(session, "dev")
-    count = session.run("python", "-c", CUDA_DEVICES, silent=True).strip().splitlines()[-1]
-    if count == "0":
+    python, env = "python", {}
+    if isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
+        session.log(f"--no-venv: running on {sys.executable}'s packages; nothing is installed")
+        python = sys.executable
+        paths = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    else:
+        install_project(session, "dev")
+    count = session.run(python, "-c", CUDA_DEVICES, silent=True, env=env)
+    if count.strip().splitlines()[-1] == "0":
         session.warn("torch sees no CUDA device: a CPU build of torch? (see TORCH_INDEX_URL)")
         session.error(NO_CUDA)
-    session.run("pytest", "-m", "gpu", *session.posargs)
+    session.run(python, "-m", "pytest", "-m", "gpu", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
@@ -141,7 +151,8 @@ def k8s(session: nox.Session) -> None:
 
 @nox.session
 def lock(session: nox.Session) -> None:
-    """Re-lock requirements/*.txt and environment.yml from pyproject.toml (`-- --check`: verify)."""
+    """Re-lock requirements/*.txt and environment.yml from pyproject.toml, moving only the pins
+    the change needs (`-- --upgrade`: the newest releases; `-- --check`: verify)."""
     if "--check" in session.posargs:
         problems = locking.check(ROOT, PYTHON, TORCH_BACKEND_INDEX)
         if problems:
@@ -188,8 +199,15 @@ def docker(session: nox.Session) -> None:
 
 
 def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
-    """Resolve one lock with uv against the default index (PyPI), then write it."""
+    """Resolve one lock with uv against the default index (PyPI), then write it.
+
+    uv starts from the current lock's pins (it reads them from the output file) and moves
+    only what the new input needs; `-- --upgrade` takes the newest releases instead."""
     out = Path(session.create_tmp()) / f"{name}.txt"
+    current = locking.lock_path(ROOT, name)
+    out.unlink(missing_ok=True)
+    if current.is_file() and "--upgrade" not in session.posargs:
+        shutil.copyfile(current, out)
     extras = [f"--extra={extra}" for extra in locking.LOCKS[name]]
     target = ["--python-version", PYTHON, "--python-platform", locking.PLATFORM]
     pins = [f"--constraint={path}" for path in constraints]

@@ -19,6 +19,8 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,10 @@ NO_CUDA = "no CUDA device visible; gpu_tests need one"
 REPORT = PROJECT / "reports" / "gpu_tests.json"
 PACKAGE = "{{ cookiecutter.package_name }}"
 KEY = "gpu-test-key"
+# A local model folder to use as the base instead of the configured one, such as the
+# random-weight stand-in that tools/stand_in_base.py writes (it holds STAND_IN_MARK).
+BASE_MODEL_ENV = "GPU_TESTS_BASE_MODEL"
+STAND_IN_MARK = "stand_in.json"
 MIB = 2**20
 # Tiny-model QLoRA peak memory budget. Its weights and LoRA optimizer state take well under
 # 10 MiB; the largest activations are the logits, 16 rows x <= 512 tokens x 512 vocab x 4 B
@@ -86,7 +92,7 @@ class GpuReport:
             "device_count": torch.cuda.device_count(),
             "device_memory_gib": round(props.total_memory / 2**30, 1),
             "compute_capability": f"{props.major}.{props.minor}",
-            "bf16": torch.cuda.is_bf16_supported(),
+            "bf16": torch.cuda.get_device_capability(0) >= (8, 0),
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "versions": package_versions(
@@ -98,6 +104,11 @@ class GpuReport:
 
     def record(self, test: str, **figures: Any) -> None:
         self.data["tests"].setdefault(test, {}).update(figures)
+        self._write()
+
+    def note(self, key: str, value: Any) -> None:
+        """A fact about the whole run, beside the machine and the versions."""
+        self.data[key] = value
         self._write()
 
     def _write(self) -> None:
@@ -164,7 +175,11 @@ def train_on_gpu(config: Any) -> tuple[RunResult, MemoryProbe, dict[str, Any]]:
 
 
 def expected_dtype() -> str:
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    """What the project picks: bf16 from compute capability 8.0 (torch's is_bf16_supported
+    also counts emulation)."""
+    from {{ cookiecutter.package_name }}.device import native_bf16
+
+    return "bfloat16" if native_bf16("cuda") else "float16"
 
 
 def check_nf4(probe: MemoryProbe) -> None:
@@ -218,28 +233,56 @@ def test_loftq_init_fits_the_adapter_to_the_4bit_error(
     record(lora_b_max_at_start=start.largest)
     assert start.largest > 0, "LoftQ sets lora_B from the quantization residual; it stayed zero"
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # The adapter records its 4-bit base, and the merge applies it there, as trained.
+    from {{ cookiecutter.package_name }}.merge import merge_run
+    from {{ cookiecutter.package_name }}.quantized_base import read
+
+    fitted = read(result.run_dir / "adapter")
+    assert fitted is not None and fitted.quant_type == "nf4" and fitted.double_quant, fitted
+    record(fitted_to=fitted.__dict__)
+    assert (merge_run(result.run_dir) / "config.json").is_file()
 
 
-@pytest.fixture(scope="session")
-def base_model_dir() -> Path:
-    """The project's base model from the local Hugging Face cache; never downloaded here."""
-    name = load_config(CONFIG).model.name_or_path
+def cached_model(name: str) -> Path | None:
+    """A local folder, or the model's snapshot in the Hugging Face cache; never downloaded."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
     from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
 
     try:
-        folder = Path(snapshot_download(name, local_files_only=True))
+        return Path(snapshot_download(name, local_files_only=True))
     except (OSError, ValueError):  # LocalEntryNotFoundError: not in the cache
-        pytest.skip(
+        return None
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(report: GpuReport) -> Path:
+    """The configured base model from a local folder or the Hugging Face cache, or the folder
+    in $GPU_TESTS_BASE_MODEL. Missing, the base-model tests fail and say how to get one: a
+    skip would leave the suite green without its largest tests."""
+    name = load_config(CONFIG).model.name_or_path
+    override = os.environ.get(BASE_MODEL_ENV)
+    folder = Path(override).expanduser().resolve() if override else cached_model(name)
+    if folder is None:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        pytest.fail(
             f"base model {name!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the "
-            f"GPU tests never download: run `hf download {name}` once, or set HF_HOME to a "
-            "cache that holds it"
+            f"GPU tests never download: run `hf download {name}` once, set HF_HOME to a cache "
+            f"that holds it, or set {BASE_MODEL_ENV} to a model folder (`python "
+            "tools/stand_in_base.py DIR` writes a random-weight stand-in of the default's shape)",
+            pytrace=False,
         )
     if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
-        pytest.skip(f"the cached copy of {name!r} in {folder} has no config.json or safetensors")
+        pytest.fail(f"{folder} has no config.json or *.safetensors: not a model", pytrace=False)
+    mark = folder / STAND_IN_MARK
+    stand_in = json.loads(mark.read_text()) if mark.is_file() else None
+    report.note(
+        "base_model",
+        {"configured": name, "used": str(folder), "stand_in": stand_in is not None}
+        | ({"note": stand_in["note"]} if stand_in else {}),
+    )
     return folder
 
 
@@ -306,6 +349,20 @@ def tiny_lora_run(tiny_model_dir, ticket_data, tmp_path_factory) -> tuple[RunRes
     return result, figures
 
 
+@contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """float32 CUDA matmuls in full float32 (no TF32) inside, the setting restored after.
+    Through `fp32_precision`: once anything in the process has used that API, torch raises
+    on reading the older `allow_tf32` flag."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 def logits_of(model_dir: Path, adapter: Path | None, ids: torch.Tensor, dtype) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -331,14 +388,10 @@ def test_merged_model_equals_adapter_model_on_gpu(tiny_model_dir, tiny_lora_run,
     ticket = conversations(PROJECT / "data" / "tickets_eval.jsonl")[0][1:2]  # one user turn
     ids = torch.tensor([prompt_ids(tokenizer, ticket)])
     # fp32 with TF32 off: merged and adapter differ only by summation order.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with exact_fp32_matmuls():
         expected = logits_of(tiny_model_dir, adapter, ids, torch.float32)
         got = logits_of(merged_dir, None, ids, torch.float32)
         base = logits_of(tiny_model_dir, None, ids, torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     fp32_diff = (got - expected).abs().max().item()
     # In bf16 (8-bit mantissa, steps of 0.4 %) the merged W + BA is rounded once and the
     # adapter's x W + x B A twice: equal within a few per cent of the logit scale, while

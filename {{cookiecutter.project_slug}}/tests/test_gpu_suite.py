@@ -1,14 +1,17 @@
 """CPU checks of the GPU suite and the scale-out path: the suite refuses clearly without a
-GPU, the CPU suite deselects it, and the accelerate configs are what `accelerate launch`
-accepts. (The GPU tests themselves are in test_gpu.py and run with `nox -s gpu_tests`.)"""
+GPU, the CPU suite deselects it, its helpers and tools work, and the accelerate configs are
+what `accelerate launch` accepts. (The GPU tests themselves are in test_gpu.py and run with
+`nox -s gpu_tests`.)"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -19,8 +22,12 @@ from {{ cookiecutter.package_name }}.device import check_driver, pick_device
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.launch import launch_command
 from server_process import free_port
+from test_gpu import cached_model, exact_fp32_matmuls
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "tools"))
+import gpu_carry  # noqa: E402 (tools/ is not a package)
+
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 NO_GPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # hides any GPU this machine has
 
@@ -67,6 +74,106 @@ def test_nox_session_refuses_before_installing_anything(tmp_path):
     assert result.returncode != 0, output[-3000:]
     assert NO_CUDA in output
     assert "pip install" not in output
+
+
+def test_nox_session_without_venv_installs_nothing(tmp_path):
+    """`nox -s gpu_tests --no-venv` on a machine that lists a GPU: it goes straight to this
+    Python's torch (which here sees none, so it stops there) without installing anything."""
+    pytest.importorskip("nox")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    # Not hidden for nvidia-smi, but an index no machine has: torch sees no device, even
+    # where a GPU is present.
+    env = {**NO_GPU_ENV, "CUDA_VISIBLE_DEVICES": "99", "PATH": path}
+    command = [sys.executable, "-m", "nox", "-s", "gpu_tests", "--no-venv"]
+    result = run(*command, f"--envdir={tmp_path / 'nox'}", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "nothing is installed" in output and "torch sees no CUDA device" in output, output
+    assert NO_CUDA in output
+    assert "pip install" not in output
+
+
+def test_exact_fp32_matmuls_after_the_fp32_precision_api_was_used():
+    """torch refuses to read the legacy allow_tf32 flag once fp32_precision has been set in
+    the process (by a library, or an earlier test): the helper must not read it."""
+    matmul = torch.backends.cuda.matmul
+    outer = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with exact_fp32_matmuls():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = outer
+
+
+def test_base_model_is_found_only_locally(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    assert cached_model("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+    assert cached_model(str(tmp_path)) == tmp_path.resolve()
+
+
+@pytest.mark.slow
+def test_stand_in_base_has_the_default_base_shape(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "stand-in"
+    result = run(sys.executable, "tools/stand_in_base.py", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    config = AutoConfig.from_pretrained(out)
+    shape = (config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+    assert shape == (576, 1536, 30) and config.vocab_size == 49152
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        shapes = [weights.get_slice(key).get_shape() for key in weights.keys()]  # noqa: SIM118
+    count = sum(math.prod(shape) for shape in shapes)
+    mark = json.loads((out / "stand_in.json").read_text())
+    assert mark["parameters"] == count and 134e6 < count < 135e6, count
+    assert "random weights" in mark["note"]
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    again = run(sys.executable, "tools/stand_in_base.py", str(tmp_path))  # not empty, no mark
+    assert again.returncode == 2 and "holds no stand-in" in again.stderr
+
+
+def test_gpu_probes_refuse_without_cuda(tmp_path):
+    out = tmp_path / "probes.json"
+    result = run(sys.executable, "tools/gpu_probes.py", "--out", str(out))
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no CUDA device visible; the GPU probes need one"
+    )
+    assert not out.exists()
+
+
+def test_carry_set_takes_its_versions_from_the_lock():
+    lock = PROJECT / "requirements" / "dev.txt"
+    pins = dict(line.split("==") for line in gpu_carry.carry_pins(lock))
+    locked = {line.split("==")[0]: line.split("==")[1] for line in lock.read_text().splitlines()
+              if "==" in line and not line.startswith("#")}  # fmt: skip
+    assert pins == {name: locked[name] for name in gpu_carry.CARRY}
+    assert "torch" not in pins  # the machine's own CUDA build stays
+
+
+def test_carry_wheel_repack_drops_members_and_their_record_rows(tmp_path):
+    wheel, slim = tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "slim.whl"
+    rows = ["pkg/__init__.py,sha256=a,1", "pkg/tests/x.py,sha256=b,1", "pkg-1.0.dist-info/RECORD,,"]
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("pkg/__init__.py", "x = 1\n")
+        out.writestr("pkg/tests/x.py", "")
+        out.writestr("pkg-1.0.dist-info/RECORD", "".join(f"{row}\n" for row in rows))
+    assert gpu_carry.repack(wheel, slim, ("pkg/tests/*",)) == 1
+    with zipfile.ZipFile(slim) as repacked:
+        assert repacked.namelist() == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
+        assert {i.compress_type for i in repacked.infolist()} == {zipfile.ZIP_STORED}
+        record = repacked.read("pkg-1.0.dist-info/RECORD").decode().splitlines()
+    assert record == [rows[0], rows[2]]
 
 
 def test_auto_device_is_the_process_own_gpu_under_accelerate(monkeypatch):
