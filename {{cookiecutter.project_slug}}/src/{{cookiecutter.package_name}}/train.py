@@ -424,6 +424,15 @@ def start_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ..
         callbacks=[Progress(), StopOnRequest(stop), *extra_callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # the bar shows the logs instead
+    if config.quantization.mode != "none":
+        # TRL casts a quantized model's trainable weights to bf16, while a resumed run gets
+        # them back from its checkpoint in float32, so an interrupted run would not end where
+        # an uninterrupted one does. float32 master weights with the compute dtype through
+        # the Trainer's autocast is the usual mixed precision, and on a CPU or a GPU without
+        # bf16 it avoids emulated bf16 arithmetic.
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     if config.train.report_to == "tensorboard":
         _log_tensorboard_to(trainer, run.tensorboard)
     main_process = bool(trainer.is_world_process_zero())
