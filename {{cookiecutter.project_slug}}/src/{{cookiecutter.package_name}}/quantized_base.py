@@ -34,11 +34,11 @@ class QuantizedBase:
     @classmethod
     def of_model(cls, model: Any) -> QuantizedBase:
         """The settings of the first bitsandbytes 4-bit layer of a loaded model."""
-        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn.modules import Linear4bit
 
         for module in model.modules():
             if isinstance(module, Linear4bit):
-                state = module.weight.quant_state
+                state = module.weight.quant_state  # type: ignore[attr-defined]  # Params4bit
                 return cls(
                     quant_type=str(state.quant_type),
                     blocksize=int(state.blocksize),

@@ -326,6 +326,8 @@ def processor_memory_margin() -> float:
 
     probe = ContinuousBatchingConfig()
     resolve_max_memory_percent(probe, has_logit_processors=True, device=torch.device("cuda"))
+    if probe.max_memory_percent is None:
+        raise RuntimeError("transformers left max_memory_percent unset for a GPU")
     return float(probe.max_memory_percent)
 
 
