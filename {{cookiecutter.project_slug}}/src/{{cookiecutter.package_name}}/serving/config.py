@@ -63,7 +63,17 @@ class EngineSection(Section):
     cuda_graphs: bool | None = None
     async_batching: bool | None = None  # double-buffered batches, twice the cache's I/O memory
     warmup: bool = True
-    # vllm only: extra arguments appended to `vllm serve`, e.g. ["--max-num-seqs", "64"]
+    # vllm only: the Python of vLLM's own environment (`nox -s vllm_env` makes it)
+    vllm_python: str = ".venv-vllm/bin/python"
+    # vllm only: torch.compile and graph capture at start. null: on with the CUDA build
+    # (vLLM's default), off with the CPU build, where compiling takes minutes at each start
+    vllm_compile: bool | None = None
+    # vllm CPU build only: its KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; its own default takes
+    # most of the machine's memory) and the cores its threads use (VLLM_CPU_OMP_THREADS_BIND:
+    # "auto", or a list such as "0-7")
+    vllm_cpu_kv_cache_gib: int = Field(1, ge=1)
+    vllm_cpu_threads: str = "auto"
+    # vllm only: extra arguments appended to vLLM's server, e.g. ["--max-num-seqs", "64"]
     vllm_args: list[str] = Field(default_factory=list)
 
 

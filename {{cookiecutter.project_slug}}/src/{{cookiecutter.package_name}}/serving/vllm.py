@@ -1,17 +1,18 @@
-"""The optional vllm engine: vLLM's own OpenAI server with LoRA enabled, for GPU scale.
+"""The vllm engine: vLLM's own OpenAI server with LoRA enabled, from its own environment.
 
 vLLM batches requests for different adapters in one forward pass (multi-LoRA kernels),
-which the transformers engine cannot. The command line is built from the same
-configs/serve.yaml; the process is replaced by vLLM (exec), so signals such as SIGTERM go
-straight to it, and its /metrics, /health and /v1/* replace ours.
+which the transformers engine cannot. It pins its own transformers, fastapi and torch, so
+it runs from an environment of its own (`nox -s vllm_env` makes .venv-vllm from
+requirements/vllm.txt, or vllm-cpu.txt for the CPU build). The command line is built from
+the same configs/serve.yaml; this process is replaced by vLLM's (exec), so signals such
+as SIGTERM go straight to it, and its /metrics, /health and /v1/* replace ours.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,45 @@ from .config import ServeConfig
 
 PROGRAM = __package__.partition(".")[0]  # the CLI's name
 VLLM_DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# vLLM's OpenAI server module. Not the `vllm` command: it reads the version of a
+# distribution named vllm, and the CPU build is installed as vllm-cpu.
+ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 
 
-def vllm_command(config: ServeConfig) -> list[str]:
-    """`vllm serve ...` for the config (vLLM >= 0.6 flags)."""
-    model = config.model
+@dataclass(frozen=True)
+class VllmInstall:
+    """A Python environment that holds vLLM."""
+
+    python: Path
+    cpu_build: bool  # vllm-cpu: runs on the CPU, and is told so (VLLM_TARGET_DEVICE)
+
+
+def find_vllm(config: ServeConfig) -> VllmInstall:
+    """engine.vllm_python's environment, or one clear error that says how to make it."""
+    python = Path(config.engine.vllm_python).expanduser()
+    make = "create it with `nox -s vllm_env`, or set engine.vllm_python to a vLLM environment"
+    if not python.is_file():
+        raise UserError(
+            f"engine.kind=vllm runs vLLM from its own environment, and {python} does not "
+            f"exist: {make}"
+        )
+    installed = {
+        folder.name.partition("-")[0].lower()
+        for folder in python.parent.parent.glob("lib/python3*/site-packages/*.dist-info")
+    }
+    if not installed & {"vllm", "vllm_cpu"}:
+        raise UserError(f"{python} is a Python environment without vLLM: {make}")
+    return VllmInstall(python, cpu_build="vllm" not in installed)
+
+
+def vllm_command(config: ServeConfig, install: VllmInstall) -> list[str]:
+    """vLLM's OpenAI server for the config (the flags of `vllm serve`)."""
+    model, engine = config.model, config.engine
     command = [
-        "vllm",
-        "serve",
+        str(install.python),
+        "-m",
+        ENTRYPOINT,
+        "--model",
         model.name_or_path,
         "--served-model-name",
         config.base_name,
@@ -47,6 +79,11 @@ def vllm_command(config: ServeConfig) -> list[str]:
         command += ["--max-model-len", str(model.max_context)]
     if model.trust_remote_code:
         command.append("--trust-remote-code")
+    compile_model = engine.vllm_compile
+    if compile_model is None:
+        compile_model = not install.cpu_build
+    if not compile_model:
+        command.append("--enforce-eager")
     if config.adapters:
         check_vllm_adapters(config.adapters)
         ranks = [int(check_adapter_dir(path).get("r", 16)) for path in config.adapters.values()]
@@ -54,7 +91,7 @@ def vllm_command(config: ServeConfig) -> list[str]:
         command += ["--max-lora-rank", str(_supported_rank(max(ranks)))]
         command.append("--lora-modules")
         command += [f"{name}={Path(path).expanduser()}" for name, path in config.adapters.items()]
-    command += list(config.engine.vllm_args)
+    command += list(engine.vllm_args)
     return command
 
 
@@ -108,8 +145,12 @@ def _supported_rank(rank: int) -> int:
     raise UserError(f"LoRA rank {rank} is above the largest rank vLLM serves (512)")
 
 
-def vllm_environment(config: ServeConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for vLLM: the API key under the name vLLM reads, the chosen GPU."""
+def vllm_environment(
+    config: ServeConfig, install: VllmInstall, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment for vLLM: the API key under the name vLLM reads, the chosen GPU, and
+    on the CPU build its device, KV cache size and threads, said outright (its defaults
+    take most of the machine's memory)."""
     env = dict(os.environ if environ is None else environ)
     key = env.get(config.server.api_key_env)
     if key:
@@ -117,19 +158,17 @@ def vllm_environment(config: ServeConfig, environ: dict[str, str] | None = None)
     device = config.model.device
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2]
+    if install.cpu_build:
+        engine = config.engine
+        env["VLLM_TARGET_DEVICE"] = "cpu"  # its platform check looks for a `vllm` package
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.vllm_cpu_kv_cache_gib)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = engine.vllm_cpu_threads
     return env
 
 
 def run_vllm(config: ServeConfig) -> int:
-    command = vllm_command(config)  # checks the adapters first: a wrong one is a config mistake
-    if importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            "engine.kind=vllm needs vLLM, which is not installed in this environment: "
-            "`pip install vllm` (Linux with a CUDA GPU), or use engine.kind=transformers"
-        )
-    executable = shutil.which("vllm")
-    if executable is None:  # installed as a package without the console script
-        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", *command[1:]]
-        executable = sys.executable
+    check_vllm_adapters(config.adapters)  # a config mistake, said before what is installed
+    install = find_vllm(config)
+    command = vllm_command(config, install)
     print("exec:", " ".join(command), file=sys.stderr, flush=True)
-    os.execvpe(executable, command, vllm_environment(config))
+    os.execve(command[0], command, vllm_environment(config, install))
