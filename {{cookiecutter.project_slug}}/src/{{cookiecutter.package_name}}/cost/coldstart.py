@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 PACKAGE = __package__.rpartition(".")[0]
 # Between two GETs of /ready. Each one takes the server's GIL from the thread loading the
-# model: polled every 10 ms, a 5 s load took 0.7-1.3 s longer (issue 14). Every 100 ms
+# model: polled every 10 ms, a 5 s load took 0.7-1.3 s longer. Every 100 ms
 # adds at most that much once it is ready. (A readiness probe polls every few seconds.)
 READY_POLL_S = 0.1
 

@@ -90,7 +90,7 @@ class RowTopP(ContinuousBatchingTopPLogitsWarper):
     """The library's per-request top-p, on a CPU only for the rows that set top_p < 1.
 
     It sorts every row's whole vocabulary at each step, top_p 1 or not: 9% of a SmolLM2
-    decode step on 2 CPU cores (py-spy, issue 14). On a GPU it runs as it is: choosing rows
+    decode step on 2 CPU cores (py-spy). On a GPU it runs as it is: choosing rows
     there would wait for the device at each step.
     """
 

@@ -36,7 +36,7 @@ def process_start_time() -> float:
 
     On Linux from /proc/self/stat, whose start is in clock ticks since boot: psutil adds
     those to the boot time, which the kernel gives in whole seconds, and so put the start
-    up to a second early (0.8 s in the bench, issue 14), inflating the "ready" phase.
+    up to a second early (0.8 s measured), inflating the "ready" phase.
     """
     try:
         with open("/proc/self/stat") as stat:
