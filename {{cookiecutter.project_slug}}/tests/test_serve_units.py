@@ -153,6 +153,7 @@ def test_vllm_command_enables_lora_for_adapters(tiny_model_dir, tmp_path):
     assert pairs["--port"] == "9100"
     assert pairs["--host"] == "127.0.0.1"
     assert pairs["--load-format"] == "safetensors"
+    assert pairs["--shutdown-timeout"] == "30"  # server.shutdown_grace_s: drained like ours
     assert pairs["--max-model-len"] == "256"
     assert pairs["--max-loras"] == "1"
     assert pairs["--max-lora-rank"] == "8"  # rank 4 rounded up to a rank vLLM supports

@@ -10,6 +10,7 @@ as SIGTERM go straight to it, and its /metrics, /health and /v1/* replace ours.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ def vllm_command(config: ServeConfig, install: VllmInstall) -> list[str]:
         VLLM_DTYPES[model.dtype],
         "--load-format",
         "safetensors",
+        # At SIGTERM, requests in flight get the same grace as ours before they are aborted.
+        "--shutdown-timeout",
+        str(math.ceil(config.server.shutdown_grace_s)),
     ]
     if model.max_context is not None:
         command += ["--max-model-len", str(model.max_context)]
