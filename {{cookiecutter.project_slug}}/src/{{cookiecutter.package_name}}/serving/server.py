@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 from typing import Any
 
+from ..errors import UserError
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -16,11 +19,28 @@ CUT_OFF_MARGIN_S = 1.0  # after the grace: time to send the cut-off answers
 
 
 def serve(config: ServeConfig) -> int:
+    check_port_free(config.server.host, config.server.port)
     if config.engine.kind == "vllm":
         from .vllm import run_vllm
 
         return run_vllm(config)
     return _serve_transformers(config)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Said before a model is loaded, for either engine: the port is taken."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise UserError(
+                f"server.port={port}: {host}:{port} is in use by another process; stop it, "
+                "or choose another port (server.port=0 takes any free one)"
+            ) from None
 
 
 def configure_logging(level: str) -> None:

@@ -10,6 +10,7 @@ as SIGTERM go straight to it, and its /metrics, /health and /v1/* replace ours.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -170,9 +171,42 @@ def vllm_environment(
     return env
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_cpu_kv_cache(config: ServeConfig) -> None:
+    """On the CPU build, one request of the whole context must fit the KV cache, or vLLM
+    stops at start with a traceback. Read from a local model's config.json."""
+    settings = Path(config.model.name_or_path).expanduser() / "config.json"
+    if not settings.is_file():
+        return  # a hub id: vLLM checks it when it loads
+    model = json.loads(settings.read_text(encoding="utf-8"))
+    model = model.get("text_config", model)
+    heads = int(model["num_attention_heads"])
+    head_dim = int(model.get("head_dim") or model["hidden_size"] // heads)
+    kv_heads = int(model.get("num_key_value_heads") or heads)
+    dtype: str = config.model.dtype
+    if dtype == "auto":  # the checkpoint's; where vLLM picks a wider one, it reports that itself
+        dtype = str(model.get("dtype") or model.get("torch_dtype") or "float32")
+    dtype = dtype if dtype in DTYPE_BYTES else "float32"
+    per_token = 2 * int(model["num_hidden_layers"]) * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    context = config.model.max_context or int(model["max_position_embeddings"])
+    needed = per_token * context
+    available = config.engine.vllm_cpu_kv_cache_gib * 2**30
+    if needed > available:
+        raise UserError(
+            f"one request of {context} tokens needs {needed / 2**30:.1f} GiB of KV cache for "
+            f"this model in {dtype}, and engine.vllm_cpu_kv_cache_gib="
+            f"{config.engine.vllm_cpu_kv_cache_gib} holds {available // per_token} tokens: "
+            f"raise it to {math.ceil(needed / 2**30)}, or lower model.max_context"
+        )
+
+
 def run_vllm(config: ServeConfig) -> int:
     check_vllm_adapters(config.adapters)  # a config mistake, said before what is installed
     install = find_vllm(config)
+    if install.cpu_build:
+        check_cpu_kv_cache(config)
     command = vllm_command(config, install)
     print("exec:", " ".join(command), file=sys.stderr, flush=True)
     os.execve(command[0], command, vllm_environment(config, install))
