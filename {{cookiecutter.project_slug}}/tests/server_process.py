@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+PACKAGE = "{{ cookiecutter.package_name }}"
+
+
+def serve_command(model_dir: Path, adapters: dict[str, Path], *overrides: str) -> list[str]:
+    """The project's `serve` of a model folder and adapters, with KEY=VALUE overrides."""
+    command = [sys.executable, "-m", PACKAGE, "serve", "--model", str(model_dir)]
+    return [*command, *(f"--adapter={name}={path}" for name, path in adapters.items()), *overrides]
+
+
+def serve_env(api_key: str) -> dict[str, str]:
+    """This environment, with the server's API key set and the hub offline."""
+    return {**os.environ, f"{PACKAGE.upper()}_API_KEY": api_key, "HF_HUB_OFFLINE": "1"}
 
 
 def free_port() -> int:

@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,14 +32,13 @@ from transformers import TrainerCallback
 from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.info import package_versions
 from {{ cookiecutter.package_name }}.train import RunResult, run_training
-from server_process import Server, free_port, start_server
+from server_process import Server, free_port, serve_command, serve_env, start_server
 from tickets import CONFIG, PROJECT, conversations, tiny_config, write_ticket_data
 
 pytestmark = pytest.mark.gpu
 
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 REPORT = PROJECT / "reports" / "gpu_tests.json"
-PACKAGE = "{{ cookiecutter.package_name }}"
 KEY = "gpu-test-key"
 # A local model folder to use as the base instead of the configured one, such as the
 # random-weight stand-in that tools/stand_in_base.py writes (it holds STAND_IN_MARK).
@@ -465,15 +463,6 @@ async def load(server: Server, model: str, concurrency: int, requests: int, max_
     }
 
 
-def serve_command(model_dir: Path, port: int, *extra: str) -> list[str]:
-    command = [sys.executable, "-m", PACKAGE, "serve", "--model", str(model_dir)]
-    return [*command, "model.served_name=base", f"server.port={port}", *extra]
-
-
-def server_env() -> dict[str, str]:
-    return {**os.environ, f"{PACKAGE.upper()}_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.mark.parametrize("which", ["tiny", "base"])
 def test_server_throughput_and_ttft_on_gpu(which, request, tmp_path, record):
     """Reported, not asserted against the clock: a number that depends on the card is a
@@ -483,9 +472,8 @@ def test_server_throughput_and_ttft_on_gpu(which, request, tmp_path, record):
     gc.collect()
     torch.cuda.empty_cache()  # the server sizes its KV cache from the memory still free
     port = free_port()
-    server = start_server(
-        serve_command(model_dir, port), port, tmp_path / "server.log", server_env()
-    )
+    command = serve_command(model_dir, {}, "model.served_name=base", f"server.port={port}")
+    server = start_server(command, port, tmp_path / "server.log", serve_env(KEY))
     try:
         levels = [measure_level(server, 1, 4), measure_level(server, 16, 32)]
         cold_start = server.metrics().get('llm_cold_start_seconds{phase="ready"}')
@@ -514,12 +502,12 @@ def test_vllm_engine_serves_the_base_and_an_adapter(
     port = free_port()
     vllm_args = '["--enforce-eager", "--gpu-memory-utilization", "0.5"]'
     command = serve_command(
-        base_model_dir, port, f"--adapter=tickets={result.run_dir / 'adapter'}",
-        "engine.kind=vllm", f"engine.vllm_python={vllm_python}", "model.max_context=1024",
-        f"engine.vllm_args={vllm_args}",
+        base_model_dir, {"tickets": result.run_dir / "adapter"}, "model.served_name=base",
+        f"server.port={port}", "engine.kind=vllm", f"engine.vllm_python={vllm_python}",
+        "model.max_context=1024", f"engine.vllm_args={vllm_args}",
     )  # fmt: skip
     log = tmp_path / "vllm.log"
-    server = start_server(command, port, log, server_env(), ready_path="/health", timeout=600)
+    server = start_server(command, port, log, serve_env(KEY), ready_path="/health", timeout=600)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         ticket = conversations(PROJECT / "data" / "tickets_eval.jsonl")[0][:2]

@@ -223,6 +223,22 @@ def fake_gpu(monkeypatch):
     return install
 
 
+def train_cli(model_dir: Path, tmp_path: Path, *overrides: str) -> tuple[int, Path]:
+    """`train` through the CLI on the tiny model: its exit code, and the runs folder."""
+    from {{ cookiecutter.package_name }}.cli import main
+    from tickets import write_ticket_data
+
+    data = write_ticket_data(tmp_path)
+    out = tmp_path / "runs"
+    code = main(
+        [
+            "train", "--config", str(CONFIG), f"model.name_or_path={model_dir}",
+            f"data.train={data['train']}", "data.eval=null", f"output.dir={out}", *overrides,
+        ]
+    )  # fmt: skip
+    return code, out
+
+
 @pytest.mark.parametrize(
     ("capability", "expected"),
     [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
@@ -239,19 +255,8 @@ def test_auto_dtype_is_fp16_below_compute_capability_8(fake_gpu, capability, exp
 def test_bf16_asked_for_on_a_gpu_without_it_is_one_clear_line(
     fake_gpu, tiny_model_dir, tmp_path, capsys
 ):
-    from {{ cookiecutter.package_name }}.cli import main
-    from tickets import write_ticket_data
-
     fake_gpu((7, 5), "Tesla T4")
-    data = write_ticket_data(tmp_path)
-    out = tmp_path / "runs"
-    code = main(
-        [
-            "train", "--config", str(CONFIG), f"model.name_or_path={tiny_model_dir}",
-            f"data.train={data['train']}", "data.eval=null", f"output.dir={out}",
-            "model.dtype=bfloat16", "output.run_name=bf16",
-        ]
-    )  # fmt: skip
+    code, out = train_cli(tiny_model_dir, tmp_path, "model.dtype=bfloat16", "output.run_name=bf16")
     err = capsys.readouterr().err
     assert code != 0
     assert "bfloat16" in err and "Tesla T4 is 7.5" in err and "float16" in err
@@ -285,21 +290,10 @@ def test_4bit_without_the_bitsandbytes_cuda_library_is_one_clear_line(
 ):
     from bitsandbytes import cextension
 
-    from {{ cookiecutter.package_name }}.cli import main
-    from tickets import write_ticket_data
-
     fake_gpu((9, 0), "H100")
     missing = "libbitsandbytes_cuda129.so: cannot open shared object file"
     monkeypatch.setattr(cextension, "lib", cextension.ErrorHandlerMockBNBNativeLibrary(missing))
-    data = write_ticket_data(tmp_path)
-    out = tmp_path / "runs"
-    code = main(
-        [
-            "train", "--config", str(CONFIG), f"model.name_or_path={tiny_model_dir}",
-            f"data.train={data['train']}", "data.eval=null", f"output.dir={out}",
-            "quantization.mode=4bit", "output.run_name=q",
-        ]
-    )  # fmt: skip
+    code, out = train_cli(tiny_model_dir, tmp_path, "quantization.mode=4bit", "output.run_name=q")
     err = capsys.readouterr().err
     assert code != 0
     assert "bitsandbytes' CUDA library" in err and "libbitsandbytes_cuda129.so" in err

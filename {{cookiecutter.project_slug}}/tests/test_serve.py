@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import openai
 import pytest
 
 from lora_adapters import random_adapter, stop_adapter
-from server_process import Server, free_port, start_server
+from server_process import Server, free_port, serve_command, serve_env, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -55,22 +53,8 @@ def serve_overrides(port: int) -> list[str]:
 
 def launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> Server:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "{{ cookiecutter.package_name }}",
-        "serve",
-        "--model",
-        str(model_dir),
-        *(f"--adapter={name}={path}" for name, path in adapters.items()),
-        *serve_overrides(port),
-    ]
-    env = {
-        **os.environ,
-        "{{ cookiecutter.package_name | upper }}_API_KEY": KEY,
-        "HF_HUB_OFFLINE": "1",
-    }
-    return start_server(command, port, log, env)
+    command = serve_command(model_dir, adapters, *serve_overrides(port))
+    return start_server(command, port, log, serve_env(KEY))
 
 
 @pytest.fixture(scope="module")

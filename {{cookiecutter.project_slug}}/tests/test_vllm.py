@@ -9,9 +9,7 @@ wire contract our own server keeps, with the differences named where vLLM's diff
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +20,11 @@ import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from lora_adapters import random_adapter
-from server_process import Server, free_port, start_server
+from server_process import Server, free_port, serve_command, serve_env, start_server
 from tickets import PROJECT, tiny_config, write_ticket_data
 
 pytestmark = pytest.mark.vllm
 
-PACKAGE = "{{ cookiecutter.package_name }}"
 KEY = "vllm-test-key"
 VLLM_PYTHON = PROJECT / ".venv-vllm" / "bin" / "python"
 QUESTION = [{"role": "user", "content": "My invoice shows the wrong amount, please fix it"}]
@@ -67,15 +64,13 @@ def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
 
 def launch(model_dir: Path, adapters: dict[str, Path], log: Path) -> Server:
     port = free_port()
-    command = [
-        sys.executable, "-m", PACKAGE, "serve", "--model", str(model_dir),
-        *(f"--adapter={name}={path}" for name, path in adapters.items()),
-        "engine.kind=vllm", f"engine.vllm_python={VLLM_PYTHON}", "model.served_name=tiny",
-        "model.dtype=float32", "model.max_context=512", f"server.port={port}",
-        "engine.vllm_cpu_kv_cache_gib=1", f"server.shutdown_grace_s={GRACE_S}",
-    ]  # fmt: skip
-    env = {**os.environ, f"{PACKAGE.upper()}_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
-    return start_server(command, port, log, env, ready_path="/health", timeout=600)
+    command = serve_command(
+        model_dir, adapters, "engine.kind=vllm", f"engine.vllm_python={VLLM_PYTHON}",
+        "model.served_name=tiny", "model.dtype=float32", "model.max_context=512",
+        f"server.port={port}", "engine.vllm_cpu_kv_cache_gib=1",
+        f"server.shutdown_grace_s={GRACE_S}",
+    )  # fmt: skip
+    return start_server(command, port, log, serve_env(KEY), ready_path="/health", timeout=600)
 
 
 @pytest.fixture(scope="module")

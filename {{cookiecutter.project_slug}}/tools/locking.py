@@ -82,7 +82,8 @@ def input_hash(root: Path) -> str:
     locks install (following self-references such as `[train,serve]`), requires-python,
     the lock constraints and the recipe. Metadata, and extras no lock installs, are left
     out: adding an `[docs]` extra does not make the locks stale."""
-    project = read_pyproject(root)["project"]
+    pyproject = read_pyproject(root)
+    project = pyproject["project"]
     name = canonicalize_name(project["name"])
     optional = project.get("optional-dependencies", {})
     used: set[str] = set()
@@ -112,7 +113,7 @@ def input_hash(root: Path) -> str:
         "dependencies": normalized(project.get("dependencies", [])),
         "optional-dependencies": {extra: normalized(optional[extra]) for extra in sorted(used)},
         "dependency-groups": {
-            group: normalized(_group(root, group)) for group in sorted(GROUP_LOCKS.values())
+            group: normalized(_group(pyproject, group)) for group in sorted(GROUP_LOCKS.values())
         },
         "constraints": sorted(_requirement_lines(root / CONSTRAINTS)),
     }
@@ -120,8 +121,8 @@ def input_hash(root: Path) -> str:
     return f"sha256:{digest}"
 
 
-def _group(root: Path, group: str) -> list[str]:
-    return list(read_pyproject(root).get("dependency-groups", {}).get(group, []))
+def _group(pyproject: dict, group: str) -> list[str]:
+    return list(pyproject.get("dependency-groups", {}).get(group, []))
 
 
 def _requirement_lines(path: Path) -> list[str]:
@@ -295,24 +296,22 @@ def check(root: Path, python: str, torch_index: str) -> list[str]:
     """Every way the locks disagree with pyproject.toml, as sentences; [] when in sync."""
     problems = []
     expected_hash = input_hash(root)
-    project = read_pyproject(root)["project"]
+    pyproject = read_pyproject(root)
+    project = pyproject["project"]
     target = _target_environment(python)
-    for name, extras in LOCKS.items():
+    vllm_target = _target_environment(vllm_python(python))
+    locks = [(n, _direct_requirements(project, extras), target) for n, extras in LOCKS.items()]
+    locks += [
+        (name, [Requirement(text) for text in _group(pyproject, group)], vllm_target)
+        for name, group in GROUP_LOCKS.items()
+    ]
+    for name, requirements, environment in locks:
         path = lock_path(root, name)
         if not path.is_file():
             problems.append(f"{path.relative_to(root).as_posix()} is missing.")
             continue
         problems += _lock_file_problems(root, path, expected_hash)
-        problems += _pin_problems(root, path, _direct_requirements(project, extras), target)
-    for name, group in GROUP_LOCKS.items():
-        path = lock_path(root, name)
-        if not path.is_file():
-            problems.append(f"{path.relative_to(root).as_posix()} is missing.")
-            continue
-        problems += _lock_file_problems(root, path, expected_hash)
-        requirements = [Requirement(text) for text in _group(root, group)]
-        vllm_target = _target_environment(vllm_python(python))
-        problems += _pin_problems(root, path, requirements, vllm_target)
+        problems += _pin_problems(root, path, requirements, environment)
     if not problems:
         problems += _serve_dev_drift(root)
     env_file = root / ENVIRONMENT
