@@ -208,7 +208,9 @@ def test_default_bake(default_project: Path):
     pyproject = tomllib.loads((default_project / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == "lora-chat"
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
-    extras = {"train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "dev"}
+    extras = {
+        "train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "dev",
+    }  # fmt: skip
     assert set(pyproject["project"]["optional-dependencies"]) == extras
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (default_project / "README.md").read_text()
