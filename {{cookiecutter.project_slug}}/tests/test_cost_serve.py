@@ -157,3 +157,59 @@ def test_unreachable_url_is_a_clear_error(tmp_path):
     )
     with pytest.raises(UserError, match=r"cannot reach http://127\.0\.0\.1:9/v1"):
         run_token_cost(config)
+
+
+def test_engines_on_the_same_traffic_name_the_cheaper_one_per_cell(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Two engines measured in turn (here our server twice, with different batch limits),
+    and one that cannot start: it is named with its cause, and the others are measured."""
+    monkeypatch.chdir(ROOT)
+    config = config_for(
+        tiny_model_dir,
+        tmp_path / "reports",
+        "load.concurrency=[1,4]",
+        "load.requests_per_level=4",
+        "slo.ttft_s=60",
+        "slo.e2e_s=120",
+        "prompts.ignore_eos=true",
+        "serverless.requests_per_hour=[1,60,3600]",
+        "engines=[{name: batched}, {name: missing, serve: [engine.kind=vllm, "
+        "engine.vllm_python=/nonexistent/bin/python]}, {name: one-request, "
+        "serve: [engine.max_batch_tokens=16]}]",
+    )
+    typed, paths = run_token_cost(config)
+    card = json.loads(paths["json"].read_text())
+    jsonschema.validate(card, SCHEMA)
+    engines = card["engines"]
+    names = [arm["name"] for arm in engines["arms"]]
+    assert names == ["batched", "missing", "one-request"]
+    missing = engines["arms"][1]
+    assert not missing["measured"] and missing["serving"] is None
+    assert card["partial"] and any(
+        "engine missing was not measured" in r and "/nonexistent/bin/python does not exist" in r
+        for r in card["partial_reasons"]
+    )
+    assert card["serving"] == engines["arms"][0]["serving"]  # the first measured
+    assert not engines["fair"] and any("missing" in u for u in engines["unfair"])
+    # both measured engines got the same prompts
+    digests = {arm["serving"]["load"]["prompts"]["sha256"] for arm in engines["arms"][::2]}
+    assert len(digests) == 1
+
+    choices = engines["choices"]
+    assert [(c["traffic"], c["cell"]) for c in choices] == [
+        ("steady", "c=1"), ("steady", "c=4"),
+        ("bursty", "1 req/h"), ("bursty", "60 req/h"), ("bursty", "3600 req/h"),
+    ]  # fmt: skip
+    for choice in choices:
+        prices = choice["usd_per_1m_output_tokens"]
+        assert set(prices) == {"batched", "one-request"}
+        assert prices[choice["cheaper"]] == min(prices.values())  # the lower measured price
+        others = [usd for name, usd in prices.items() if name != choice["cheaper"]]
+        assert choice["ratio"] == pytest.approx(others[0] / prices[choice["cheaper"]])
+        assert choice["reason"] in ("throughput", "cold start", "idle time")
+    text = paths["markdown"].read_text()
+    assert "## Which engine gives the cheaper token" in text
+    assert "## Serving: batched" in text and "## Serving: one-request" in text
+    assert "**missing**: not measured" in text
+    assert typed.engines is not None

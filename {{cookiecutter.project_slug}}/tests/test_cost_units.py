@@ -430,7 +430,7 @@ def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
     import jsonschema
 
     card = CostCard(
-        schema_version=1,
+        schema_version=2,
         kind="training",
         created="2025-01-01T00:00:00Z",
         partial=False,
@@ -439,6 +439,7 @@ def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
         prices=Prices(gpu_hourly_usd=3.6, gpu_hourly_usd_source="test", split=Split().record()),
         environment=environment(ROOT, "cpu", "float32"),
         serving=None,
+        engines=None,
         training=TrainingSection(
             runs=[TrainingRun.model_validate(training_cost(_run(tmp_path, "cpu", "float32")))]
         ),

@@ -218,6 +218,12 @@ def _add_token_cost(commands: Commands) -> None:
     cost.add_argument("--gpu-hourly-usd", type=float, help="price of the machine per hour")
     cost.add_argument("--concurrency", metavar="N,N,...", help="concurrency sweep, e.g. 1,2,4,8")
     cost.add_argument("--rates", metavar="R,R,...", help="Poisson arrival rates (req/s) instead")
+    cost.add_argument(
+        "--engines",
+        metavar="KIND,KIND",
+        help="compare our server's engines on the same traffic, e.g. transformers,vllm "
+        "(each is started with engine.kind=KIND; `engines:` in the config names others)",
+    )
     cost.add_argument("--requests", type=int, help="requests per level")
     cost.add_argument("--time-limit", type=float, help="seconds per level at most")
     cost.add_argument(

@@ -20,6 +20,7 @@ from ..info import PACKAGES, package_versions
 from .schema import (
     ComparisonRow,
     CostCard,
+    EngineComparison,
     Environment,
     LevelSummary,
     LockFile,
@@ -152,7 +153,12 @@ def markdown(card: CostCard) -> str:
             f"environment matches: {env.lock.environment_matches or 'no lock (drifted)'}"
         )
     lines.append("")
-    if card.serving:
+    if card.engines:
+        lines += _engines_markdown(card.engines)
+        for arm in card.engines.arms:
+            if arm.serving is not None:
+                lines += _serving_markdown(arm.serving, f"Serving: {arm.name}")
+    elif card.serving:
         lines += _serving_markdown(card.serving)
     if card.training:
         lines += _training_markdown(card.training)
@@ -176,12 +182,61 @@ def _training_markdown(training: TrainingSection) -> list[str]:
     return [*lines, ""]
 
 
-def _serving_markdown(serving: ServingSection) -> list[str]:
+def _engines_markdown(engines: EngineComparison) -> list[str]:
+    names = [arm.name for arm in engines.arms]
+    described = "; ".join(
+        f"**{arm.name}**: {arm.device}, {arm.dtype}" if arm.measured
+        else f"**{arm.name}**: not measured ({(arm.error or '').splitlines()[0]})"
+        for arm in engines.arms
+    )  # fmt: skip
+    lines = [
+        "## Which engine gives the cheaper token",
+        "",
+        f"Measured one after another, one server at a time, on the same prompts and load. "
+        f"{described}.",
+        "",
+    ]
+    if not engines.fair:
+        lines += ["> **Not a like-for-like comparison:**", *[f"> - {u}" for u in engines.unfair]]
+        lines += ["> - some cells have no comparison (below)"] if not engines.unfair else []
+        lines.append("")
+    lines += [
+        "| traffic | cell | "
+        + " | ".join(f"{n} $/1M out" for n in names)
+        + " | cheaper | by | why |",
+        "| --- | --- | " + " | ".join("---:" for _ in names) + " | --- | ---: | --- |",
+    ]
+    for choice in engines.choices:
+        prices = " | ".join(_usd(choice.usd_per_1m_output_tokens.get(n)) for n in names)
+        cheaper = f"**{choice.cheaper}**" if choice.cheaper else "n/a"
+        ratio = f"{choice.ratio:.2f}x" if choice.ratio else "n/a"
+        why = choice.reason or choice.note or ""
+        kind = "steady (dedicated)" if choice.traffic == "steady" else "bursty (scale to zero)"
+        lines.append(f"| {kind} | {choice.cell} | {prices} | {cheaper} | {ratio} | {why} |")
+    lines.append("")
+    if engines.crossovers:
+        lines += [f"- **Crossover** ({c.traffic}): {c.reason}." for c in engines.crossovers]
+        lines.append("")
+    lines += [
+        "| engine | spawn to ready s | to first token s | phases (s) |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for arm in engines.arms:
+        cold = arm.serving.cold_start if arm.serving else None
+        if cold is None:
+            lines.append(f"| {arm.name} | n/a | n/a | not measured |")
+            continue
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in cold.server_phases_s.items()) or "n/a"
+        lines.append(f"| {arm.name} | {_f(cold.ready_s)} | {_f(cold.first_token_s)} | {phases} |")
+    return [*lines, ""]
+
+
+def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[str]:
     endpoint, slo = serving.endpoint, serving.slo
     who = "our server, started by the meter" if endpoint.own_server else "external"
     tpot = f" and TPOT <= {slo.tpot_s:g} s" if slo.tpot_s else ""
     lines = [
-        "## Serving",
+        f"## {title}",
         "",
         f"Endpoint {endpoint.url} ({who}), "
         f"model `{endpoint.model}`; prompts: {serving.load.prompts.description}; "
@@ -348,11 +403,13 @@ def plot(card: CostCard, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (2 if card.serving else 0) + (1 if card.training else 0)
+    panels = (3 if card.engines else 2 if card.serving else 0) + (1 if card.training else 0)
     figure, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4.2))
     axes = list(axes) if panels > 1 else [axes]
     figure.suptitle(f"Cost card: {card.kind}" + (" (PARTIAL)" if card.partial else ""))
-    if card.serving:
+    if card.engines:
+        _engine_panels(axes[:3], card.engines, card.prices.split.method)
+    elif card.serving:
         levels = [lv for lv in card.serving.levels if lv.output_tokens_per_s is not None]
         _latency_panel(axes[0], levels, card.serving.slo.ttft_s)
         _cost_panel(axes[1], levels, card.serving.load.mode, card.prices.split.method)
@@ -404,6 +461,61 @@ def _cost_panel(ax: Axes, levels: list[LevelSummary], mode: str, split_method: s
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=8)
+
+
+def _engine_panels(axes: list[Axes], engines: EngineComparison, split_method: str) -> None:
+    """Each engine on the same axes: steady $ per output token, bursty $ per output token,
+    and throughput against latency."""
+    steady, bursty, latency = axes
+    for arm in engines.arms:
+        if arm.serving is not None:
+            _plot_engine(arm.name, arm.serving, steady, bursty, latency)
+    for crossing in engines.crossovers:
+        if crossing.traffic == "bursty" and crossing.at:
+            bursty.axvline(crossing.at, color="grey", linestyle=":", label="crossover")
+    first = next((arm.serving for arm in engines.arms if arm.serving), None)
+    if first and first.load.mode == "concurrency":
+        steady.set_xscale("log", base=2)
+        steady.set_xticks(first.load.levels, [f"{v:g}" for v in first.load.levels])
+        steady.minorticks_off()
+    steady.set_xlabel("concurrency" if first and first.load.mode == "concurrency" else "req/s")
+    bursty.set_xscale("log")
+    bursty.set_xlabel("requests per hour")
+    for ax, title in ((steady, "steady (dedicated)"), (bursty, "bursty (scale to zero)")):
+        ax.set_yscale("log")
+        ax.set_ylabel(f"USD per 1M output tokens ({split_method})")
+        ax.set_title(title)
+    latency.set_xlabel("output tokens/s")
+    latency.set_ylabel("latency (s)")
+    latency.set_title("throughput vs latency")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=8)
+
+
+def _plot_engine(
+    name: str, serving: ServingSection, steady: Axes, bursty: Axes, latency: Axes
+) -> None:
+    levels = [lv for lv in serving.levels if lv.money.usd_per_1m_output_tokens]
+    if levels:
+        color = steady.plot(
+            [lv.value for lv in levels],
+            [lv.money.usd_per_1m_output_tokens or 0.0 for lv in levels],
+            marker="o", label=name,
+        )[0].get_color()  # fmt: skip
+        timed = [lv for lv in levels if lv.e2e_s.p50 is not None]
+        latency.plot(
+            [lv.output_tokens_per_s or 0.0 for lv in timed], [lv.e2e_s.p50 or 0.0 for lv in timed],
+            marker="o", color=color, label=f"{name} e2e p50",
+        )  # fmt: skip
+    serverless = serving.serverless
+    if serverless:
+        rows = [p for p in serverless.profiles if p.usd_per_1m_output_tokens]
+        bursty.plot(
+            [p.requests_per_hour for p in rows], [p.usd_per_1m_output_tokens or 0.0 for p in rows],
+            marker="o", label=f"{name} (cold start {serverless.cold_start_s:.0f} s)",
+        )  # fmt: skip
 
 
 def _training_panel(ax: Axes, training: TrainingSection) -> None:

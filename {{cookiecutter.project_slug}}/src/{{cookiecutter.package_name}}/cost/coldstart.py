@@ -5,17 +5,21 @@ Timed by the meter from the moment before the process is spawned:
     ready       GET /ready says 200 (models loaded and warm); vLLM: GET /health says 200
     first_token the first text event of the first request, sent once /ready says 200
 and, as the server reports them in `llm_cold_start_seconds{phase=...}`: imports, weights,
-adapters, warmup, and ready (the server's own process start to ready).
+adapters, warmup, and ready (the server's own process start to ready). vLLM has no such
+metric: its phases are read from its log (`vllm_log_facts`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,6 +133,7 @@ class OwnServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.spawned_wall: dt.datetime | None = None
         self.timings: dict[str, float] = {}
 
     def alive(self) -> str | None:
@@ -150,6 +155,7 @@ class OwnServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         progress(f"starting the server: {' '.join(self.command)}")
         with self.log_path.open("w") as sink:
+            self.spawned_wall = dt.datetime.now()
             t0 = time.perf_counter()
             self.spawned_at = t0
             self.process = subprocess.Popen(
@@ -189,6 +195,64 @@ class OwnServer:
             self.process.wait()
 
 
+# vLLM's log lines: "(EngineCore pid=12) INFO 12-07 06:39:33 [core.py:133] message"
+VLLM_LINE = re.compile(
+    r"^\((?P<process>[A-Za-z]+)[^)]*\) +[A-Z]+ +"
+    r"(?P<stamp>\d\d-\d\d \d\d:\d\d:\d\d) +\[[^\]]*\] (?P<text>.*)$"
+)
+# What vLLM times itself, as it words it, and the phase name on the card.
+VLLM_TIMED = {
+    "Initializing model took": "model_init",
+    "Loading weights took": "weights",
+    "torch.compile takes": "compile",
+    "torch.compile took": "compile",
+    "init engine (profile, create kv cache, warmup model) took": "engine_init",
+}
+# The first line of each process: when it had started and imported vLLM.
+VLLM_PROCESSES = {"APIServer": "api_server_start", "EngineCore": "engine_core_start",
+                  "Worker": "worker_start"}  # fmt: skip
+
+
+@dataclass
+class VllmLog:
+    """What a vLLM server's log says about its start and what it runs."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+    version: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+def vllm_log_facts(text: str, spawned: dt.datetime | None) -> VllmLog:
+    """Phases of a vLLM start from its log: each process's start (to the second, the log's
+    clock) and what vLLM times itself (weights, compile, KV cache and warm-up)."""
+    facts = VllmLog()
+    previous = spawned
+    for line in text.splitlines():
+        match = VLLM_LINE.match(line.strip())
+        if not match:
+            continue
+        message = match["text"]
+        phase = VLLM_PROCESSES.get(match["process"])
+        if phase and phase not in facts.phases and spawned is not None:
+            stamp = dt.datetime.strptime(f"{spawned.year}-{match['stamp']}", "%Y-%m-%d %H:%M:%S")
+            origin = previous.replace(microsecond=0) if previous else stamp
+            facts.phases[phase] = max((stamp - origin).total_seconds(), 0.0)
+            previous = stamp
+        for words, name in VLLM_TIMED.items():
+            if words in message:
+                seconds = re.search(r"(?:took|takes) ([0-9.]+) s", message)
+                if seconds:
+                    facts.phases[name] = facts.phases.get(name, 0.0) + float(seconds[1])
+        if facts.version is None and (found := re.search(r"LLM engine \(v([^)]+)\)", message)):
+            facts.version = found[1]
+        if facts.dtype is None and (found := re.search(r"dtype=torch\.(\w+)", message)):
+            facts.dtype = found[1]
+        if facts.device is None and (found := re.search(r"device_config=(\w+)", message)):
+            facts.device = found[1]
+    return facts
+
+
 def cold_start_section(
     server: OwnServer, first: RequestResult | None, metrics: dict[str, float] | None
 ) -> ColdStart:
@@ -208,6 +272,12 @@ def cold_start_section(
     phases = server_phases(metrics)
     outside = None
     note = None
+    if server.config.engine.kind == "vllm":
+        phases = vllm_log_facts(server.log_tail(10**7), server.spawned_wall).phases
+        note = (
+            "phases from vLLM's log: each process's start to the second (its log's clock), "
+            "the rest as vLLM times them"
+        )
     if "ready" in phases and "ready_s" in timings:
         outside = timings["ready_s"] - phases["ready"]
         if outside < 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -34,6 +36,7 @@ from .coldstart import (
     reported_cold_start,
     scrape,
     token_counters,
+    vllm_log_facts,
 )
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
 from .container import ContainerColdStart, serverless_cold_start
@@ -46,6 +49,7 @@ from .schema import (
     Comparison,
     CostCard,
     EndpointInfo,
+    EngineArm,
     LevelSummary,
     LoadPlan,
     Prices,
@@ -166,6 +170,8 @@ def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list[Prompt], Pro
         prompts = synthetic_prompts(count, spec.input_tokens, api, tokenizer, config.load.seed)
         exact = "exactly" if tokenizer is not None else "about"
         description = f"{count} synthetic prompts of {exact} {spec.input_tokens} user tokens"
+    sent = [prompt.messages if prompt.messages is not None else prompt.text for prompt in prompts]
+    digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     info = PromptSet(
         source=spec.source,
         dataset=spec.dataset if spec.source == "dataset" else None,
@@ -173,6 +179,7 @@ def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list[Prompt], Pro
         input_tokens=spec.input_tokens if spec.source == "synthetic" else None,
         output_tokens=spec.output_tokens,
         description=description + f", max_tokens {spec.output_tokens}",
+        sha256=digest,
     )
     return prompts, info
 
@@ -469,18 +476,28 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
         cold_start=sweep.cold,
         levels=levels,
         best=best,
-        serverless=_serverless(config, levels, chosen if best.meets_slo else None, sweep),
+        serverless=_serverless(config, levels, chosen, best.meets_slo, sweep),
         comparison=_comparison(config, chosen, sweep.notes),
         server_log=str(folder / "server.log") if server is not None else None,
     )
     device, dtype = device_of(sweep.info, config.endpoint.device)
+    if sweep.info is None and server is not None and server.config.engine.kind == "vllm":
+        # vLLM has no /info: what it runs on and in which dtype is in its log.
+        facts = vllm_log_facts(server.log_tail(10**7), server.spawned_wall)
+        device = f"{facts.device or 'device not logged'} (vLLM {facts.version or ''}, its log)"
+        dtype = facts.dtype or dtype
+        section.model.engine_version = facts.version
     return Measurement(section, device, dtype, sweep.partial, sweep.notes)
 
 
 def _serverless(
-    config: TokenCostConfig, levels: list[LevelSummary], best: LevelSummary | None, sweep: Sweep
+    config: TokenCostConfig,
+    levels: list[LevelSummary],
+    best: LevelSummary | None,
+    meets_slo: bool,
+    sweep: Sweep,
 ) -> Serverless | None:
-    """Per-second billing with scale to zero; `best` (met the SLO) caps one instance."""
+    """Per-second billing with scale to zero; the best level caps one instance."""
     spec = config.serverless
     if not spec.enabled:
         return None
@@ -500,6 +517,11 @@ def _serverless(
     tokens_in = lowest.input_tokens_per_request or 0.0
     tokens_out = lowest.output_tokens_per_request or 0.0
     capacity = best.request_rate if best else None
+    if best and not meets_slo:
+        sweep.notes.append(
+            f"serverless: no level met the SLO; one instance serves at most {best.label}'s "
+            "request rate (SLO ignored)"
+        )
     profiles = [
         serverless_money(
             config.price.gpu_hourly_usd, rate, service_s, cold_s, spec.idle_timeout_s,
@@ -550,6 +572,48 @@ def _comparison(
     )
 
 
+def measure_engines(
+    config: TokenCostConfig,
+    folder: Path,
+    hooks: Hooks | None,
+    partial: list[str],
+    notes: list[str],
+) -> list[EngineArm]:
+    """Each engine in turn, one server at a time, on the same prompts and load. An engine
+    that cannot start or be reached is recorded with its error; the others are measured."""
+    for engine in config.engines:  # a config mistake in any engine stops before the first
+        resolve_target(config.for_engine(engine), folder / engine.name)
+    arms = []
+    for engine in config.engines:
+        _say(f"engine {engine.name}: measuring")
+        try:
+            measured = measure_serving(config.for_engine(engine), folder / engine.name, hooks)
+        except UserError as error:
+            lines = str(error).splitlines()
+            # A server that exits at start says why in its last "error:" line.
+            said = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+            reason = said[-1] if said else lines[0]
+            partial.append(f"engine {engine.name} was not measured: {reason}")
+            _say(f"engine {engine.name}: not measured: {reason}")
+            arms.append(EngineArm(
+                name=engine.name, measured=False, error=str(error), device="not measured",
+                dtype="not measured", serving=None,
+            ))  # fmt: skip
+            continue
+        partial += [f"engine {engine.name}: {reason}" for reason in measured.partial_reasons]
+        interrupted = any("Ctrl-C" in reason for reason in measured.partial_reasons)
+        notes += [f"engine {engine.name}: {note}" for note in measured.notes]
+        arms.append(EngineArm(
+            name=engine.name, measured=True, error=None, device=measured.device,
+            dtype=measured.dtype, serving=measured.section,
+        ))  # fmt: skip
+        if interrupted:
+            break
+    if not any(arm.measured for arm in arms):
+        raise UserError("no engine could be measured:\n" + "\n".join(partial))
+    return arms
+
+
 def card_kind(serving: bool, training: bool) -> CardKind:
     if serving and training:
         return "serving-training"
@@ -580,7 +644,15 @@ def build_card(
                 for run in runs
             ]
         )
-    if measure:
+    engines = None
+    if measure and config.engines:
+        from .engines import compare_engines
+
+        arms = measure_engines(config, folder, hooks, partial, notes)
+        engines = compare_engines(arms, config)
+        first = next((arm for arm in arms if arm.serving is not None), arms[0])
+        serving, device, dtype = first.serving, first.device, first.dtype
+    elif measure:
         measured = measure_serving(config, folder, hooks)
         serving, device, dtype = measured.section, measured.device, measured.dtype
         partial += measured.partial_reasons
@@ -604,6 +676,7 @@ def build_card(
         ),
         environment=environment(Path.cwd(), device, dtype),
         serving=serving,
+        engines=engines,
         training=training,
     )
 
@@ -654,6 +727,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     for (section, key), value in flags.items():
         if value is not None:
             extra.setdefault(section, {})[key] = value
+    if args.engines:
+        kinds = [kind.strip() for kind in args.engines.split(",") if kind.strip()]
+        extra["engines"] = [{"name": kind, "serve": [f"engine.kind={kind}"]} for kind in kinds]
     return extra
 
 

@@ -99,6 +99,18 @@ class ServerlessSection(Section):
     extra_cold_start_s: float = Field(0.0, ge=0)  # what neither measures, e.g. node start
 
 
+class EngineSection(Section):
+    """One engine of a comparison: measured after the others, on the same prompts and load."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # on the card and its folder
+    url: str | None = None  # an endpoint already running; null: our server started with `serve`
+    # KEY=VALUE for our server after server.overrides, e.g. ["engine.kind=vllm"]
+    serve: list[str] = Field(default_factory=list)
+    device: str | None = None  # url: what it runs on, for the card (free text)
+    # this engine's image report from `nox -s docker`; null: serverless.container_cold_start
+    container_cold_start: str | None = None
+
+
 class ReportSection(Section):
     dir: str = "reports"
 
@@ -111,7 +123,33 @@ class TokenCostConfig(Section):
     prompts: PromptSection = PromptSection()
     slo: SloSection = SloSection()
     serverless: ServerlessSection = ServerlessSection()
+    # Two or more: each measured in turn on the same traffic, and the card names the cheaper
+    # one per traffic. Empty: the one endpoint (or our server) above.
+    engines: list[EngineSection] = Field(default_factory=list)
     report: ReportSection = ReportSection()
+
+    @model_validator(mode="after")
+    def _engines(self) -> TokenCostConfig:
+        names = [engine.name for engine in self.engines]
+        if len(self.engines) == 1:
+            raise ValueError("engines: list two or more to compare, or none to measure one")
+        if len(set(names)) != len(names):
+            raise ValueError(f"engines: names must differ, got {names}")
+        return self
+
+    def for_engine(self, engine: EngineSection) -> TokenCostConfig:
+        """This config as one arm of the comparison measures it."""
+        update = self.model_copy(deep=True)
+        update.engines = []
+        if engine.url is not None:
+            update.endpoint.url = engine.url
+            update.endpoint.device = engine.device or update.endpoint.device
+        else:
+            update.endpoint.url = None
+            update.server.overrides = [*self.server.overrides, *engine.serve]
+        if engine.container_cold_start is not None:
+            update.serverless.container_cold_start = engine.container_cold_start
+        return update
 
 
 def load_token_cost_config(

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_PATH = Path(__file__).with_name("cost_card.schema.json")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Amount = Annotated[float, Field(ge=0)]  # seconds, dollars, rates, tokens per request
 Count = Annotated[int, Field(ge=0)]
@@ -205,6 +205,9 @@ class PromptSet(Record):
     input_tokens: Count | None
     output_tokens: Count
     description: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="digest of the prompts as sent: arms with the same digest got the same prompts"
+    )
 
 
 class LoadPlan(Record):
@@ -333,6 +336,51 @@ def find_level(levels: list[LevelSummary], best: BestLevel) -> LevelSummary | No
     return next((level for level in levels if level.label == best.label), None)
 
 
+# ---------------------------------------------------------------------------- engines
+class EngineArm(Record):
+    """One engine of a comparison, measured on the same prompts and load as the others."""
+
+    name: str
+    measured: bool
+    error: str | None = Field(description="why the engine was not measured (measured: false)")
+    device: str
+    dtype: str
+    serving: ServingSection | None
+
+
+class EngineChoice(Record):
+    """One traffic cell: the engine whose measured $ per 1M output tokens is lowest."""
+
+    traffic: Literal["steady", "bursty"]
+    cell: str = Field(description="steady: the load level (c=8); bursty: requests per hour")
+    usd_per_1m_output_tokens: dict[str, Amount | None] = Field(description="per engine name")
+    cheaper: str | None = Field(description="null: no fair comparison in this cell (see note)")
+    ratio: Amount | None = Field(description="the other engine's price over the cheaper one's")
+    reason: Literal["throughput", "cold start", "idle time"] | None
+    note: str | None
+
+
+class Crossover(Record):
+    """Where the cheaper engine changes between two neighbouring cells of one traffic kind."""
+
+    traffic: Literal["steady", "bursty"]
+    between: tuple[str, str]
+    from_engine: str
+    to_engine: str
+    at: Amount | None = Field(
+        description="bursty: requests per hour where the two prices are equal; steady: null"
+    )
+    reason: str
+
+
+class EngineComparison(Record):
+    arms: list[EngineArm] = Field(min_length=2)
+    fair: bool = Field(description="same model, prompts, load, SLO, price; every level complete")
+    unfair: list[str] = Field(description="what differs between the arms, said plainly")
+    choices: list[EngineChoice]
+    crossovers: list[Crossover]
+
+
 # ---------------------------------------------------------------------------- training
 class Mfu(Record):
     value: Amount | None
@@ -427,7 +475,7 @@ class CostCard(Record):
         },
     )
 
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     kind: CardKind
     created: dt.datetime
     partial: bool
@@ -435,7 +483,12 @@ class CostCard(Record):
     notes: list[str]
     prices: Prices
     environment: Environment
-    serving: ServingSection | None
+    serving: ServingSection | None = Field(
+        description="the measured serving; with several engines, the first one measured"
+    )
+    engines: EngineComparison | None = Field(
+        description="several engines on the same traffic, and the cheaper one per cell"
+    )
     training: TrainingSection | None
 
     @model_validator(mode="after")

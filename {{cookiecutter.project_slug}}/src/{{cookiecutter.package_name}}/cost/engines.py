@@ -1,0 +1,278 @@
+"""Several engines measured on the same traffic: is the comparison fair, and which engine
+gives the cheaper output token in each traffic cell.
+
+Steady traffic is a dedicated machine at each load level: every engine pays the same $/hour,
+so the cheaper one is the one with more output tokens/s. Bursty traffic is per-second
+billing with scale to zero at each requests-per-hour: cold starts and idle time are billed
+too, so a slow-starting engine can lose where it wins on throughput. Where the choice flips
+between two neighbouring cells, the crossover is given, and for bursty traffic the rate at
+which the two bills are equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Literal
+
+from .config import TokenCostConfig
+from .money import serverless_money
+from .schema import (
+    Crossover,
+    EngineArm,
+    EngineChoice,
+    EngineComparison,
+    LevelSummary,
+    Serverless,
+    ServerlessProfile,
+    ServingSection,
+)
+
+# Answers longer or shorter than this share of the other engine's are called out: their
+# $ per output token still compares, their $ per request does not.
+LENGTH_TOLERANCE = 0.10
+# Prices this close are a tie (e.g. both engines always on at one instance): no engine named.
+TIE = 1e-6
+
+
+def compare_engines(arms: list[EngineArm], config: TokenCostConfig) -> EngineComparison:
+    measured = [arm for arm in arms if arm.serving is not None]
+    unfair = [f"engine {a.name} was not measured: {a.error}" for a in arms if not a.measured]
+    unfair += _differences(measured)
+    choices = _steady(measured) + _bursty(measured, config)
+    return EngineComparison(
+        arms=arms,
+        fair=not unfair and all(choice.cheaper or choice.ratio == 1.0 for choice in choices),
+        unfair=unfair,
+        choices=choices,
+        crossovers=_crossovers(choices, measured, config),
+    )
+
+
+def _differences(arms: list[EngineArm]) -> list[str]:
+    """What differs between the measured engines, beyond the engine itself."""
+    said = []
+
+    def same(what: str, value: Callable[[EngineArm], object], fix: str) -> None:
+        values = {arm.name: value(arm) for arm in arms}
+        if len({repr(v) for v in values.values()}) > 1:
+            listed = ", ".join(f"{name} {v}" for name, v in values.items())
+            said.append(f"{what} differ: {listed}; {fix}")
+
+    same("models", lambda a: _section(a).model.name_or_path, "serve the same weights")
+    same("served model names", lambda a: _section(a).endpoint.model, "drive the same model")
+    same("prompts", lambda a: _section(a).load.prompts.sha256[:12], "use the same tokenizer")
+    same(
+        "load plans",
+        lambda a: _section(a).load.model_dump(exclude={"prompts"}),
+        "do not override load or prompts per engine",
+    )
+    same("dtypes", lambda a: a.dtype, "set model.dtype (both engines read it)")
+    same(
+        "cold start sources",
+        lambda a: getattr(_serverless(a), "cold_start_source", None),
+        "measure every engine's cold start the same way (process, or container report)",
+    )
+    lengths = {
+        arm.name: level.output_tokens_per_request
+        for arm in arms
+        if (level := _first_complete(arm)) and level.output_tokens_per_request
+    }
+    if lengths and max(lengths.values()) > (1 + LENGTH_TOLERANCE) * min(lengths.values()):
+        listed = ", ".join(f"{name} {tokens:.1f}" for name, tokens in lengths.items())
+        said.append(
+            f"answers differ in length (output tokens per request: {listed}): $ per output "
+            "token compares, $ per request does not; prompts.ignore_eos=true makes them equal"
+        )
+    return said
+
+
+def _section(arm: EngineArm) -> ServingSection:
+    """The arm's measurement (only measured arms are passed around here)."""
+    assert arm.serving is not None
+    return arm.serving
+
+
+def _serverless(arm: EngineArm) -> Serverless | None:
+    return _section(arm).serverless
+
+
+def _first_complete(arm: EngineArm) -> LevelSummary | None:
+    return next((lv for lv in _section(arm).levels if lv.status != "partial"), None)
+
+
+def _choice(
+    traffic: str, cell: str, prices: dict[str, float | None], missing: list[str]
+) -> tuple[EngineChoice, str | None, str | None]:
+    """The cell with its cheaper engine (None where fewer than two engines have a price)."""
+    priced = sorted((usd, name) for name, usd in prices.items() if usd is not None)
+    if len(priced) < 2 or missing:
+        lacking = missing or [name for name, usd in prices.items() if usd is None]
+        note = "no comparison: no price for " + ", ".join(lacking)
+        choice = EngineChoice(
+            traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=None,
+            ratio=None, reason=None, note=note,
+        )  # fmt: skip
+        return choice, None, None
+    (low, cheaper), (runner_usd, runner) = priced[0], priced[1]
+    if math.isclose(low, runner_usd, rel_tol=TIE):
+        note = f"the same price for {cheaper} and {runner}"
+        choice = EngineChoice(
+            traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=None,
+            ratio=1.0, reason=None, note=note,
+        )  # fmt: skip
+        return choice, None, None
+    choice = EngineChoice(
+        traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=cheaper,
+        ratio=runner_usd / low if low else None, reason=None, note=None,
+    )  # fmt: skip
+    return choice, cheaper, runner
+
+
+def _steady(arms: list[EngineArm]) -> list[EngineChoice]:
+    """A dedicated machine at each load level the engines share."""
+    labels: list[str] = []
+    for arm in arms:
+        labels += [lv.label for lv in _section(arm).levels if lv.label not in labels]
+    choices = []
+    for label in labels:
+        prices: dict[str, float | None] = {}
+        missing = []
+        for arm in arms:
+            level = next((lv for lv in _section(arm).levels if lv.label == label), None)
+            if level is None or level.status == "partial":
+                why = "not run" if level is None else "partial"
+                missing.append(f"{arm.name} ({label} {why})")
+                prices[arm.name] = None
+            else:
+                prices[arm.name] = level.money.usd_per_1m_output_tokens
+        choice, cheaper, _ = _choice("steady", label, prices, missing)
+        if cheaper:
+            choice.reason = "throughput"  # same $/hour: the price is 1 / output tokens/s
+        choices.append(choice)
+    return choices
+
+
+def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice]:
+    """Per-second billing with scale to zero at each requests-per-hour."""
+    if not config.serverless.enabled:
+        return []
+    choices = []
+    for rate in config.serverless.requests_per_hour:
+        prices: dict[str, float | None] = {}
+        profiles: dict[str, ServerlessProfile] = {}
+        missing = []
+        for arm in arms:
+            serverless = _serverless(arm)
+            profile = next(
+                (p for p in serverless.profiles if p.requests_per_hour == rate), None
+            ) if serverless else None  # fmt: skip
+            if profile is None:
+                missing.append(f"{arm.name} (no serverless profile: see the notes)")
+                prices[arm.name] = None
+            else:
+                profiles[arm.name] = profile
+                prices[arm.name] = profile.usd_per_1m_output_tokens
+        choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", prices, missing)
+        if cheaper and runner:
+            choice.reason = _bursty_reason(profiles[cheaper], profiles[runner])
+        choices.append(choice)
+    return choices
+
+
+Reason = Literal["throughput", "cold start", "idle time"]
+
+
+def _bursty_reason(cheaper: ServerlessProfile, runner: ServerlessProfile) -> Reason:
+    """Which part of the billed hour the cheaper engine saves most on."""
+    if cheaper.regime == runner.regime == "always-on":
+        return "throughput"  # both never scale down: fewer instances, or the same bill
+    saved: dict[Reason, float] = {
+        "throughput": runner.busy_seconds_per_hour - cheaper.busy_seconds_per_hour,
+        "cold start": runner.cold_start_seconds_per_hour - cheaper.cold_start_seconds_per_hour,
+        "idle time": runner.idle_seconds_per_hour - cheaper.idle_seconds_per_hour,
+    }
+    return max(saved, key=lambda part: saved[part])
+
+
+def _crossovers(
+    choices: list[EngineChoice], arms: list[EngineArm], config: TokenCostConfig
+) -> list[Crossover]:
+    found = []
+    for traffic in ("steady", "bursty"):
+        cells = [c for c in choices if c.traffic == traffic and c.cheaper]
+        for left, right in itertools.pairwise(cells):
+            if left.cheaper == right.cheaper:
+                continue
+            assert left.cheaper and right.cheaper
+            at = None
+            if traffic == "bursty":
+                at = _equal_bill_rate(
+                    _by_name(arms, left.cheaper), _by_name(arms, right.cheaper), left, right, config
+                )
+            if traffic == "bursty":
+                where = f"; they cost the same at about {at:.3g} requests/hour" if at else ""
+                reason = (
+                    f"{left.cheaper} is cheaper at {left.cell} ({left.reason} decides), "
+                    f"{right.cheaper} at {right.cell} ({right.reason} decides){where}"
+                )
+            else:
+                reason = (
+                    f"{left.cheaper} is cheaper at {left.cell}, {right.cheaper} at {right.cell}: "
+                    f"{right.cheaper}'s output tokens/s overtake {left.cheaper}'s"
+                )
+            found.append(
+                Crossover(
+                    traffic=traffic,
+                    between=(left.cell, right.cell),
+                    from_engine=left.cheaper,
+                    to_engine=right.cheaper,
+                    at=at,
+                    reason=reason,
+                )
+            )
+    return found
+
+
+def _by_name(arms: list[EngineArm], name: str) -> EngineArm:
+    return next(arm for arm in arms if arm.name == name)
+
+
+def _equal_bill_rate(
+    first: EngineArm,
+    second: EngineArm,
+    left: EngineChoice,
+    right: EngineChoice,
+    config: TokenCostConfig,
+) -> float | None:
+    """The requests/hour between two cells where the two engines' $ per 1M output tokens
+    are equal: bisection on the same billing model the cells come from."""
+    a, b = _serverless(first), _serverless(second)
+    if a is None or b is None:
+        return None
+    low = float(left.cell.split()[0])
+    high = float(right.cell.split()[0])
+
+    def gap(rate: float) -> float:
+        return _usd_out(a, rate, config) - _usd_out(b, rate, config)
+
+    if gap(low) * gap(high) > 0:
+        return None
+    for _ in range(60):  # on a log scale: the grid spans decades
+        middle = math.sqrt(low * high)
+        if gap(low) * gap(middle) <= 0:
+            high = middle
+        else:
+            low = middle
+    return math.sqrt(low * high)
+
+
+def _usd_out(serverless: Serverless, rate: float, config: TokenCostConfig) -> float:
+    profile = serverless_money(
+        config.price.gpu_hourly_usd, rate, serverless.service_s, serverless.cold_start_s,
+        serverless.idle_timeout_s, serverless.input_tokens_per_request or 0.0,
+        serverless.output_tokens_per_request or 0.0, config.price.split_rule(),
+        capacity_rps=serverless.capacity_requests_per_s,
+    )  # fmt: skip
+    return profile.usd_per_1m_output_tokens or math.inf
