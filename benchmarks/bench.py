@@ -65,6 +65,12 @@ VERSIONS = (
     "torch", "transformers", "peft", "trl", "accelerate", "fastapi", "uvicorn", "httpx",
     "openai", "tokenizers",
 )  # fmt: skip
+# vLLM's CPU build (the project's .venv-vllm, `nox -s vllm_env -- --cpu`) as a peer arm on
+# SmolLM2: reported beside ours, not a pass or fail. float32 like ours on a CPU (its CPU
+# build picks bfloat16 for dtype auto); eager, as the project serves it on a CPU.
+VLLM = "vllm"
+VLLM_MODELS = ("smollm2",)
+VLLM_OVERRIDES = ["engine.kind=vllm", "model.dtype=float32"]
 IMAGE_TARGET_BYTES = 1.0e9  # the CPU image on the stand-in base
 TARGETS = {
     "serving_throughput": (">=", 1.0),
@@ -129,6 +135,11 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _phase_spread(phases: list[dict[str, float]]) -> dict[str, Any]:
+    names = sorted({k for p in phases for k in p})
+    return {k: summarize([p[k] for p in phases if k in p]) for k in names}
+
+
 def _over(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
@@ -160,6 +171,13 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    with contextlib.suppress(OSError):  # what vLLM's CPU kernels dispatch on
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                wanted = ("avx2", "avx512", "amx", "fma", "f16c", "vnni", "bf16")
+                info["cpu_flags"] = sorted(f for f in flags if f.startswith(wanted))
+                break
     info["gpu"] = "none"
     with contextlib.suppress(Exception):
         import torch
@@ -177,6 +195,15 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def vllm_version(project: Path) -> dict[str, str]:
+    """The vLLM build of the project's .venv-vllm, by its distribution's folder."""
+    found = sorted((project / ".venv-vllm").glob("lib/python3*/site-packages/vllm*.dist-info"))
+    if not found:
+        return {}
+    name, _, rest = found[0].name.removesuffix(".dist-info").partition("-")
+    return {name.replace("_", "-"): rest}
 
 
 def say(message: str) -> None:
@@ -281,6 +308,8 @@ class Serving:
 
     def __init__(self, project: Project, sizing: dict[str, Any], scratch: Path) -> None:
         self.project, self.sizing, self.scratch = project, sizing, scratch
+        python = project.folder / ".venv-vllm" / "bin" / "python"
+        self.vllm_python = python if python.is_file() else None
         self.load = project.module("cost.load")
         self.summary = project.module("cost.summary")
         self.money = project.module("cost.money")
@@ -293,12 +322,19 @@ class Serving:
         tokenizer = self.project.module("modeling").load_tokenizer(str(folder))
         return self.load.dataset_prompts([r.messages for r in records], "chat", tokenizer)
 
+    def servers(self, model: str) -> tuple[str, ...]:
+        with_vllm = self.vllm_python is not None and model in VLLM_MODELS
+        return (*SERVERS, VLLM) if with_vllm else SERVERS
+
     def start(self, server: str, folder: Path, tag: str) -> tuple[Any, str, str]:
         """Start one server; returns it, its API base URL and the model name it serves."""
         log = self.scratch / f"{tag}-{server}.log"
-        if server == "ours":
+        if server in ("ours", VLLM):
             config = str(self.project.folder / "configs" / "serve.yaml")
-            own = self.coldstart.OwnServer(config, [], str(folder), {}, log)
+            overrides = []
+            if server == VLLM:
+                overrides = [*VLLM_OVERRIDES, f"engine.vllm_python={self.vllm_python}"]
+            own = self.coldstart.OwnServer(config, overrides, str(folder), {}, log)
             own.start(900, say)
             return own, own.url + "/v1", own.config.base_name
         peer = PeerServer(folder, server, log, self.coldstart.free_port())
@@ -344,10 +380,11 @@ class Serving:
     def run(self, model: str, folder: Path) -> dict[str, Any]:
         sizing = self.sizing
         prompts = self.prompts(folder)
-        raw: dict[str, dict[int, list[dict]]] = {s: {} for s in SERVERS}
+        servers = self.servers(model)
+        raw: dict[str, dict[int, list[dict]]] = {s: {} for s in servers}
         for repeat in range(sizing["repeats"]):
-            turn = repeat % len(SERVERS)
-            order = SERVERS[turn:] + SERVERS[:turn]  # each goes first in turn
+            turn = repeat % len(servers)
+            order = servers[turn:] + servers[:turn]  # each goes first in turn
             for server in order:
                 say(f"serving {model}, repetition {repeat + 1}: {server}")
                 concurrencies = sizing["concurrency"]
@@ -370,7 +407,7 @@ class Serving:
         rows = []
         for concurrency in self.sizing["concurrency"]:
             figures = {}
-            for server in SERVERS:
+            for server in raw:
                 runs = raw[server][concurrency]
                 ttfts = [r["ttft_p50_s"] for r in runs if r["ttft_p50_s"] is not None]
                 figures[server] = {
@@ -405,6 +442,7 @@ class Serving:
                     "ttft_pass": verdict("serving_ttft", ttft_ratio),
                     "same_pages_throughput_ratio": _over(tps["ours"], tps[same_pages]),
                     "same_pages_ttft_ratio": _over(ttft[same_pages], ttft["ours"]),
+                    "vllm": self.vllm_row(figures),
                 }
             )
         return {
@@ -414,55 +452,87 @@ class Serving:
             "rows": rows,
         }
 
+    @staticmethod
+    def vllm_row(figures: dict[str, Any]) -> dict[str, Any] | None:
+        """vLLM against ours at one concurrency: above 1, vLLM gives more tokens/s, or
+        answers later (TTFT)."""
+        if VLLM not in figures:
+            return None
+        tps = {s: figures[s]["output_tokens_per_s"]["median"] for s in ("ours", VLLM)}
+        ttft = {s: (figures[s]["ttft_p50_s"] or {}).get("median") for s in ("ours", VLLM)}
+        return {
+            "throughput_over_ours": _over(tps[VLLM], tps["ours"]),
+            "ttft_over_ours": _over(ttft[VLLM], ttft["ours"]),
+        }
+
     # -------------------------------------------------------------------------- cold start
     def cold_start(self, model: str, folder: Path) -> dict[str, Any]:
         prompts = self.prompts(folder)
         ours, floor, phases, ready = [], [], [], []
+        vllm: dict[str, list] = {"first_token": [], "ready": [], "phases": []}
         repeats = self.sizing["cold_start_repeats"]
+        with_vllm = VLLM in self.servers(model)
         for repeat in range(repeats):
             arms = [("ours", self.ours_cold), ("floor", self.floor_cold)]
-            for name, arm in arms if repeat % 2 == 0 else arms[::-1]:
+            arms += [(VLLM, self.vllm_cold)] if with_vllm else []
+            turn = repeat % len(arms)
+            for name, arm in arms[turn:] + arms[:turn]:
                 seconds, extra = arm(folder, prompts[0], f"{model}-{repeat}")
-                (ours if name == "ours" else floor).append(seconds)
                 if name == "ours":
+                    ours.append(seconds)
                     phases.append(extra["server_phases_s"])
                     ready.append(extra["ready_s"])
+                elif name == VLLM:
+                    vllm["first_token"].append(seconds)
+                    vllm["ready"].append(extra["ready_s"])
+                    vllm["phases"].append(extra["server_phases_s"])
+                else:
+                    floor.append(seconds)
                 say(f"cold start {model} #{repeat + 1} {name}: {seconds:.2f} s to the first token")
         ratio = statistics.median(ours) / statistics.median(floor)
-        phase_names = sorted({k for p in phases for k in p})
         return {
             "ours_first_token_s": summarize(ours),
             "ours_ready_s": summarize(ready),
-            "ours_server_phases_s": {
-                k: summarize([p[k] for p in phases if k in p]) for k in phase_names
-            },
+            "ours_server_phases_s": _phase_spread(phases),
             "floor_first_token_s": summarize(floor),
             "ratio": ratio,
             "pass": verdict("cold_start", ratio),
             "repeats": repeats,
+            "vllm": {
+                "first_token_s": summarize(vllm["first_token"]),
+                "ready_s": summarize(vllm["ready"]),
+                "phases_s": _phase_spread(vllm["phases"]),
+                "settings": " ".join(VLLM_OVERRIDES) + " (eager: no compile on a CPU)",
+            }
+            if with_vllm
+            else None,
         }
 
-    def ours_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
-        """Spawn `<pkg> serve`, send one request (max_tokens 1) the moment /ready says yes."""
-        server, _, name = self.start("ours", folder, f"cold-{tag}")
+    def ours_cold(self, folder: Path, prompt: Any, tag: str, server: str = "ours") -> tuple:
+        """Spawn `<pkg> serve`, send one request (max_tokens 1) the moment it is ready."""
+        handle, _, name = self.start(server, folder, f"cold-{tag}")
         try:
-            endpoint = self.load.Endpoint(server.url + "/v1", name, max_tokens=1)
+            endpoint = self.load.Endpoint(handle.url + "/v1", name, max_tokens=1)
 
             async def first() -> Any:
                 async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
                     return await self.load.stream_request(
-                        client, endpoint, prompt, -1, server.spawned_at
+                        client, endpoint, prompt, -1, handle.spawned_at
                     )
 
             result = asyncio.run(first())
             section = self.coldstart.cold_start_section(
-                server, result, self.coldstart.scrape(server.url)
+                handle, result, self.coldstart.scrape(handle.url)
             )
         finally:
-            server.stop()
+            handle.stop()
         if section.first_token_s is None:
             raise RuntimeError(f"cold start: the first request failed: {result.error}")
         return section.first_token_s, section.model_dump()
+
+    def vllm_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
+        """The same, with `engine.kind=vllm`: phases from vLLM's log."""
+        return self.ours_cold(folder, prompt, tag, server=VLLM)
 
     def floor_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
         """A bare script: import torch and transformers, load the weights, generate one token."""
@@ -697,11 +767,14 @@ def main() -> int:
     }
     if (set(parts) == set(PARTS) and set(models) >= set(MODELS)) or not results:
         results.update(
-            {"quick": args.quick, "machine": machine(), "versions": versions(),
-             "sizing": dict(sizing), **run, "subset_runs": []}
+            {"quick": args.quick, "machine": machine(),
+             "versions": versions() | vllm_version(args.project), "sizing": dict(sizing),
+             **run, "subset_runs": []}
         )  # fmt: skip
     else:  # the header keeps describing the whole run; this one is listed beside it
         results.setdefault("subset_runs", []).append({**run, "parts": parts, "models": models})
+        results["machine"] = machine()  # the same machine; newer fields (CPU flags) filled
+        results.setdefault("versions", {}).update(vllm_version(args.project))
     # Environment size first: bytes on disk do not depend on what else the machine runs.
     # Training on the larger model, the slowest part, last: a run cut short keeps what it
     # measured (results.json is written after every part).

