@@ -123,7 +123,8 @@ def bench(session: nox.Session) -> None:
     requests)."""
     session.install("cookiecutter>=2.6", "nox>=2024.10")
     project = _bake(session, BUILD / "bench", ["torch_backend=cpu"])
-    env = {"TORCH_INDEX_URL": _torch_index(session)}  # also what env_size.py installs from
+    index = _torch_index(session)  # also what env_size.py installs from
+    env = {"TORCH_INDEX_URL": index, "CPU_TORCH_INDEX_URL": index}  # the vLLM CPU build's too
     session.run("nox", "-f", str(project / "noxfile.py"), "-s", "env", "--", "--venv", env=env)
     python = str(project / ".venv" / "bin" / "python")
     args = [a for a in session.posargs if a != "--no-vllm"]

@@ -27,6 +27,7 @@ EXPECTED_FILES = {
     "Makefile",
     ".gitignore",
     "Dockerfile",
+    "Dockerfile.vllm",
     "benchmarks/env_size.py",
     "LICENSE",
     "environment.yml",
@@ -130,12 +131,14 @@ EXPECTED_FILES = {
     "src/PKG/cost/coldstart.py",
     "src/PKG/cost/command.py",
     "src/PKG/cost/config.py",
+    "src/PKG/cost/engines.py",
     "src/PKG/cost/cost_card.schema.json",
     "src/PKG/cost/load.py",
     "src/PKG/cost/money.py",
     "src/PKG/cost/summary.py",
     "src/PKG/cost/training.py",
     "tests/test_cost_units.py",
+    "tests/test_cost_engines.py",
     "tests/test_cost_serve.py",
     "benchmarks/meter_accuracy.py",
     "deploy/k8s/base/kustomization.yaml",
@@ -345,13 +348,14 @@ def test_baked_project_is_lint_clean(tmp_path: Path, variant: dict[str, str]):
 @pytest.mark.parametrize("variant", [{}, {"python_version": "3.12", "torch_backend": "cpu"}])
 def test_dockerfile_passes_hadolint(tmp_path: Path, variant: dict[str, str]):
     project = bake(tmp_path, **variant)
-    result = subprocess.run(["hadolint", "Dockerfile"], cwd=project, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = (project / "Dockerfile").read_text()
-    # Any rule switched off must say why, on the line above.
-    for line_number, line in enumerate(text.splitlines()):
-        if "hadolint ignore" in line:
-            assert text.splitlines()[line_number - 1].startswith("#"), line
+    for name in ("Dockerfile", "Dockerfile.vllm"):
+        result = subprocess.run(["hadolint", name], cwd=project, capture_output=True, text=True)
+        assert result.returncode == 0, name + ": " + result.stdout + result.stderr
+        text = (project / name).read_text()
+        # Any rule switched off must say why, on the line above.
+        for line_number, line in enumerate(text.splitlines()):
+            if "hadolint ignore" in line:
+                assert text.splitlines()[line_number - 1].startswith("#"), line
 
 
 def test_gpu_workflow_runs_on_the_configured_labels_and_never_for_forks(tmp_path: Path):

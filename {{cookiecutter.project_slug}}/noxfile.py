@@ -221,12 +221,34 @@ def env(session: nox.Session) -> None:
 @nox.session(python=False)
 def docker(session: nox.Session) -> None:
     """Build the serving image and report its size (reports/image.md); `-- --cold-start`:
-    push it to a local registry and time its starts by phase (tools/image_report.py)."""
-    build_args = [f"TORCH_INDEX_URL={TORCH_INDEX_URL or TORCH_BACKEND_INDEX}"]
+    push it to a local registry and time its starts by phase (tools/image_report.py).
+    `-- --engine vllm` builds and measures the vLLM image (Dockerfile.vllm) instead."""
+    args = list(session.posargs)
+    vllm = _take_engine(session, args) == "vllm"
+    torch_index = TORCH_INDEX_URL or TORCH_BACKEND_INDEX
+    # vLLM's CUDA build pins its torch from PyPI; the CPU build takes the CPU index's.
+    pinned_by_vllm = vllm and not TORCH_BACKEND_INDEX.endswith("/cpu")
+    build_args = [] if pinned_by_vllm else [f"TORCH_INDEX_URL={torch_index}"]
     build_args += [f"{name}={os.environ[name]}" for name in IMAGE_BUILD_ENV if os.environ.get(name)]
-    common = ["--tag", IMAGE, *(f"--build-arg={arg}" for arg in build_args), *session.posargs]
-    session.run(sys.executable, "tools/image_report.py", "build", *common)
-    session.run(sys.executable, "tools/image_report.py", "measure", *common)
+    tag = IMAGE.replace(":", ":vllm-") if vllm else IMAGE
+    common = ["--tag", tag, *(f"--build-arg={arg}" for arg in build_args)]
+    if vllm:
+        common += ["--file=Dockerfile.vllm", "--engine=vllm"]
+    session.run(sys.executable, "tools/image_report.py", "build", *common, *args)
+    out = ["--out=reports/image-vllm"] if vllm else []  # reports/image-vllm.{json,md}
+    session.run(sys.executable, "tools/image_report.py", "measure", *common, *out, *args)
+
+
+def _take_engine(session: nox.Session, args: list[str]) -> str:
+    """Remove `--engine KIND` from args; returns KIND (transformers unless given)."""
+    if "--engine" not in args:
+        return "transformers"
+    at = args.index("--engine")
+    kind = args[at + 1] if at + 1 < len(args) else ""
+    if kind not in ("transformers", "vllm"):
+        session.error(f"--engine takes transformers or vllm, not {kind!r}")
+    del args[at : at + 2]
+    return kind
 
 
 def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:

@@ -35,10 +35,12 @@ def arm(
     """An engine measured at c=1 and c=8 with these $ per 1M output tokens."""
     levels = [
         LevelSummary.model_construct(
-            label=label, value=float(label[2:]), status="partial" if label in partial else
-            "complete", money=Money.model_construct(usd_per_1m_output_tokens=usd),
+            label=label,
+            value=float(label[2:]),
+            status="partial" if label in partial else "complete",
+            money=Money.model_construct(usd_per_1m_output_tokens=usd),
             output_tokens_per_request=32.0,
-        )  # fmt: skip
+        )
         for label, usd in usd_out.items()
     ]
     capacity = 0.4 / service_s  # requests/s of one instance

