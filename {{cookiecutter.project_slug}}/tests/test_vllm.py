@@ -192,3 +192,43 @@ def test_sigterm_drains_the_request_in_flight_then_exits(server):
     assert received == 200  # drained to the end, not cut off
     assert server.process.wait(timeout=GRACE_S) == 0
     assert signalled is not None and time.monotonic() - signalled < GRACE_S
+
+
+def test_token_cost_compares_ours_and_vllm_on_the_same_traffic(model_dir, tmp_path, monkeypatch):
+    """One token-cost run, both engines in turn on the tiny model (after the module's vLLM
+    has exited): vLLM's device, dtype, version and start phases come from its log, and
+    the engine named for each traffic cell has the lower measured price."""
+    from {{ cookiecutter.package_name }}.cost.command import run_token_cost
+    from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
+
+    monkeypatch.chdir(PROJECT)
+    server = (
+        "[model.dtype=float32, model.max_context=512, engine.vllm_cpu_kv_cache_gib=1, "
+        f"engine.vllm_python={VLLM_PYTHON}]"
+    )
+    config = load_token_cost_config(None, [
+        f"server.model={model_dir}", "server.config=null", "server.ready_timeout_s=600",
+        f"server.overrides={server}", "prompts.source=synthetic", "prompts.input_tokens=32",
+        "prompts.output_tokens=8", "load.concurrency=[1,2]",
+        "load.requests_per_level=3", "load.warmup_requests=1", "slo.ttft_s=60", "slo.e2e_s=120",
+        "serverless.requests_per_hour=[1,3600]", f"report.dir={tmp_path}",
+        "price.reference_prices=null",
+        "engines=[{name: ours, serve: [engine.kind=transformers]}, "
+        "{name: vllm, serve: [engine.kind=vllm]}]",
+    ])  # fmt: skip
+    card, _ = run_token_cost(config)
+    assert not card.partial, card.partial_reasons
+    assert card.engines is not None
+    ours, vllm = card.engines.arms
+    assert ours.measured and vllm.measured and ours.serving and vllm.serving
+    assert vllm.dtype == "float32" and vllm.device.startswith("cpu (vLLM 0.32")
+    assert vllm.serving.model.engine == "vllm" and vllm.serving.model.engine_version == "0.32.0"
+    cold = vllm.serving.cold_start
+    assert cold is not None and cold.ready_s
+    assert {"api_server_start", "weights", "engine_init"} <= set(cold.server_phases_s)
+    assert ours.serving.load.prompts.sha256 == vllm.serving.load.prompts.sha256
+    assert card.engines.fair, card.engines.unfair
+    for choice in card.engines.choices:
+        prices = choice.usd_per_1m_output_tokens
+        if choice.cheaper is not None:
+            assert prices[choice.cheaper] == min(p for p in prices.values() if p is not None)

@@ -471,6 +471,18 @@ def compile_cache(args: argparse.Namespace) -> dict[str, Any]:
         model = args.served_name
         mounts += ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
         command += ["model.name_or_path=/models/served", f"model.served_name={model}"]
+    torch_cuda = docker(
+        "run", "--rm", "--entrypoint", "python", args.tag, "-c",
+        "import torch; print(torch.version.cuda)",
+    ).strip()  # fmt: skip
+    compiler = docker(
+        "run", "--rm", "--entrypoint", "sh", args.tag, "-c", "command -v c++ g++ || true"
+    ).strip()  # fmt: skip
+    if torch_cuda == "None" and not compiler:
+        raise ImageError(
+            "--compile-cache: this is a CPU image without a C++ compiler, which torch.compile "
+            "needs on a CPU, so it serves eager and has no compile cache to time"
+        )
     docker("volume", "create", volume)
     try:
         starts = {}

@@ -131,6 +131,10 @@ def packaged_model(model_id: str, module: str, filename: str) -> Path:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     convert_gguf(source, filename, partial)
+    # Readable by every user, as a hub download is: transformers writes the weights 0600,
+    # and a container's own user (uid 10001) mounting the folder could not read them.
+    for path in partial.iterdir():
+        path.chmod(0o644)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     return target

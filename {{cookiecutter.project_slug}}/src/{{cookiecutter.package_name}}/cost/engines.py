@@ -83,7 +83,8 @@ def _differences(arms: list[EngineArm]) -> list[str]:
         listed = ", ".join(f"{name} {tokens:.1f}" for name, tokens in lengths.items())
         said.append(
             f"answers differ in length (output tokens per request: {listed}): $ per output "
-            "token compares, $ per request does not; prompts.ignore_eos=true makes them equal"
+            "token compares, $ per request does not (prompts.ignore_eos=true evens them out "
+            "where every engine honours it: vLLM does, our transformers engine does not)"
         )
     return said
 
@@ -176,7 +177,10 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
                 prices[arm.name] = profile.usd_per_1m_output_tokens
         choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", prices, missing)
         if cheaper and runner:
-            choice.reason = _bursty_reason(profiles[cheaper], profiles[runner])
+            tokens = {arm.name: _output_tokens(arm) for arm in arms}
+            choice.reason = _bursty_reason(
+                profiles[cheaper], profiles[runner], tokens[cheaper], tokens[runner]
+            )
         choices.append(choice)
     return choices
 
@@ -184,16 +188,29 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
 Reason = Literal["throughput", "cold start", "idle time"]
 
 
-def _bursty_reason(cheaper: ServerlessProfile, runner: ServerlessProfile) -> Reason:
-    """Which part of the billed hour the cheaper engine saves most on."""
+def _output_tokens(arm: EngineArm) -> float:
+    serverless = _serverless(arm)
+    return (serverless.output_tokens_per_request if serverless else None) or 1.0
+
+
+def _bursty_reason(
+    cheaper: ServerlessProfile, runner: ServerlessProfile, cheaper_tokens: float,
+    runner_tokens: float,
+) -> Reason:  # fmt: skip
+    """Which part of the billed hour, per output token, the cheaper engine saves most on
+    (per token: an engine whose answers are longer spreads the same seconds wider)."""
     if cheaper.regime == runner.regime == "always-on":
         return "throughput"  # both never scale down: fewer instances, or the same bill
-    saved: dict[Reason, float] = {
-        "throughput": runner.busy_seconds_per_hour - cheaper.busy_seconds_per_hour,
-        "cold start": runner.cold_start_seconds_per_hour - cheaper.cold_start_seconds_per_hour,
-        "idle time": runner.idle_seconds_per_hour - cheaper.idle_seconds_per_hour,
-    }
-    return max(saved, key=lambda part: saved[part])
+
+    def per_token(profile: ServerlessProfile, tokens: float) -> dict[Reason, float]:
+        return {
+            "throughput": profile.busy_seconds_per_hour / tokens,
+            "cold start": profile.cold_start_seconds_per_hour / tokens,
+            "idle time": profile.idle_seconds_per_hour / tokens,
+        }
+
+    ours, theirs = per_token(cheaper, cheaper_tokens), per_token(runner, runner_tokens)
+    return max(ours, key=lambda part: theirs[part] - ours[part])
 
 
 def _crossovers(
