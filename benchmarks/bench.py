@@ -540,7 +540,8 @@ class Serving:
 
     def vllm_compile_cache(self, folder: Path, prompt: Any, model: str) -> dict[str, Any]:
         """vLLM with torch.compile on (engine.vllm_compile=true), started twice on one new
-        compile cache (VLLM_CACHE_ROOT): the first start compiles into it, the second reads it."""
+        compile cache (VLLM_CACHE_ROOT): the first start compiles into it, the second is meant to
+        read it (its log says whether it did)."""
         cache = self.scratch / f"vllm-cache-{model}"
         saved = os.environ.get("VLLM_CACHE_ROOT")
         os.environ["VLLM_CACHE_ROOT"] = str(cache)

@@ -502,3 +502,37 @@ def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
         serverless_cold_start(
             ServerlessSection(container_cold_start=str(tmp_path / "bare.json")), None
         )
+
+
+def test_vllm_start_phases_and_a_compile_cache_that_did_not_load_come_from_its_log():
+    import datetime as dt
+
+    from {{ cookiecutter.package_name }}.cost.coldstart import vllm_log_facts
+
+    log = "\n".join([
+        "(APIServer pid=1) INFO 12-07 09:55:22 [api_utils.py:347] version 0.32.0",
+        "(EngineCore pid=2) INFO 12-07 09:55:30 [core.py:133] Initializing a V1 LLM engine "
+        "(v0.32.0) with config: model='/m', dtype=torch.float32, device_config=cpu, seed=0",
+        "(Worker pid=3) INFO 12-07 09:55:37 [base_loader.py:82] Initializing model took 0.15 "
+        "seconds",
+        "(Worker pid=3) INFO 12-07 09:55:38 [default_loader.py:501] Loading weights took 0.35 "
+        "seconds",
+        "(Worker pid=3) INFO 12-07 09:55:39 [cpu_model_runner.py:87] Warming up model for the "
+        "compilation...",
+        "(Worker pid=3) WARNING 12-07 09:55:41 [decorators.py:333] [backbone] Compiling model "
+        "again due to a load failure from /c/model, reason: no finalize_loading",
+        "(Worker pid=3) INFO 12-07 09:56:18 [decorators.py:743] [backbone] saved AOT compiled "
+        "function to /c/model",
+        "(EngineCore pid=2) INFO 12-07 09:56:25 [core.py:402] init engine (profile, create kv "
+        "cache, warmup model) took 45.67 s",
+        "INFO:     Application startup complete.",
+    ])  # fmt: skip
+    facts = vllm_log_facts(log, dt.datetime(2026, 12, 7, 9, 55, 16, 700000))
+    assert facts.phases == {
+        "api_server_start": 6.0, "engine_core_start": 8.0, "worker_start": 7.0,
+        "model_init": 0.15, "weights": 0.35, "compile": 39.0, "engine_init": 45.67,
+    }  # fmt: skip
+    assert (facts.version, facts.dtype, facts.device) == ("0.32.0", "float32", "cpu")
+    assert facts.notes == [
+        "vLLM's compile cache did not load (no finalize_loading): it compiled again"
+    ]

@@ -134,6 +134,7 @@ class OwnServer:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.spawned_wall: dt.datetime | None = None
+        self._vllm_log: VllmLog | None = None
         self.timings: dict[str, float] = {}
 
     def alive(self) -> str | None:
@@ -148,6 +149,13 @@ class OwnServer:
             return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def vllm_log(self) -> VllmLog:
+        """What vLLM's log says of its start; read once, after it is ready."""
+        if self._vllm_log is None:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            self._vllm_log = vllm_log_facts(text, self.spawned_wall)
+        return self._vllm_log
 
     def start(self, ready_timeout_s: float, progress: Callable[[str], None] = print) -> None:
         """Spawn, then poll until ready; fills `timings` (seconds after the spawn)."""
@@ -204,13 +212,15 @@ VLLM_LINE = re.compile(
 VLLM_TIMED = {
     "Initializing model took": "model_init",
     "Loading weights took": "weights",
-    "torch.compile takes": "compile",
-    "torch.compile took": "compile",
     "init engine (profile, create kv cache, warmup model) took": "engine_init",
 }
 # The first line of each process: when it had started and imported vLLM.
 VLLM_PROCESSES = {"APIServer": "api_server_start", "EngineCore": "engine_core_start",
                   "Worker": "worker_start"}  # fmt: skip
+# torch.compile (engine.vllm_compile), timed from the log's clock: it starts with the first
+# line and ends with the second, whether the graph was compiled or loaded from the cache.
+COMPILE_START, COMPILE_END = "Warming up model for the compilation", "AOT compiled function"
+CACHE_MISSED = "Compiling model again due to a load failure"
 
 
 @dataclass
@@ -221,36 +231,49 @@ class VllmLog:
     version: str | None = None
     device: str | None = None
     dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def vllm_log_facts(text: str, spawned: dt.datetime | None) -> VllmLog:
-    """Phases of a vLLM start from its log: each process's start (to the second, the log's
-    clock) and what vLLM times itself (weights, compile, KV cache and warm-up)."""
+    """Phases of a vLLM start from its log: each process's start and the compile (to the
+    second, the log's clock), and what vLLM times itself (weights, KV cache and warm-up)."""
     facts = VllmLog()
-    previous = spawned
+    year = (spawned or dt.datetime.now()).year
+    previous = spawned.replace(microsecond=0) if spawned else None
+    compiling = None
     for line in text.splitlines():
         match = VLLM_LINE.match(line.strip())
         if not match:
             continue
         message = match["text"]
+        stamp = dt.datetime.strptime(f"{year}-{match['stamp']}", "%Y-%m-%d %H:%M:%S")
         phase = VLLM_PROCESSES.get(match["process"])
-        if phase and phase not in facts.phases and spawned is not None:
-            stamp = dt.datetime.strptime(f"{spawned.year}-{match['stamp']}", "%Y-%m-%d %H:%M:%S")
-            origin = previous.replace(microsecond=0) if previous else stamp
-            facts.phases[phase] = max((stamp - origin).total_seconds(), 0.0)
+        if phase and phase not in facts.phases and previous is not None:
+            facts.phases[phase] = max((stamp - previous).total_seconds(), 0.0)
             previous = stamp
         for words, name in VLLM_TIMED.items():
-            if words in message:
-                seconds = re.search(r"(?:took|takes) ([0-9.]+) s", message)
-                if seconds:
-                    facts.phases[name] = facts.phases.get(name, 0.0) + float(seconds[1])
-        if facts.version is None and (found := re.search(r"LLM engine \(v([^)]+)\)", message)):
-            facts.version = found[1]
-        if facts.dtype is None and (found := re.search(r"dtype=torch\.(\w+)", message)):
-            facts.dtype = found[1]
-        if facts.device is None and (found := re.search(r"device_config=(\w+)", message)):
-            facts.device = found[1]
+            if words in message and (seconds := re.search(r"took ([0-9.]+) s", message)):
+                facts.phases[name] = facts.phases.get(name, 0.0) + float(seconds[1])
+        if COMPILE_START in message:
+            compiling = stamp
+        elif COMPILE_END in message and compiling is not None:
+            facts.phases["compile"] = (stamp - compiling).total_seconds()
+        if CACHE_MISSED in message:
+            reason = message.partition("reason: ")[2] or "not logged"
+            facts.notes.append(f"vLLM's compile cache did not load ({reason}): it compiled again")
+        if "LLM engine (v" in message:  # its config line: version, dtype and device
+            _engine_config(facts, message)
     return facts
+
+
+def _engine_config(facts: VllmLog, message: str) -> None:
+    for name, pattern in (
+        ("version", r"LLM engine \(v([^)]+)\)"),
+        ("dtype", r"dtype=torch\.(\w+)"),
+        ("device", r"device_config=(\w+)"),
+    ):
+        if getattr(facts, name) is None and (found := re.search(pattern, message)):
+            setattr(facts, name, found[1])
 
 
 def cold_start_section(
@@ -273,11 +296,12 @@ def cold_start_section(
     outside = None
     note = None
     if server.config.engine.kind == "vllm":
-        phases = vllm_log_facts(server.log_tail(10**7), server.spawned_wall).phases
-        note = (
-            "phases from vLLM's log: each process's start to the second (its log's clock), "
-            "the rest as vLLM times them"
-        )
+        logged = server.vllm_log()
+        phases = logged.phases
+        note = "; ".join([
+            "phases from vLLM's log: each process's start and the compile to the second (its "
+            "log's clock), the rest as vLLM times them", *logged.notes,
+        ])  # fmt: skip
     if "ready" in phases and "ready_s" in timings:
         outside = timings["ready_s"] - phases["ready"]
         if outside < 0:

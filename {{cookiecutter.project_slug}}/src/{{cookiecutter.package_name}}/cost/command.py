@@ -36,7 +36,6 @@ from .coldstart import (
     reported_cold_start,
     scrape,
     token_counters,
-    vllm_log_facts,
 )
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
 from .container import ContainerColdStart, serverless_cold_start
@@ -483,7 +482,7 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
     device, dtype = device_of(sweep.info, config.endpoint.device)
     if sweep.info is None and server is not None and server.config.engine.kind == "vllm":
         # vLLM has no /info: what it runs on and in which dtype is in its log.
-        facts = vllm_log_facts(server.log_tail(10**7), server.spawned_wall)
+        facts = server.vllm_log()
         device = f"{facts.device or 'device not logged'} (vLLM {facts.version or ''}, its log)"
         dtype = facts.dtype or dtype
         section.model.engine_version = facts.version
@@ -650,7 +649,7 @@ def build_card(
 
         arms = measure_engines(config, folder, hooks, partial, notes)
         engines = compare_engines(arms, config)
-        first = next((arm for arm in arms if arm.serving is not None), arms[0])
+        first = next(arm for arm in arms if arm.measured)  # measure_engines made sure of one
         serving, device, dtype = first.serving, first.device, first.dtype
     elif measure:
         measured = measure_serving(config, folder, hooks)
