@@ -112,3 +112,44 @@ def test_unreadable_weights_are_named_with_the_permission_problem(tiny_model_dir
     message = str(caught.value)
     assert f"{weights} cannot be read" in message and "mode" in message
     assert "chmod" in message and "not a local folder" not in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_weights_file_is_named_at_load(tiny_model_dir, tmp_path, damage):
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":  # an interrupted copy
+        with weights.open("r+b") as file:
+            file.truncate(weights.stat().st_size // 2)
+    else:  # garbage where the header's length is
+        with weights.open("r+b") as file:
+            file.write(b"\xff" * 8)
+    modeling.resolve_model.cache_clear()
+    with pytest.raises(UserError) as caught:
+        modeling.load_model(str(folder), dtype=torch.float32)
+    message = str(caught.value)
+    assert message.startswith(f"{weights} cannot be read"), message
+    assert "truncated or corrupt" in message
+
+
+def test_the_model_code_is_imported_without_reading_weights(tiny_model_dir, tmp_path):
+    """The server times imports apart from weights: importing the architecture needs only
+    config.json (in a fresh interpreter, where nothing has imported it yet)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    module = f"transformers.models.{model_type}.modeling_{model_type}"
+    script = (
+        "import sys; from {{ cookiecutter.package_name }}.modeling import import_model_code; "
+        f"before = {module!r} in sys.modules; import_model_code({str(folder)!r}); "
+        f"print(before, {module!r} in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr

@@ -1,10 +1,16 @@
-"""tools/slim_env.py: the modules it compiles are the ones a served request imports.
+"""What serving imports: nothing before /ready beyond its budget, and all of it compiled.
 
-The image compiles bytecode only for tools/serving_modules.txt. This test serves a real
-request (an adapter, streaming, sampling) in a subprocess that records every module it
-imported, and fails if serving imports a library module the list lacks: that module would
-be compiled from source on every start of the image.
-Refresh the list after a re-lock: UPDATE_SERVING_MODULES=1 pytest tests/test_slim_env.py
+Both tests serve a real request (an adapter, streaming, sampling) in a subprocess that
+records the modules it has imported twice: when /ready turns true, and at exit.
+
+- The import budget (tests/import_budget.json): the number of modules imported before
+  /ready may grow by at most its margin, and the heavy modules it lists as never needed
+  before ready (the compiler, the training stack) stay out. Every module is time on every
+  cold start. After a re-lock or a deliberate new import: UPDATE_IMPORT_BUDGET=1 pytest
+  tests/test_slim_env.py
+- The image compiles bytecode only for tools/serving_modules.txt; a library module serving
+  imports and the list lacks would be compiled from source on every start of the image.
+  Refresh the list after a re-lock: UPDATE_SERVING_MODULES=1 pytest tests/test_slim_env.py
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import os
 import signal
 import sys
 import sysconfig
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,11 +38,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 import slim_env  # noqa: E402
 
 PACKAGE = "{{ cookiecutter.package_name }}"
-# Runs the real `serve` command and writes the names of the modules it imported at exit.
+BUDGET = Path(__file__).with_name("import_budget.json")
+# Runs the real `serve` command; writes the names of the modules it has imported to
+# <record>.ready.json on SIGUSR1 (sent once /ready answers) and to <record> at exit.
 RECORDER = """
-import atexit, json, runpy, sys
+import atexit, json, runpy, signal, sys
 record, sys.argv = sys.argv[1], ["{package}", *sys.argv[2:]]
-atexit.register(lambda: open(record, "w").write(json.dumps(sorted(sys.modules))))
+def dump(path): open(path, "w").write(json.dumps(sorted(sys.modules)))
+signal.signal(signal.SIGUSR1, lambda *_: dump(record + ".ready.json"))
+atexit.register(dump, record)
 runpy.run_module("{package}", run_name="__main__")
 """
 
@@ -48,8 +61,14 @@ def library_modules(names: list[str]) -> list[str]:
     )
 
 
+@dataclass
+class Recorded:
+    at_ready: list[str]  # every module imported when /ready first answered
+    served: list[str]  # the library modules imported by the end of serving
+
+
 @pytest.fixture(scope="module")
-def served_modules(tiny_model_dir, tmp_path_factory) -> list[str]:
+def recorded(tiny_model_dir, tmp_path_factory) -> Recorded:
     folder = tmp_path_factory.mktemp("imports")
     adapter = random_adapter(tiny_model_dir, folder / "adapter")
     port, record = free_port(), folder / "modules.json"
@@ -58,16 +77,66 @@ def served_modules(tiny_model_dir, tmp_path_factory) -> list[str]:
         "--model", str(tiny_model_dir), f"--adapter=tuned={adapter}", f"server.port={port}",
     ]  # fmt: skip
     server = start_server(command, port, folder / "server.log", {**os.environ})
+    at_ready = Path(f"{record}.ready.json")
+    server.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while not at_ready.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    modules_at_ready = json.loads(at_ready.read_text())
     body = {"model": "tuned", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for extra in ({"stream": True, "temperature": 0.8, "seed": 1}, {"temperature": 0}):
         answer = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **extra}, timeout=60)
         assert answer.status_code == 200, answer.text
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0
-    return library_modules(json.loads(record.read_text()))
+    return Recorded(modules_at_ready, library_modules(json.loads(record.read_text())))
 
 
-def test_every_library_module_serving_imports_is_compiled(served_modules):
+def read_budget() -> dict[str, Any]:
+    """The committed budget; a file that cannot be read or lacks a field names itself."""
+    try:
+        budget = json.loads(BUDGET.read_text())
+        assert isinstance(budget["modules_before_ready"], int)
+        assert isinstance(budget["margin"], int)
+        assert all(isinstance(name, str) for name in budget["never_before_ready"])
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as error:
+        pytest.fail(
+            f"{BUDGET}: not a readable import budget ({error.__class__.__name__}: {error}); "
+            'it holds {"modules_before_ready": int, "margin": int, "never_before_ready": '
+            f"[module, ...]}}. Restore it from git, or rewrite the count: "
+            f"UPDATE_IMPORT_BUDGET=1 pytest {__file__}"
+        )
+    return dict(budget)
+
+
+def test_imports_before_ready_stay_within_the_budget(recorded):
+    budget = read_budget()
+    count = len(recorded.at_ready)
+    if os.environ.get("UPDATE_IMPORT_BUDGET"):
+        try:
+            BUDGET.write_text(json.dumps({**budget, "modules_before_ready": count}, indent=2) + "\n")
+        except OSError as error:
+            pytest.fail(f"{BUDGET}: cannot write the new budget ({error.strerror}); make it writable")
+        budget["modules_before_ready"] = count
+    never = [
+        name
+        for name in recorded.at_ready
+        if any(name == top or name.startswith(top + ".") for top in budget["never_before_ready"])
+    ]
+    assert not never, (
+        f"imported before /ready, though serving does not need them until a request asks: "
+        f"{never[:8]}{' ...' if len(never) > 8 else ''}; defer the import that pulls them in"
+    )
+    allowed = budget["modules_before_ready"] + budget["margin"]
+    assert count <= allowed, (
+        f"{count} modules imported before /ready, over the budget of "
+        f"{budget['modules_before_ready']} + {budget['margin']} in {BUDGET.name}; defer the new "
+        f"imports, or if they are needed: UPDATE_IMPORT_BUDGET=1 pytest {__file__}"
+    )
+
+
+def test_every_library_module_serving_imports_is_compiled(recorded):
+    served_modules = recorded.served
     if os.environ.get("UPDATE_SERVING_MODULES"):
         slim_env.MODULES.write_text("\n".join(served_modules) + "\n")
     listed = set(slim_env.MODULES.read_text().split())
@@ -103,3 +172,14 @@ def test_slim_compiles_only_the_listed_modules(tmp_path):
     assert not (site_packages / "served" / "tests").exists(), "an unimported test suite stayed"
     assert not (site_packages / "served" / "stub.pyi").exists()
     assert report["tests_mib"] == pytest.approx((4096 + 6) / 2**20)
+
+
+@pytest.mark.parametrize("text", ["{", '{"modules_before_ready": "many"}', None])
+def test_a_bad_budget_file_names_itself(tmp_path, monkeypatch, text):
+    budget = tmp_path / "import_budget.json"
+    if text is not None:
+        budget.write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "BUDGET", budget)
+    with pytest.raises(pytest.fail.Exception) as caught:
+        read_budget()
+    assert str(caught.value).startswith(f"{budget}: not a readable import budget")

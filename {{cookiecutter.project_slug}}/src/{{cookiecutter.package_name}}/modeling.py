@@ -171,6 +171,24 @@ def _load_error(name: str, error: Exception) -> UserError:
     )
 
 
+def _weights_error(source: str, error: Exception) -> UserError:
+    """A weights file that safetensors cannot read: name it (of all the shards)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError as bad:
+            return UserError(
+                f"{file} cannot be read ({bad}): it is truncated or corrupt. Copy or "
+                "download it again (compare its size with the source's)"
+            )
+    return UserError(f"the weights of {source} cannot be read: {error}")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -183,6 +201,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
         # Padding only needs a token the loss and attention ignore; EOS is one.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def import_model_code(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Import transformers' modeling stack and the architecture's module, reading only
+    config.json: a cold start then times imports apart from reading the weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the class's module
+    except (OSError, ValueError, KeyError):
+        return  # remote code or an unknown architecture: load_model says what is wrong
 
 
 def load_model(
@@ -205,6 +237,9 @@ def load_model(
     }
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if quantization_config is not None or device != "cpu":
+        # Each tensor goes from the memory-mapped file to the device in its final dtype: no
+        # whole copy of the model in host memory first.
         kwargs["device_map"] = {"": device}
     if attn_implementation != "auto":
         if attn_implementation.startswith("flash_attention") and not device.startswith("cuda"):
@@ -213,8 +248,12 @@ def load_model(
                 f"is {device}); use sdpa or eager here"
             )
         kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except SafetensorError as error:
+        raise _weights_error(source, error) from None
     except OSError as error:
         raise _load_error(name_or_path, error) from error
     except (ImportError, ValueError) as error:
@@ -222,8 +261,5 @@ def load_model(
             raise
         # transformers names the missing package (flash-attn) or the unsupported model
         raise UserError(f"model.attn_implementation={attn_implementation}: {error}") from None
-    if quantization_config is None:
-        # transformers types `to` through a decorator that mistakes the device for a model.
-        model.to(device)  # type: ignore[arg-type]
     log.info("loaded %s (%s, %s)", name_or_path, dtype, device)
     return model

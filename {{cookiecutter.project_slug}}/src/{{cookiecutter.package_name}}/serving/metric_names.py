@@ -14,7 +14,7 @@ REQUESTS_IN_FLIGHT = f"{PREFIX}_requests_in_flight"
 ENGINE_PENDING = f"{PREFIX}_engine_pending_requests"
 COLD_START = f"{PREFIX}_cold_start_seconds"  # label: phase
 READY = f"{PREFIX}_ready"
-COLD_START_PHASES = ("imports", "weights", "adapters", "warmup", "ready")
+COLD_START_PHASES = ("imports", "tokenizer", "weights", "adapters", "warmup", "ready")
 
 
 def counter_sample(name: str) -> str:

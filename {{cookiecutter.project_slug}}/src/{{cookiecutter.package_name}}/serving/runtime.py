@@ -111,7 +111,7 @@ class Runtime:
         try:
             self._load_engines()
         except Exception as error:
-            self.error = f"{error.__class__.__name__}: {error}"
+            self.error = str(error) if isinstance(error, UserError) else f"{error.__class__.__name__}: {error}"
             self.phase = "failed"
             log.error("loading failed: %s", self.error, exc_info=not isinstance(error, UserError))
             if self.on_fatal is not None:
@@ -122,8 +122,12 @@ class Runtime:
         with self._timed("imports"):
             from ..device import pick_precision
             from ..inference import context_length
+            from ..modeling import load_tokenizer
             from .batching import missing_surface
 
+            from ..modeling import import_model_code
+
+            import_model_code(config.model.name_or_path, config.model.trust_remote_code)
             if config.adapters:
                 import peft  # noqa: F401  (timed here, not in the adapter phase)
         missing = missing_surface()
@@ -133,8 +137,10 @@ class Runtime:
                 + "\nInstall the locked version (requirements/serve.txt)."
             )  # fmt: skip
         precision = self.precision = pick_precision(config.model.device, config.model.dtype)
+        with self._timed("tokenizer"):
+            tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         with self._timed("weights"):
-            base = self._load_base(precision)
+            base = self._load_base(precision, tokenizer)
         context_len = context_length(base.model, config.model.max_context)
         with self._timed("adapters"):
             served = [base, *self._load_adapters(base)]
@@ -156,11 +162,10 @@ class Runtime:
             context_len,
         )
 
-    def _load_base(self, precision: Precision) -> ServedModel:
-        from ..modeling import load_model, load_tokenizer
+    def _load_base(self, precision: Precision, tokenizer: Any) -> ServedModel:
+        from ..modeling import load_model
 
         source, trust = self.config.model.name_or_path, self.config.model.trust_remote_code
-        tokenizer = load_tokenizer(source, trust_remote_code=trust)
         model = load_model(
             source,
             dtype=precision.dtype,
