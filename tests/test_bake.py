@@ -42,6 +42,7 @@ EXPECTED_FILES = {
     "tools/serving_modules.txt",
     "certs/README.md",
     "tests/test_slim_env.py",
+    "tests/import_budget.json",
     "tests/test_serve_stop.py",
     "tests/test_image_build.py",
     "tools/image_report.py",
