@@ -51,7 +51,8 @@ def arm(
         for rate in CONFIG.serverless.requests_per_hour
     ]
     serverless = Serverless.model_construct(
-        cold_start_s=cold_start_s, cold_start_source="measured: process spawn to ready",
+        cold_start_s=cold_start_s, cold_start_kind="process",
+        cold_start_source="measured: process spawn to ready",
         idle_timeout_s=300.0, service_s=service_s, input_tokens_per_request=64.0,
         output_tokens_per_request=32.0, capacity_requests_per_s=capacity, profiles=profiles,
     )  # fmt: skip

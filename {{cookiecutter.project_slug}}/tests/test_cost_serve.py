@@ -107,9 +107,19 @@ def check_cold_start(cold: dict) -> None:
     """Measured by the meter and broken into the server's own phases."""
     assert cold["measured"]
     assert 0 < cold["listening_s"] <= cold["ready_s"] < cold["first_token_s"]
-    for phase in ("imports", "weights", "warmup", "ready"):
+    for phase in ("imports", "tokenizer", "weights", "warmup", "ready"):
         assert cold["server_phases_s"][phase] > 0, phase
     assert cold["server_phases_s"]["adapters"] >= 0
+    # The same request once warm, and each phase beside its floor, measured.
+    assert 0 < cold["warm_request_ttft_s"] < cold["first_token_s"]
+    floors = {row["phase"]: row for row in cold["floors"]}
+    assert {"startup", "imports", "tokenizer", "weights", "warmup"} <= set(floors)
+    for row in floors.values():
+        assert row["floor_s"] > 0 and row["ratio"] == pytest.approx(
+            row["measured_s"] / row["floor_s"]
+        )
+    assert floors["warmup"]["floor_s"] == cold["warm_request_ttft_s"]
+    assert "MB at the page cache's" in floors["weights"]["floor"]
 
 
 def test_server_killed_mid_run_keeps_partial_results(tiny_model_dir, tmp_path, monkeypatch):

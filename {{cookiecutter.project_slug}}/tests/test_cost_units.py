@@ -478,19 +478,26 @@ def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
     path = tmp_path / "image.json"
     path.write_text(json.dumps(report))
     process = 7.0  # our server's measured spawn to ready
-    seconds, source = serverless_cold_start(
+    seconds, source, kind = serverless_cold_start(
         ServerlessSection(container_cold_start=str(path)), process
     )
     assert seconds == 22.0  # median of 21, 22, 24: pull to first token
     assert "img:local" in source and "median of 3" in source and "2026-12-01" in source
+    assert kind == "container, from a registry"
+    seconds, source, kind = serverless_cold_start(
+        ServerlessSection(container_cold_start=str(path), container_start="pulled"), process
+    )
+    assert (seconds, kind) == (10.0, "container, already pulled")
+    assert "already on the node" in source and "median of 1" in source
     assert serverless_cold_start(ServerlessSection(), process) == (
         7.0,
         "measured: process spawn to ready",
+        "process",
     )
     explicit = ServerlessSection(
         cold_start_s=3.0, container_cold_start=str(path), extra_cold_start_s=1
     )
-    assert serverless_cold_start(explicit, process)[0] == 4.0
+    assert serverless_cold_start(explicit, process)[::2] == (4.0, "configured")
     assert serverless_cold_start(ServerlessSection(), None) is None
     (tmp_path / "bare.json").write_text(json.dumps({"size": {}}))
     (tmp_path / "old.json").write_text(json.dumps({"cold_start": {"runs": []}}))

@@ -13,11 +13,12 @@ import re
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..info import PACKAGES, package_versions
 from .schema import (
+    ColdStart,
     ComparisonRow,
     CostCard,
     EngineComparison,
@@ -303,13 +304,31 @@ def _cold_start_markdown(serving: ServingSection) -> list[str]:
     if not cold or not cold.measured:
         return []
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in cold.server_phases_s.items())
-    return [
+    lines = [
         "### Cold start",
         "",
         f"Spawn to listening {_f(cold.listening_s)} s, to ready **{_f(cold.ready_s)} s**, "
         f"to first token {_f(cold.first_token_s)} s. Server phases: {phases or 'n/a'}.",
         "",
     ]
+    if cold.first_request_ttft_s is not None and cold.warm_request_ttft_s is not None:
+        lines += [
+            f"First request's time to first token {cold.first_request_ttft_s:.3f} s; the same "
+            f"request again, warm: {cold.warm_request_ttft_s:.3f} s.",
+            "",
+        ]
+    if cold.floors:
+        lines += [
+            "| phase | measured s | floor s | measured / floor | the floor |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
+        lines += [
+            f"| {row.phase} | {row.measured_s:.3f} | {row.floor_s:.3f} | "
+            f"{_f(row.ratio, 3, 'x')} | {row.floor} |"
+            for row in cold.floors
+        ]
+        lines.append("")
+    return lines
 
 
 def _serverless_markdown(serving: ServingSection) -> list[str]:
@@ -319,7 +338,8 @@ def _serverless_markdown(serving: ServingSection) -> list[str]:
     lines = [
         "### Serverless (per-second billing, scale to zero)",
         "",
-        f"Cold start billed {serverless.cold_start_s:.2f} s ({serverless.cold_start_source}), "
+        f"Cold start billed {serverless.cold_start_s:.2f} s, the "
+        f"**{serverless.cold_start_kind}** one ({serverless.cold_start_source}), "
         f"idle timeout {serverless.idle_timeout_s:g} s, service time "
         f"{serverless.service_s:.3g} s per request.",
         "",
@@ -403,7 +423,9 @@ def plot(card: CostCard, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    starts = _cold_starts(card)
     panels = (3 if card.engines else 2 if card.serving else 0) + (1 if card.training else 0)
+    panels += 1 if starts else 0
     figure, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4.2))
     axes = list(axes) if panels > 1 else [axes]
     figure.suptitle(f"Cost card: {card.kind}" + (" (PARTIAL)" if card.partial else ""))
@@ -413,6 +435,8 @@ def plot(card: CostCard, path: Path) -> None:
         levels = [lv for lv in card.serving.levels if lv.output_tokens_per_s is not None]
         _latency_panel(axes[0], levels, card.serving.slo.ttft_s)
         _cost_panel(axes[1], levels, card.serving.load.mode, card.prices.split.method)
+    if starts:
+        _cold_start_panel(axes[3 if card.engines else 2], starts)
     if card.training:
         _training_panel(axes[-1], card.training)
     figure.tight_layout()
@@ -516,6 +540,55 @@ def _plot_engine(
             [p.requests_per_hour for p in rows], [p.usd_per_1m_output_tokens or 0.0 for p in rows],
             marker="o", label=f"{name} (cold start {serverless.cold_start_s:.0f} s)",
         )  # fmt: skip
+
+
+def _cold_starts(card: CostCard) -> dict[str, ColdStart]:
+    """The measured cold starts with phases, by engine (or the one server)."""
+    found = {}
+    if card.engines:
+        for arm in card.engines.arms:
+            if arm.serving and arm.serving.cold_start:
+                found[arm.name] = arm.serving.cold_start
+    elif card.serving and card.serving.cold_start:
+        found["server"] = card.serving.cold_start
+    return {name: cold for name, cold in found.items() if cold.measured and cold.server_phases_s}
+
+
+def _cold_start_panel(ax: Axes, starts: dict[str, ColdStart]) -> None:
+    """Each cold start's phases stacked in one bar, with its floors' bar beneath."""
+    bars: list[tuple[str, list[tuple[str, float]]]] = []
+    for name, cold in starts.items():
+        if cold.floors:
+            bars.append((name, [(row.phase, row.measured_s) for row in cold.floors]))
+            bars.append((f"{name}: floors", [(row.phase, row.floor_s) for row in cold.floors]))
+        else:
+            phases = [(k, v) for k, v in cold.server_phases_s.items() if k != "ready"]
+            bars.append((name, phases))
+    colors: dict[str, Any] = {}
+    palette = iter(plt_colors())
+    for row, (_, phases) in enumerate(bars):
+        left = 0.0
+        for phase, seconds in phases:
+            if phase not in colors:
+                colors[phase] = next(palette)
+                legend = phase
+            else:
+                legend = "_nolegend_"
+            ax.barh(row, seconds, left=left, color=colors[phase], label=legend)
+            left += seconds
+        ax.text(left, row, f" {left:.2f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds, spawn to ready")
+    ax.set_title("cold start by phase")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def plt_colors() -> list[Any]:
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"]
+    return [tab20(index) for index in range(tab20.N)]
 
 
 def _training_panel(ax: Axes, training: TrainingSection) -> None:

@@ -277,7 +277,10 @@ def _engine_config(facts: VllmLog, message: str) -> None:
 
 
 def cold_start_section(
-    server: OwnServer, first: RequestResult | None, metrics: dict[str, float] | None
+    server: OwnServer,
+    first: RequestResult | None,
+    metrics: dict[str, float] | None,
+    warm: RequestResult | None = None,
 ) -> ColdStart:
     """The card's cold-start numbers: ours (spawn to ...) and the server's own phases.
 
@@ -292,6 +295,8 @@ def cold_start_section(
     if first is not None and reference is not None:
         timings["first_token_s"] = first.start + reference
         timings["first_request_ttft_s"] = reference
+    if warm is not None and warm.ok and warm.first_token is not None:
+        timings["warm_request_ttft_s"] = warm.first_token
     phases = server_phases(metrics)
     outside = None
     note = None
@@ -320,7 +325,9 @@ def cold_start_section(
         ready_s=timings.get("ready_s"),
         first_token_s=timings.get("first_token_s"),
         first_request_ttft_s=timings.get("first_request_ttft_s"),
+        warm_request_ttft_s=timings.get("warm_request_ttft_s"),
         server_phases_s=phases,
+        floors=[],
         # Before the server's clock starts: interpreter start until the process exists.
         outside_server_s=outside,
         first_request_error=None if first is None or first.ok else first.error,
@@ -341,7 +348,9 @@ def reported_cold_start(metrics: dict[str, float] | None) -> ColdStart:
         ready_s=None,
         first_token_s=None,
         first_request_ttft_s=None,
+        warm_request_ttft_s=None,
         server_phases_s=phases,
+        floors=[],
         outside_server_s=None,
         first_request_error=None,
         note=None,

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from .coldstart import (
 )
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
 from .container import ContainerColdStart, serverless_cold_start
+from .floors import measure_floors
 from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request
 from .money import compare_with_apis, serverless_money
 from .schema import (
@@ -335,16 +337,29 @@ class Sweep:
     def cold_start(self, endpoint: Endpoint, server: OwnServer) -> ColdStart:
         """The first request, sent the moment the server is ready, timed from the spawn."""
 
-        async def first_request() -> RequestResult:
+        async def first_requests() -> tuple[RequestResult, RequestResult]:
             timeout = self.config.endpoint.request_timeout_s
             async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
                 prompt = self.prompts[0]
-                return await stream_request(client, endpoint, prompt, -1, server.spawned_at)
+                first = await stream_request(client, endpoint, prompt, -1, server.spawned_at)
+                # The same request once more: what the first would cost on a warm server.
+                warm = await stream_request(client, endpoint, prompt, -1, time.perf_counter())
+                return first, warm
 
-        first = asyncio.run(first_request())
+        first, warm = asyncio.run(first_requests())
         if not first.ok:
             raise UserError(f"the first request failed: {first.error}")
-        cold = cold_start_section(server, first, scrape(server.url))
+        cold = cold_start_section(server, first, scrape(server.url), warm)
+        if server.config.engine.kind == "transformers":
+            _say("cold start: timing each phase's floor (a bare process, the page cache)")
+            floors, note = measure_floors(
+                cold,
+                server.config.model.name_or_path,
+                [str(path) for path in server.config.adapters.values()],
+                cold.warm_request_ttft_s,
+            )
+            notes = [n for n in (cold.note, note) if n]
+            cold = cold.model_copy(update={"floors": floors, "note": "; ".join(notes) or None})
         _say(
             f"cold start: ready after {_f(cold.ready_s)} s, "
             f"first token after {_f(cold.first_token_s)} s"
@@ -511,7 +526,7 @@ def _serverless(
             "serverless: no cold start measured (external endpoint); set it in serverless"
         )
         return None
-    cold_s, source = chosen
+    cold_s, source, kind = chosen
     service_s = lowest.e2e_s.mean or 0.0
     tokens_in = lowest.input_tokens_per_request or 0.0
     tokens_out = lowest.output_tokens_per_request or 0.0
@@ -530,6 +545,7 @@ def _serverless(
     ]  # fmt: skip
     return Serverless(
         cold_start_s=cold_s,
+        cold_start_kind=kind,
         cold_start_source=source,
         idle_timeout_s=spec.idle_timeout_s,
         service_s=service_s,

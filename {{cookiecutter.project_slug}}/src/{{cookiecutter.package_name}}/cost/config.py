@@ -96,6 +96,9 @@ class ServerlessSection(Section):
     cold_start_s: float | None = Field(None, ge=0)  # null: measured (start to ready)
     # reports/image.json of `nox -s docker -- --cold-start`: the container's pull to first token
     container_cold_start: str | None = None
+    # with container_cold_start: "registry", each cold start pulls the image (a new node);
+    # "pulled", the node has it already (pre-pulled, e.g. deploy/k8s's pre-pull DaemonSet)
+    container_start: Literal["registry", "pulled"] = "registry"
     extra_cold_start_s: float = Field(0.0, ge=0)  # what neither measures, e.g. node start
 
 

@@ -231,6 +231,14 @@ class Slo(Record):
     attainment: Annotated[float, Field(gt=0, le=1)]
 
 
+class PhaseFloor(Record):
+    phase: str
+    measured_s: Amount
+    floor_s: Amount = Field(description="the least this phase could take on this machine")
+    ratio: Amount | None = Field(description="measured over floor")
+    floor: str = Field(description="how the floor was measured")
+
+
 class ColdStart(Record):
     measured: bool
     source: str
@@ -239,7 +247,11 @@ class ColdStart(Record):
     ready_s: Amount | None
     first_token_s: Amount | None
     first_request_ttft_s: Amount | None
+    warm_request_ttft_s: Amount | None = Field(
+        description="the same request again right after: what the first one costs once warm"
+    )
     server_phases_s: dict[str, Amount]
+    floors: list[PhaseFloor] = Field(description="each phase beside its floor (our server)")
     outside_server_s: float | None
     first_request_error: str | None
     note: str | None
@@ -266,8 +278,17 @@ class ServerlessProfile(Record):
     always_on_usd_per_1m_output_tokens: Amount | None
 
 
+ColdStartKind = Literal[
+    "configured", "process", "container, already pulled", "container, from a registry"
+]
+
+
 class Serverless(Record):
     cold_start_s: Amount
+    cold_start_kind: ColdStartKind = Field(
+        description="which cold start the billing used: serverless.cold_start_s, the server "
+        "process's, or the container's with its image on the node or pulled"
+    )
     cold_start_source: str
     idle_timeout_s: Amount
     service_s: Amount

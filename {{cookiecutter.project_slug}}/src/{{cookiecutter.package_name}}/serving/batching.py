@@ -237,10 +237,21 @@ class BatchingLoop:
         with router._lock:
             router.result_handlers.pop(request_id, None)
 
-    def run_once(self, request_id: str, prompt_ids: list[int], timeout_s: float) -> None:
-        """Generate one token without a handler (the warm-up); raises on failure."""
+    def run_once(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        timeout_s: float,
+        max_new_tokens: int = 1,
+        sampling: dict[str, Any] | None = None,
+    ) -> None:
+        """Generate without a handler (the warm-up); raises on failure."""
         self._manager.add_request(
-            prompt_ids, request_id=request_id, max_new_tokens=1, streaming=False
+            prompt_ids,
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            streaming=False,
+            **(sampling or {}),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -135,10 +135,17 @@ class Engine:
         return self._loop
 
     def warm(self) -> None:
-        """One real request through the engine, so the first user does not pay for it."""
-        ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or self.eos_ids
+        """A short request through every first-use path a user's would take: the chat
+        template (compiled on first use), a prefill, a decode step and the sampler."""
+        from ..chat import prompt_ids
+
         try:
-            self.loop.run_once(f"warmup-{self.name}", ids, timeout_s=300)
+            ids = prompt_ids(self.tokenizer, [{"role": "user", "content": "Hello"}])
+        except ValueError:  # no chat template: served for completions only
+            ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or self.eos_ids
+        sampled = SamplingParams(2, temperature=0.7, top_p=0.9, seed=0).processor_kwargs()
+        try:
+            self.loop.run_once(f"warmup-{self.name}", ids, 300, max_new_tokens=2, sampling=sampled)
         except RuntimeError as error:
             raise RuntimeError(f"warm-up of {self.name!r} failed: {error}") from None
 

@@ -111,9 +111,10 @@ class Runtime:
         try:
             self._load_engines()
         except Exception as error:
-            self.error = str(error) if isinstance(error, UserError) else f"{error.__class__.__name__}: {error}"
+            user = isinstance(error, UserError)
+            self.error = str(error) if user else f"{error.__class__.__name__}: {error}"
             self.phase = "failed"
-            log.error("loading failed: %s", self.error, exc_info=not isinstance(error, UserError))
+            log.error("loading failed: %s", self.error, exc_info=not user)
             if self.on_fatal is not None:
                 self.on_fatal()
 
@@ -122,10 +123,8 @@ class Runtime:
         with self._timed("imports"):
             from ..device import pick_precision
             from ..inference import context_length
-            from ..modeling import load_tokenizer
+            from ..modeling import import_model_code, load_tokenizer
             from .batching import missing_surface
-
-            from ..modeling import import_model_code
 
             import_model_code(config.model.name_or_path, config.model.trust_remote_code)
             if config.adapters:
