@@ -283,3 +283,13 @@ def test_cold_start_is_measured_by_phase_and_a_code_change_pulls_little(project,
     if os.geteuid() == 0:  # only root may drop the page cache
         assert fresh["page_cache_dropped"] and cold["already_pulled"]["page_cache_dropped"]
     assert cold["code_change"]["new_compressed_bytes"] < 5e6, cold["code_change"]
+    # Each pushed layer in gzip and zstd, decompressed here; the floors of the container phases.
+    codecs = cold["layer_codecs"]
+    assert codecs["layers"] and codecs["total"]["zstd_bytes"] > 0
+    assert all(r["gzip_decompress_s"] > 0 and r["zstd_decompress_s"] > 0 for r in codecs["layers"])
+    floors = cold["floors"]
+    assert floors["create_start_s"] > 0 and floors["pulled_layers"] >= 1
+    assert floors["pull_s"]["zstd"] > 0 and floors["pull_s"]["pulled_bytes"] > 0
+    assert cold["dockerd_uses_unpigz"] in (True, False)
+    report = (project / "reports" / "image.md").read_text()
+    assert "measured decompression on this machine, one core, not a measured pull" in report
