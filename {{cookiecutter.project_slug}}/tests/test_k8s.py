@@ -40,10 +40,22 @@ def test_variant_renders_validates_and_agrees_with_image_and_server(variant: k8s
     assert [str(p) for p in problems] == []
     kinds = sorted(doc["kind"] for doc in manifests.documents)
     autoscaler = "ScaledObject" if "keda" in variant.components else "HorizontalPodAutoscaler"
+    prepull = ["DaemonSet"] if "prepull" in variant.components else []
     assert kinds == sorted(
         ["ConfigMap", "Deployment", "Job", "PersistentVolumeClaim", "PodDisruptionBudget",
-         "Service", "ServiceMonitor", autoscaler]
+         "Service", "ServiceMonitor", autoscaler, *prepull]
     )  # fmt: skip
+
+
+def test_the_prepull_daemonset_pulls_the_servers_image_on_every_node():
+    """Its init container is the server's image, tag included, so a release pre-pulls itself."""
+    manifests = k8s.render(k8s.Variant("gpu", ("prepull",)))
+    (daemonset,) = manifests.of_kind("DaemonSet")
+    (pull,) = daemonset["spec"]["template"]["spec"]["initContainers"]
+    assert pull["image"] == server_of(manifests)["image"]
+    assert ":" in pull["image"].rpartition("/")[2]  # the overlay's tag, not latest
+    tolerations = daemonset["spec"]["template"]["spec"]["tolerations"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
 
 
 def test_the_config_map_holds_configs_serve_yaml():
