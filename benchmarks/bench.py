@@ -474,7 +474,7 @@ class Serving:
     # -------------------------------------------------------------------------- cold start
     def cold_start(self, model: str, folder: Path) -> dict[str, Any]:
         prompts = self.prompts(folder)
-        ours, floor, phases, ready = [], [], [], []
+        ours, floor, phases, ready, warm, floors = [], [], [], [], [], []
         vllm: dict[str, list] = {"first_token": [], "ready": [], "phases": []}
         repeats = self.sizing["cold_start_repeats"]
         with_vllm = VLLM in self.servers(model)
@@ -488,6 +488,8 @@ class Serving:
                     ours.append(seconds)
                     phases.append(extra["server_phases_s"])
                     ready.append(extra["ready_s"])
+                    warm.append((extra["first_request_ttft_s"], extra["warm_request_ttft_s"]))
+                    floors.append({row["phase"]: row for row in extra["floors"]})
                 elif name == VLLM:
                     vllm["first_token"].append(seconds)
                     vllm["ready"].append(extra["ready_s"])
@@ -497,10 +499,27 @@ class Serving:
                 say(f"cold start {model} #{repeat + 1} {name}: {seconds:.2f} s to the first token")
         ratio = statistics.median(ours) / statistics.median(floor)
         compiled = self.vllm_compile_cache(folder, prompts[0], model) if with_vllm else None
+        first_over_warm = [first / again for first, again in warm if first and again]
+        names = [name for name in floors[0] if all(name in f for f in floors)] if floors else []
         return {
+            "page_cache_dropped": self.drop_page_cache(),
             "ours_first_token_s": summarize(ours),
             "ours_ready_s": summarize(ready),
             "ours_server_phases_s": _phase_spread(phases),
+            # The first request after ready against the same request sent right after it.
+            "first_request_ttft_s": summarize([first for first, _ in warm if first]),
+            "warm_request_ttft_s": summarize([again for _, again in warm if again]),
+            "first_over_warm_ttft": summarize(first_over_warm) if first_over_warm else None,
+            # Each phase of ours beside its floor (cost/floors.py), per repetition.
+            "phase_floors": {
+                name: {
+                    "measured_s": summarize([f[name]["measured_s"] for f in floors]),
+                    "floor_s": summarize([f[name]["floor_s"] for f in floors]),
+                    "ratio": summarize([f[name]["ratio"] for f in floors if f[name]["ratio"]]),
+                    "floor": floors[0][name]["floor"],
+                }
+                for name in names
+            },
             "floor_first_token_s": summarize(floor),
             "ratio": ratio,
             "pass": verdict("cold_start", ratio),
@@ -516,22 +535,43 @@ class Serving:
             else None,
         }
 
+    @staticmethod
+    def drop_page_cache() -> bool:
+        """Empty the page cache (root only), so a start reads its files from the disk."""
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError:
+            return False
+        return True
+
     def ours_cold(self, folder: Path, prompt: Any, tag: str, server: str = "ours") -> tuple:
-        """Spawn `<pkg> serve`, send one request (max_tokens 1) the moment it is ready."""
+        """Spawn `<pkg> serve` on an empty page cache, send one request (max_tokens 1) the
+        moment it is ready, then the same request again (warm); ours: each phase's floor."""
+        self.drop_page_cache()
         handle, _, name = self.start(server, folder, f"cold-{tag}")
         try:
             endpoint = self.load.Endpoint(handle.url + "/v1", name, max_tokens=1)
 
             async def first() -> Any:
                 async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
-                    return await self.load.stream_request(
+                    cold = await self.load.stream_request(
                         client, endpoint, prompt, -1, handle.spawned_at
                     )
+                    again = await self.load.stream_request(
+                        client, endpoint, prompt, -1, time.perf_counter()
+                    )
+                    return cold, again
 
-            result = asyncio.run(first())
+            result, again = asyncio.run(first())
             section = self.coldstart.cold_start_section(
-                handle, result, self.coldstart.scrape(handle.url)
+                handle, result, self.coldstart.scrape(handle.url), again
             )
+            if server == "ours":
+                floors, _ = self.project.module("cost.floors").measure_floors(
+                    section, str(folder), [], section.warm_request_ttft_s
+                )
+                section = section.model_copy(update={"floors": floors})
         finally:
             handle.stop()
         if section.first_token_s is None:
@@ -569,6 +609,7 @@ class Serving:
 
     def floor_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
         """A bare script: import torch and transformers, load the weights, generate one token."""
+        self.drop_page_cache()
         started = time.perf_counter()
         child = subprocess.Popen(
             [sys.executable, "-c", FLOOR, str(folder), json.dumps(prompt.messages)],

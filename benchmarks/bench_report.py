@@ -324,9 +324,9 @@ def _cold(results: dict) -> list[str]:
         "(`<pkg> serve` on a free loopback port, `/ready` polled every 0.1 s; one request with",
         "`max_tokens` 1 sent once it says 200, timed from the spawn), against a floor: a bare",
         "Python script that imports torch and transformers, loads the same weights (float32, as",
-        "ours on a CPU) and generates one token for the same prompt. Both start from a warm page",
-        f"cache; the two alternate{repeated}. The server's own phases show where",
-        "its time goes.",
+        "ours on a CPU) and generates one token for the same prompt. Both start from an empty page",
+        f"cache (dropped before each start, as root); the two alternate{repeated}. The server's",
+        "own phases show where its time goes, each beside its floor (below).",
         "",
         "| model | ours: spawn to first token s | ours: spawn to /ready s | floor s | ratio | "
         "target | result |",
@@ -355,7 +355,38 @@ def _cold(results: dict) -> list[str]:
         if phases:
             cells = [_spread(phases.get(p)) for p in _phase_names(results)]
             lines.append(f"| {MODEL_LABELS.get(model, model)} | " + " | ".join(cells) + " |")
-    return [*lines, "", *_vllm_cold(results), *errors]
+    return [*lines, "", *_phase_floors(results), *_vllm_cold(results), *errors]
+
+
+def _phase_floors(results: dict) -> list[str]:
+    """Each phase of ours beside its floor, as the cost card measures them (cost/floors.py)."""
+    lines = [
+        "Each phase beside its floor, as `token-cost` measures them (`cost/floors.py`, after "
+        "each start, with the page cache as the server left it; median over the starts):",
+        "",
+        "| model | phase | ours s | floor s | ours / floor | the floor |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    found = False
+    for model, section in results.get("models", {}).items():
+        cold = section.get("cold_start") or {}
+        for phase, row in (cold.get("phase_floors") or {}).items():
+            found = True
+            lines.append(
+                f"| {MODEL_LABELS.get(model, model)} | {phase} | "
+                f"{_num(row['measured_s']['median'], 3)} | {_num(row['floor_s']['median'], 3)} | "
+                f"{_num(row['ratio']['median'])}x | {row['floor']} |"
+            )
+        if cold.get("first_over_warm_ttft"):
+            found = True
+            lines.append(
+                f"| {MODEL_LABELS.get(model, model)} | first request's TTFT | "
+                f"{_num(cold['first_request_ttft_s']['median'], 3)} | "
+                f"{_num(cold['warm_request_ttft_s']['median'], 3)} | "
+                f"{_num(cold['first_over_warm_ttft']['median'])}x | the same request again, "
+                "warm |"
+            )
+    return [*lines, ""] if found else []
 
 
 # The second start is meant to read the first one's cache; its log says whether it did.
@@ -408,7 +439,7 @@ def _vllm_cold(results: dict) -> list[str]:
 
 
 def _phase_names(results: dict) -> list[str]:
-    order = ["imports", "weights", "adapters", "warmup", "ready"]
+    order = ["imports", "tokenizer", "weights", "adapters", "warmup", "ready"]
     seen = {
         p
         for s in results.get("models", {}).values()
