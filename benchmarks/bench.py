@@ -567,7 +567,8 @@ class Serving:
             section = self.coldstart.cold_start_section(
                 handle, result, self.coldstart.scrape(handle.url), again
             )
-            if server == "ours":
+            if server == "ours":  # on an empty page cache, as the start was
+                self.drop_page_cache()
                 floors, _ = self.project.module("cost.floors").measure_floors(
                     section, str(folder), [], section.warm_request_ttft_s
                 )

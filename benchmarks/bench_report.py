@@ -362,7 +362,8 @@ def _phase_floors(results: dict) -> list[str]:
     """Each phase of ours beside its floor, as the cost card measures them (cost/floors.py)."""
     lines = [
         "Each phase beside its floor, as `token-cost` measures them (`cost/floors.py`, after "
-        "each start, with the page cache as the server left it; median over the starts):",
+        "each start, on a page cache emptied again, as the start's was; median over the "
+        "starts):",
         "",
         "| model | phase | ours s | floor s | ours / floor | the floor |",
         "| --- | --- | ---: | ---: | ---: | --- |",

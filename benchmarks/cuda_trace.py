@@ -45,26 +45,40 @@ GPU = "needs a GPU to prove"
 MB = 1e6
 # The real `serve`, recording to <record>.ready.json on SIGUSR1 and to <record> at exit.
 RECORDER = """
-import atexit, json, runpy, signal, sys
+import atexit, json, runpy, signal, sys, traceback
 record, sys.argv = sys.argv[1], ["{package}", *sys.argv[2:]]
+WATCH, stacks = {watch!r}, {{}}
+class FirstImport:  # the import stack of the first submodule of each watched package
+    def find_spec(self, name, path=None, target=None):
+        for top in WATCH:
+            if name.startswith(top + ".") and top not in stacks:
+                frames = traceback.extract_stack()[:-1]
+                stacks[top] = [f"{{f.filename}}:{{f.lineno}} {{f.line}}" for f in frames
+                               if "site-packages" in f.filename]
+        return None
+sys.meta_path.insert(0, FirstImport())
 def mapped():
     with open("/proc/self/maps") as maps:
         found = {{line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}}
     return sorted(path for path in found if path.startswith("/"))
-def rss():
+def memory():
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "Rss")))
+    return {{k: int(v.split()[0]) * 1024 for k, v in fields.items()}}
 def dump(path):
     modules = dict(sys.modules)
     files = {{n: getattr(m, "__file__", None) for n, m in modules.items()}}
     files = {{n: f for n, f in files.items() if isinstance(f, str)}}
-    record = {{"modules": sorted(modules), "files": files, "mapped": mapped(), "rss_bytes": rss()}}
+    record = {{"modules": sorted(modules), "files": files, "mapped": mapped(),
+               "memory": memory(), "first_import": stacks}}
     with open(path, "w") as sink:
         json.dump(record, sink)
 signal.signal(signal.SIGUSR1, lambda *_: dump(record + ".ready.json"))
 atexit.register(dump, record)
 runpy.run_module("{package}", run_name="__main__")
 """
+# Packages whose first import the recorder traces back to the code that triggered it.
+WATCH = ("triton", "cuda.bindings", "torch._dynamo", "torch._inductor", "torch.cuda")
 ADAPTER = """
 import sys
 from pathlib import Path
@@ -113,7 +127,7 @@ def serve_and_record(args: argparse.Namespace, work: Path) -> dict:
         adapters = [f"--adapter=tuned={adapter}"]
     port, record = free_port(), work / "record.json"
     command = [
-        str(args.python), "-c", RECORDER.format(package=PACKAGE), str(record), "serve",
+        str(args.python), "-c", RECORDER.format(package=PACKAGE, watch=WATCH), str(record), "serve",
         "--model", str(args.model), *adapters, "model.device=cpu", f"server.port={port}",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"

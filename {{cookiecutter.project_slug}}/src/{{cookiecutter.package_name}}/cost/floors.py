@@ -8,8 +8,8 @@ the same machine:
     imports    against a bare process importing torch and the model's transformers code
                (and peft with adapters), nothing else
     tokenizer  against transformers' AutoTokenizer.from_pretrained in that bare process
-    weights    against the weight files' bytes over this machine's page-cache read speed,
-               read once the server has loaded them (so from the page cache). A
+    weights    against the weight files' bytes over their read speed, read once the server
+               has loaded them (from the page cache, unless it was emptied since). A
                memory-mapped load can beat it: pages are read when first used, in warm-up
     adapters   against the adapter files' bytes over the same speed
     warmup     against one warm request's time to first token: a warm-up is at least one
@@ -102,7 +102,7 @@ def measure_floors(
         (
             "weights",
             bare["weights_bytes"] / speed if speed else None,
-            f"{bare['weights_bytes'] / 1e6:.0f} MB at the page cache's {gib_s}",
+            f"{bare['weights_bytes'] / 1e6:.0f} MB at their read speed here, {gib_s}",
         ),
         (
             "adapters",
