@@ -354,12 +354,17 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
                     )  # fmt: skip
                     other[kind] = other.get(kind, 0) + size
             row["non_library_bytes"] = other
+    mapped_venv = [Path(p) for p in sorted(mapped) if p.startswith(str(site)) and is_shared(p)]
+    needs = {lib: elf_needed(lib)[0] for lib in mapped_venv}
     for lib in cuda_libs:
+        name = Path(lib["file"]).name
+        lib["needed_by_mapped"] = sorted(p.name for p, names in needs.items() if name in names)
         mapped_any = lib["mapped_at_ready"] or lib["mapped_at_exit"]
         if lib["dt_needed_by_libtorch_cuda"] != "no":
             lib["verdict"] = "link-time dependency: loaded whenever torch is imported; keep"
         elif mapped_any:
-            lib["verdict"] = "loaded on CPU at import (dlopen/preload); keep"
+            by = ", ".join(lib["needed_by_mapped"]) or "dlopen or import"
+            lib["verdict"] = f"mapped on CPU, not DT_NEEDED by libtorch_cuda (via {by}); keep"
         else:
             lib["verdict"] = f"never loaded on CPU; dlopen'ed lazily on a GPU or never: {GPU}"
 
@@ -395,7 +400,11 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
         "venv": str(venv),
         "model": str(args.model),
         "server": {k: trace[k] for k in ("command", "ready_s", "requests", "exit_code")},
-        "rss_bytes": {"at_ready": ready["rss_bytes"], "at_exit": exit_["rss_bytes"]},
+        "memory_bytes": {"at_ready": ready["memory"], "at_exit": exit_["memory"]},
+        "first_import_stacks": {
+            top: [frame.split("site-packages/", 1)[-1] for frame in stack]
+            for top, stack in exit_["first_import"].items()
+        },
         "modules": {
             "sys_modules_at_ready": len(ready["modules"]),
             "sys_modules_at_exit": len(exit_["modules"]),
@@ -451,7 +460,9 @@ def markdown(result: dict) -> str:
         f"- venv: {mb(result['venv_bytes']['without_pycache'])} MB "
         f"(+ {mb(result['venv_bytes']['pycache'])} MB of `__pycache__`)",
         f"- ready after {result['server']['ready_s']} s (shared 2-core machine, indicative); "
-        f"RSS {mb(result['rss_bytes']['at_ready'])} MB at ready",
+        f"RSS at ready {mb(result['memory_bytes']['at_ready']['VmRSS'])} MB, of which "
+        f"{mb(result['memory_bytes']['at_ready'].get('RssFile', 0))} MB file-backed (mapped "
+        "libraries' pages)",
         f"- modules in `sys.modules`: {mods['sys_modules_at_ready']} at /ready, "
         f"{mods['sys_modules_at_exit']} at exit; library modules with source: "
         f"{mods['library_modules_at_exit']} at exit",
@@ -503,7 +514,7 @@ def markdown(result: dict) -> str:
     for lib in sorted(result["cuda_libraries"], key=lambda x: (x["package"], -x["bytes"])):
         seen = "yes" if lib["mapped_at_ready"] or lib["mapped_at_exit"] else "no"
         out.append(
-            f"| {lib['package']} | {Path(lib['file']).name} | {mb(lib['bytes'])} | "
+            f"| {lib['package']} | {lib['file']} | {mb(lib['bytes'])} | "
             f"{lib['dt_needed_by_libtorch_cuda']} | {seen} | {lib['verdict']} |"
         )
     extra = s["non_library_files_in_loaded_cuda_packages_bytes"]
