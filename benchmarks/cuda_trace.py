@@ -304,6 +304,9 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
     torch_lib = site / "torch" / "lib"
     roots = {}
     for root in ("libtorch_cuda.so", "libtorch_global_deps.so"):
+        if not (torch_lib / root).is_file():  # a CPU build of torch has no libtorch_cuda
+            roots[root] = {"direct": [], "transitive_in_venv": [], "tool": "absent"}
+            continue
         direct, every, tool = closure(torch_lib / root, libs_by_name)
         roots[root] = {"direct": every[root], "transitive_in_venv": direct, "tool": tool}
     hard = set(roots["libtorch_cuda.so"]["transitive_in_venv"]) | set(
@@ -384,6 +387,10 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
         committed["serving_modules_txt"] = len(names)
         committed["cuda_build_only"] = sorted(set(at_exit_lib) - names)
         committed["cpu_list_only"] = sorted(names - set(at_exit_lib))
+        tops = {name.split(".")[0] for name in committed["cpu_list_only"]}
+        committed["listed_packages_not_in_this_venv"] = sorted(
+            top for top in tops if not (site / top).exists() and not (site / f"{top}.py").exists()
+        )
     if budget.is_file():
         committed["modules_before_ready"] = json.loads(budget.read_text())["modules_before_ready"]
     torch_version = (site / "torch" / "version.py").read_text()
@@ -395,7 +402,7 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
             [str(args.python), "-V"], capture_output=True, text=True
         ).stdout.strip(),
         "torch": re.search(r"__version__ = '([^']+)'", torch_version).group(1),
-        "torch_cuda": re.search(r"\ncuda: .*= '([^']+)'", torch_version).group(1),
+        "torch_cuda": re.search(r"\ncuda: [^=]*= '?([^'\n]+)", torch_version).group(1),
         "lock_input_hash": re.search(r"input-hash: (\S+)", lock).group(1),
         "venv": str(venv),
         "model": str(args.model),
@@ -411,6 +418,8 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
             "library_modules_at_ready": len(at_ready_lib),
             "library_modules_at_exit": len(at_exit_lib),
             "committed_in_bake": committed,
+            "names_at_ready": ready["modules"],
+            "library_names_at_exit": at_exit_lib,
         },
         "venv_bytes": {"total": total, "pycache": cache, "without_pycache": total - cache},
         "mapped_shared_libraries": sorted(p for p in mapped if is_shared(Path(p).name)),
@@ -423,6 +432,10 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
             "unmapped_libraries_in_loaded_cuda_packages_bytes": sum(
                 lib["bytes"] for lib in cuda_never_libs
             ),
+            "unmapped_libraries_by_package": {
+                name: sum(lib["bytes"] for lib in cuda_never_libs if lib["package"] == name)
+                for name in sorted({lib["package"] for lib in cuda_never_libs})
+            },
             "non_library_files_in_loaded_cuda_packages_bytes": {
                 kind: sum(
                     r.get("non_library_bytes", {}).get(kind, 0)
@@ -432,6 +445,25 @@ def analyse(args: argparse.Namespace, trace: dict) -> dict:
                 for kind in ("headers", "static/bitcode", "other")
             },
         },
+    }
+
+
+def compare(base: dict, this: dict) -> dict:
+    """This trace against a baseline trace of the same lock with another torch build."""
+    ours, theirs = set(this["modules"]["names_at_ready"]), set(base["modules"]["names_at_ready"])
+    tops: dict[str, int] = {}
+    for name in sorted(ours - theirs):
+        tops[name.split(".")[0]] = tops.get(name.split(".")[0], 0) + 1
+    return {
+        "torch": base["torch"],
+        "venv_bytes_without_pycache": base["venv_bytes"]["without_pycache"],
+        "sys_modules_at_ready": base["modules"]["sys_modules_at_ready"],
+        "library_modules_at_exit": base["modules"]["library_modules_at_exit"],
+        "mapped_shared_libraries": len(base["mapped_shared_libraries"]),
+        "ready_s": base["server"]["ready_s"],
+        "rss_at_ready_bytes": base["memory_bytes"]["at_ready"]["VmRSS"],
+        "only_here_at_ready_by_top_level": tops,
+        "only_in_baseline_at_ready": len(theirs - ours),
     }
 
 
@@ -457,6 +489,7 @@ def markdown(result: dict) -> str:
         "`sys.modules` and `/proc/self/maps` at /ready and at exit. A CPU trace shows what CPU "
         f"serving loads; what a GPU serve loads besides is marked **{GPU}**.",
         "",
+        *(f"- {note}" for note in result.get("notes", [])),
         f"- venv: {mb(result['venv_bytes']['without_pycache'])} MB "
         f"(+ {mb(result['venv_bytes']['pycache'])} MB of `__pycache__`)",
         f"- ready after {result['server']['ready_s']} s (shared 2-core machine, indicative); "
@@ -467,14 +500,33 @@ def markdown(result: dict) -> str:
         f"{mods['sys_modules_at_exit']} at exit; library modules with source: "
         f"{mods['library_modules_at_exit']} at exit",
     ]
+    base = result.get("baseline")
+    if base:
+        tops = ", ".join(f"{k} {v}" for k, v in base["only_here_at_ready_by_top_level"].items())
+        out.append(
+            f"- against the same lock with torch {base['torch']} (same script, same machine): "
+            f"venv {mb(base['venv_bytes_without_pycache'])} MB; sys.modules at /ready "
+            f"{base['sys_modules_at_ready']} vs {mods['sys_modules_at_ready']} here (here only, "
+            f"by top-level package: {tops}; there only: {base['only_in_baseline_at_ready']}); "
+            f"{base['mapped_shared_libraries']} vs {len(result['mapped_shared_libraries'])} "
+            f"shared libraries mapped; ready {base['ready_s']} s vs "
+            f"{result['server']['ready_s']} s; RSS at ready {mb(base['rss_at_ready_bytes'])} vs "
+            f"{mb(result['memory_bytes']['at_ready']['VmRSS'])} MB"
+        )
     committed = mods["committed_in_bake"]
     if committed:
+        only = sorted({n.split(".")[0] for n in committed.get("cuda_build_only", [])})
         out.append(
-            f"- the bake's committed CPU-build records: import budget "
-            f"{committed.get('modules_before_ready')} modules at /ready, "
-            f"tools/serving_modules.txt {committed.get('serving_modules_txt')} library modules; "
-            f"the CUDA build imports {len(committed.get('cuda_build_only', []))} library modules "
-            f"the list lacks and not {len(committed.get('cpu_list_only', []))} that it has"
+            f"- the bake's committed records (import budget: "
+            f"{committed.get('modules_before_ready')} modules at /ready; "
+            f"tools/serving_modules.txt: {committed.get('serving_modules_txt')} library "
+            f"modules) were recorded in the template's CPU-build test environment, which has "
+            f"packages this serve lock lacks "
+            f"({', '.join(committed.get('listed_packages_not_in_this_venv', []))}): not a pure "
+            f"CPU-vs-CUDA comparison. The CUDA build imports "
+            f"{len(committed.get('cuda_build_only', []))} library modules the list lacks "
+            f"(top-level: {', '.join(only)}), so the image's bytecode list misses them; "
+            f"{len(committed.get('cpu_list_only', []))} listed modules were not imported here"
         )
     out += [
         "",
@@ -517,6 +569,23 @@ def markdown(result: dict) -> str:
             f"| {lib['package']} | {lib['file']} | {mb(lib['bytes'])} | "
             f"{lib['dt_needed_by_libtorch_cuda']} | {seen} | {lib['verdict']} |"
         )
+    out += ["", "## Why CUDA-only Python packages load on the CPU (first import, traced)", ""]
+    for top, stack in result["first_import_stacks"].items():
+        ours = [i for i, frame in enumerate(stack) if frame.startswith(PACKAGE + "/")]
+        frames = stack[ours[-1] if ours else 0 :][-10:]
+        chain = " → ".join(f"`{frame.split(' ', 1)[0]}`" for frame in frames)
+        out.append(f"- `{top}`: {chain}")
+    out += [
+        "",
+        "Unmapped, not-DT_NEEDED libraries inside CUDA packages that are otherwise loaded "
+        f"(MB; {GPU}): "
+        + ", ".join(
+            f"{name} {mb(size)}"
+            for name, size in sorted(
+                s["unmapped_libraries_by_package"].items(), key=lambda item: -item[1]
+            )
+        ),
+    ]
     extra = s["non_library_files_in_loaded_cuda_packages_bytes"]
     out += [
         "",
@@ -532,7 +601,8 @@ def markdown(result: dict) -> str:
         f"| headers in loaded CUDA packages | {mb(extra['headers'])} | {GPU} (an extension "
         "or torch.compile build may read them) |",
         f"| static libraries / bitcode in loaded CUDA packages | {mb(extra['static/bitcode'])} "
-        f"| never loaded by a running process; nvshmem device bitcode: {GPU} |",
+        f"| never mapped here; triton's libdevice and nvshmem's device bitcode are read by a "
+        f"GPU kernel compile: {GPU} |",
         "",
         "A GPU run may dlopen any of the never-loaded CUDA libraries (cuDNN's engine and "
         "sub-libraries, cuBLASLt kernels, NCCL, nvshmem, cuSPARSELt, cuFile, cuFFT, cuRAND, "
@@ -553,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-adapter", dest="adapter", action="store_false")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to /ready")
     parser.add_argument("--work", type=Path, help="keep the adapter, log and records here")
+    parser.add_argument("--note", action="append", default=[], help="a line for the .md")
+    parser.add_argument(
+        "--baseline", type=Path, help="this script's JSON from a CPU-build venv, to compare"
+    )
     args = parser.parse_args(argv)
     args.project = args.project.resolve()
     if args.work:
@@ -562,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cuda_trace.") as work:
             trace = serve_and_record(args, Path(work))
     result = analyse(args, trace)
+    result["notes"] = args.note
+    if args.baseline:
+        result["baseline"] = compare(json.loads(args.baseline.read_text()), result)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))
     print(f"cuda_trace: wrote {args.out} and {args.out.with_suffix('.md')}")

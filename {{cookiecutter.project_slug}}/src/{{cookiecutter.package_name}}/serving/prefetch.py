@@ -21,12 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def torch_libraries() -> list[Path]:
-    """torch's shared libraries (libtorch_cpu, libtorch_cuda, ...), without importing torch."""
+    """The shared libraries importing torch loads, largest first, without importing torch:
+    torch's own (libtorch_cpu, libtorch_cuda, ...) and, in a CUDA build, those of the
+    nvidia-* wheels beside it, which libtorch_cuda links, and triton's, which torch._dynamo
+    loads. cuDNN's sub-libraries are left out: they are opened per operation, if ever."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         return []
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    return sorted(lib.glob("*.so*"), key=lambda path: -path.stat().st_size)
+    site_packages = Path(next(iter(spec.submodule_search_locations))).parent
+    found = [*(site_packages / "torch" / "lib").glob("*.so*")]
+    found += [
+        path
+        for path in (site_packages / "nvidia").glob("*/lib/lib*.so*")
+        if not path.name.startswith("libcudnn_")
+    ]
+    found += (site_packages / "triton" / "_C").glob("*.so")
+    return sorted(found, key=lambda path: -path.stat().st_size)
 
 
 def weight_files(model: str) -> list[Path]:
