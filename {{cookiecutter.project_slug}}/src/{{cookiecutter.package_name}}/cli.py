@@ -237,10 +237,13 @@ def _add_push(commands: Commands) -> None:
     push.add_argument(
         "--dry-run", action="store_true", help="list files and write the card; upload nothing"
     )
-    push.add_argument("--card-out", help="where --dry-run writes the card (default: <run>/README.md)")
     push.add_argument(
-        "--cost-card", help="serving cost_card.json whose headline goes on the card (default: "
-        "the newest under reports/)"
+        "--card-out", help="where --dry-run writes the card (default: <run>/README.md)"
+    )
+    push.add_argument(
+        "--cost-card",
+        help="serving cost_card.json whose headline goes on the card (default: "
+        "the newest under reports/)",
     )
     push.set_defaults(run=_push)
 

@@ -81,7 +81,9 @@ def converter_cache() -> Path:
 def find_converter(llama_cpp: Path | None) -> Path:
     """convert_hf_to_gguf.py from a given llama.cpp checkout, $LLAMA_CPP_DIR, or the cache
     (filled from llama-cpp-python's sdist on first use)."""
-    given = llama_cpp or (Path(os.environ["LLAMA_CPP_DIR"]) if "LLAMA_CPP_DIR" in os.environ else None)
+    given = llama_cpp or (
+        Path(os.environ["LLAMA_CPP_DIR"]) if "LLAMA_CPP_DIR" in os.environ else None
+    )
     folder = given or converter_cache()
     if (folder / CONVERTER).is_file():
         return folder / CONVERTER

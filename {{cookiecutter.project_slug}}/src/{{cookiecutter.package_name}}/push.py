@@ -62,7 +62,9 @@ def check_repo_id(repo_id: str | None) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id:
-        raise UserError("no Hub repo id: give --repo-id user/name or set push.repo_id in the config")
+        raise UserError(
+            "no Hub repo id: give --repo-id user/name or set push.repo_id in the config"
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -78,7 +80,8 @@ def _files(folder: Path, fix: str, required: tuple[str, ...]) -> list[Path]:
     if missing or not weights:
         name = missing[0] if missing else "*.safetensors"
         raise UserError(f"{folder / name} is missing, so nothing was uploaded; {fix}")
-    return sorted(path for path in folder.iterdir() if path.is_file())
+    # peft writes a placeholder README.md into the adapter: the generated card replaces it.
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != CARD)
 
 
 def plan_uploads(run: RunFolder, what: What) -> list[Upload]:
@@ -295,8 +298,8 @@ def hub_token() -> str:
     token = get_token()  # HF_TOKEN, else the token `hf auth login` saved
     if not token:
         raise UserError(
-            "no Hugging Face token, so nothing was uploaded: export HF_TOKEN=<a write token "
-            "from https://huggingface.co/settings/tokens> (or run `hf auth login`), or use --dry-run"
+            "no Hugging Face token, so nothing was uploaded: export HF_TOKEN=<a write token from "
+            "https://huggingface.co/settings/tokens> (or run `hf auth login`), or use --dry-run"
         )
     return token
 
