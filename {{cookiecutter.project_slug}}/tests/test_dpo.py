@@ -96,11 +96,9 @@ def test_dpo_continues_an_sft_run(tiny_model_dir, tmp_path):
     sft = run_training(
         tiny_config(tiny_model_dir, data, tmp_path, "train.max_steps=20", "output.run_name=sft")
     )
+    overrides = ["output.run_name=dpo", "train.max_steps=10", "train.eval_steps=10"]
     result = run_training(
-        dpo_config(
-            tiny_model_dir, tmp_path, "output.run_name=dpo", "train.max_steps=10",
-            f"dpo.from_run={sft.run_dir}", "train.eval_steps=10",
-        )  # fmt: skip
+        dpo_config(tiny_model_dir, tmp_path, *overrides, f"dpo.from_run={sft.run_dir}")
     )
     pairs = held_out_pairs(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

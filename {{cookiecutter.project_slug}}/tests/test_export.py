@@ -179,8 +179,7 @@ def test_llama_cpp_answers_like_the_merged_model(spm_run, exported):
         assert got == expected[: len(got)] and len(got) == len(expected)
 
 
-{% raw %}
-def test_modelfile_has_the_template_and_stop_tokens(exported):
+{% raw %}def test_modelfile_has_the_template_and_stop_tokens(exported):
     lines = exported.modelfile.read_text().splitlines()
     assert lines[0] == "FROM ./spm-f16.gguf"
     text = exported.modelfile.read_text()
@@ -199,8 +198,7 @@ def test_modelfile_keeps_a_default_system_prompt(tmp_path):
         "{% endif %}" + CHAT_TEMPLATE
     )
     text = modelfile(tokenizer, "m.gguf", [tokenizer.eos_token_id])
-    assert 'SYSTEM """Be brief."""' in text
-{% endraw %}
+    assert 'SYSTEM """Be brief."""' in text{% endraw %}
 
 
 def run_cli(capsys, *args: str) -> str:

@@ -81,7 +81,7 @@ def policy_model(config: Config, precision: Precision) -> Any:
 def trainer_class() -> type:
     from trl import DPOTrainer  # type: ignore[attr-defined]  # trl's lazy module hides it
 
-    class ChatDPOTrainer(DPOTrainer):  # type: ignore[misc]  # DPOTrainer is untyped
+    class ChatDPOTrainer(DPOTrainer):
         """DPOTrainer on pairs that data.py tokenized with chat.py.
 
         TRL would render the pairs again with the tokenizer's template and its own EOS
@@ -160,4 +160,3 @@ def margins(model: Any, split: PreferenceSplit) -> list[float]:
         logprob(pair.prompt_ids, pair.chosen_ids) - logprob(pair.prompt_ids, pair.rejected_ids)
         for pair in split.examples
     ]
-

@@ -59,7 +59,8 @@ class PushPlan:
 
 def check_repo_id(repo_id: str | None) -> str:
     """The Hub's own rules for a repo id (huggingface_hub's validator), as one line."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazy export
 
     if not repo_id:
         raise UserError(
@@ -118,6 +119,8 @@ def data_line(source: str | None) -> str:
 
 def serving_headline(cost_card: Path | None) -> str | None:
     """The best level of the newest serving cost card, in one line."""
+    from pydantic import ValidationError
+
     from .cost.schema import CostCard
 
     cards = [cost_card] if cost_card else sorted(
@@ -126,10 +129,18 @@ def serving_headline(cost_card: Path | None) -> str | None:
     for path in cards:
         try:
             card = CostCard.model_validate_json(path.read_bytes())
-        except (OSError, ValueError) as error:
-            if cost_card:
-                raise UserError(f"cost card {path} cannot be read: {error}") from None
-            continue
+        except (OSError, ValidationError) as error:
+            if not cost_card:
+                continue  # an older or foreign card among the reports
+            reason = (
+                f"{error.error_count()} problems, first: {error.errors()[0]['msg']}"
+                if isinstance(error, ValidationError)
+                else str(error)
+            )
+            raise UserError(
+                f"cost card {path} is not a cost card this version reads ({reason}); give the "
+                "cost_card.json that `token-cost` wrote, or leave out --cost-card"
+            ) from None
         serving = card.serving
         level = serving.best_level() if serving else None
         if serving is None or level is None:
