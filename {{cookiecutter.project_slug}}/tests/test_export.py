@@ -146,6 +146,23 @@ def test_f16_round_trip_matches_the_merged_model(spm_run, exported):
     assert worst <= F16_LOGIT_TOLERANCE, worst
 
 
+def test_demo_gguf_step_reports_full_agreement_with_the_adapter(spm_run, exported, tmp_path):
+    """The demo's --gguf stage: the GGUF's greedy answers equal the adapter's."""
+    from peft import PeftModel
+
+    from {{ cookiecutter.package_name }}.demo import gguf_agreement
+    from {{ cookiecutter.package_name }}.evaluate import generate_answers
+    from {{ cookiecutter.package_name }}.runs import RunFolder
+
+    base = AutoModelForCausalLM.from_pretrained(spm_run.parent.parent / "tiny-spm")
+    tuned = PeftModel.from_pretrained(base, spm_run / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(spm_run / "adapter")
+    held = conversations(spm_run.parent.parent / "eval.jsonl")[:8]
+    adapter_answers = generate_answers(tuned, tokenizer, held)
+    result = gguf_agreement(RunFolder(spm_run), tokenizer, held, adapter_answers, tmp_path / "g")
+    assert result["same_answers"] == result["held_out"] == 8
+
+
 def test_q8_0_loads_and_stays_close(spm_run, exported):
     folder, name = exported.files["q8_0"].parent, exported.files["q8_0"].name
     merged = AutoModelForCausalLM.from_pretrained(spm_run / "merged", dtype=torch.float32).eval()

@@ -137,6 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
             concurrency=tuple(int(c) for c in args.concurrency.split(",")),
             requests=args.requests,
             token_cost=not args.no_token_cost,
+            gguf=args.gguf,
         )
     )
 
@@ -349,6 +350,11 @@ def _add_demo(commands: Commands) -> None:
     demo.add_argument("--concurrency", default="1,4", help="token-cost concurrency levels")
     demo.add_argument("--requests", type=int, default=8, help="token-cost requests per level")
     demo.add_argument("--no-token-cost", action="store_true", help="skip the serving measurement")
+    demo.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also export GGUF f16 and report how many held-out answers equal the adapter's",
+    )
     demo.set_defaults(run=_demo)
 
 
