@@ -16,6 +16,7 @@ import yaml
 
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.push import PushOptions, plan_push
+from {{ cookiecutter.package_name }}.runs import HeldOutEval
 from {{ cookiecutter.package_name }}.train import run_training
 from tickets import tiny_config, write_ticket_data
 
@@ -31,7 +32,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
         "output.run_name=shipped",
     )  # fmt: skip
     result = run_training(config)
-    (result.run_dir / "eval.json").write_text(json.dumps({"accuracy": 0.75, "examples": 80}))
+    result.run.write_eval(HeldOutEval(accuracy=0.75, examples=80, data=str(data["eval"])))
     return result.run_dir
 
 
@@ -80,7 +81,7 @@ def test_card_has_hub_metadata_and_what_the_run_measured(run_dir, tiny_model_dir
     assert f"Steps: {metrics['global_step']};" in plan.card
     first, last = metrics["steps"][0]["eval_loss"], metrics["steps"][-1]["eval_loss"]
     assert f"Eval loss: {first:.4f} before training -> {last:.4f} after" in plan.card
-    assert "Held-out accuracy: 75.0% on 80 examples" in plan.card
+    assert "Held-out accuracy: 75.0% on 80 examples of `eval.jsonl`" in plan.card
     cost = json.loads((run_dir / "cost.json").read_text())
     assert f"${cost['usd']:.4f}" in plan.card
     assert "r=16, alpha=32" in plan.card

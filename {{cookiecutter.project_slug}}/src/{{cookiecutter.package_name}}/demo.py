@@ -61,11 +61,9 @@ def _stage(bar: Any, text: str) -> None:
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every stage, write summary.json and summary.md into ``options.out``."""
-    from peft import PeftModel
     from tqdm.auto import tqdm
 
     from .config import load_config
-    from .evaluate import generate_answers
     from .merge import merge_run
     from .train import run_training
 
@@ -82,8 +80,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     bar.update()
 
     _stage(bar, "demo: scoring the adapter")
-    tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
-    after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
+    after = score_adapter(run, baseline, config.data.eval)
     bar.update()
 
     _stage(bar, "demo: merging")
@@ -109,6 +106,20 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / "summary.md").write_text(render_summary(summary), encoding="utf-8")
     return summary
+
+
+def score_adapter(run: RunFolder, baseline: Baseline, held_out_file: str | None) -> list[Answer]:
+    """The adapter's answers to the held-out tickets; their accuracy goes into eval.json,
+    where the model card (`push`) finds it."""
+    from peft import PeftModel
+
+    from .evaluate import accuracy, generate_answers
+    from .runs import HeldOutEval
+
+    tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
+    after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
+    run.write_eval(HeldOutEval(accuracy=accuracy(after), examples=len(after), data=held_out_file))
+    return after
 
 
 def gguf_agreement(

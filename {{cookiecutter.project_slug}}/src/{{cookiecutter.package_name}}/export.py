@@ -280,7 +280,7 @@ def export_gguf(options: GgufOptions) -> GgufExport:
         merge_run(run.path)
     converter = find_converter(options.llama_cpp)
     name = options.name or run.name
-    out = options.out or run.path / "gguf"
+    out = options.out or run.gguf
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

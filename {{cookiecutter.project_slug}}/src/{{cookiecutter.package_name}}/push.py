@@ -10,7 +10,6 @@ the repo as it was, never half-updated.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -165,7 +164,7 @@ def model_card(
 
     metrics: TrainingMetrics | None = run.read_metrics() if run.metrics_file.is_file() else None
     cost: TrainingCost | None = run.read_cost() if run.cost_file.is_file() else None
-    accuracy = _held_out_accuracy(run)
+    evaluation = run.read_eval()
     base = config.model.name_or_path
     method = config.train.method
     tags = ["lora", "peft", method, "text-generation", PROGRAM.replace("_", "-")]
@@ -203,8 +202,11 @@ def model_card(
     if metrics and metrics.eval_losses:
         losses = metrics.eval_losses
         lines.append(f"- Eval loss: {losses[0]:.4f} before training -> {losses[-1]:.4f} after")
-    if accuracy:
-        lines.append(f"- Held-out accuracy: {accuracy}")
+    if evaluation:
+        lines.append(
+            f"- Held-out accuracy: {evaluation.accuracy:.1%} on {evaluation.examples} examples"
+            + (f" of `{Path(evaluation.data).name}`" if evaluation.data else "")
+        )
     if cost:
         usd = f"${cost.usd:.4f}" if cost.usd is not None else "unknown"
         lines.append(
@@ -235,18 +237,6 @@ def model_card(
     ]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return str(ModelCard(content).content)
-
-
-def _held_out_accuracy(run: RunFolder) -> str | None:
-    """The accuracy an evaluation wrote into the run folder (eval.json), if any."""
-    path = run.path / "eval.json"
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        return f"{float(result['accuracy']):.1%} on {int(result['examples'])} examples"
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path} is malformed: it needs accuracy and examples") from None
 
 
 def _usage(repo_id: str, base: str, what: What) -> list[str]:
@@ -338,7 +328,7 @@ def push_command(options: PushOptions) -> int:
         print(f"  {item.in_repo:<{width}}  {item.size:>12,} bytes")
     print(f"  {CARD:<{width}}  {len(plan.card.encode()):>12,} bytes (generated model card)")
     if options.dry_run or token is None:
-        card_out = options.card_out or options.run / CARD
+        card_out = options.card_out or RunFolder(options.run).model_card
         card_out.parent.mkdir(parents=True, exist_ok=True)
         card_out.write_text(plan.card, encoding="utf-8")
         print(f"dry run: nothing uploaded; the card is at {card_out}")
