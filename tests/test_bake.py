@@ -224,6 +224,7 @@ def test_default_bake(default_project: Path):
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
     extras = {
         "train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "dev",
+        "ship",
     }  # fmt: skip
     assert set(pyproject["project"]["optional-dependencies"]) == extras
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")

@@ -20,6 +20,8 @@ from {{ cookiecutter.package_name }}.chat import prompt_ids
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.export import (
+    CLOSE,
+    OPEN,
     GgufOptions,
     export_gguf,
     find_converter,
@@ -32,6 +34,8 @@ from tickets import conversations, tiny_config, write_ticket_data
 # that moves a logit by a few hundredths. 0.1 is the stated bound.
 F16_LOGIT_TOLERANCE = 0.1
 GREEDY_TOKENS = 16
+# Jinja's statement delimiters, spelled out: this file is itself rendered by a template engine.
+TAG, END = "{" + "%", "%" + "}"
 PROMPTS = 4
 
 
@@ -196,13 +200,14 @@ def test_llama_cpp_answers_like_the_merged_model(spm_run, exported):
         assert got == expected[: len(got)] and len(got) == len(expected)
 
 
-{% raw %}def test_modelfile_has_the_template_and_stop_tokens(exported):
+def test_modelfile_has_the_template_and_stop_tokens(exported):
     lines = exported.modelfile.read_text().splitlines()
     assert lines[0] == "FROM ./spm-f16.gguf"
     text = exported.modelfile.read_text()
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in template
-    assert template.endswith("{{ end }}{{ end }}<|im_start|>assistant\n")
+    user = f'{OPEN} else if eq .Role "user" {CLOSE}<|im_start|>user\n{OPEN} .Content {CLOSE}'
+    assert user + "<|im_end|>\n" in template
+    assert template.endswith(f"{OPEN} end {CLOSE}{OPEN} end {CLOSE}<|im_start|>assistant\n")
     assert 'PARAMETER stop "<|im_end|>"' in lines
     assert 'PARAMETER stop "<|im_start|>"' in lines
 
@@ -211,11 +216,11 @@ def test_modelfile_keeps_a_default_system_prompt(tmp_path):
     """A template that adds a system turn when there is none (SmolLM2's does) gets SYSTEM."""
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = (
-        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
-        "{% endif %}" + CHAT_TEMPLATE
+        f"{TAG} if messages[0]['role'] != 'system' {END}<|im_start|>system\nBe brief.<|im_end|>\n"
+        f"{TAG} endif {END}" + CHAT_TEMPLATE
     )
     text = modelfile(tokenizer, "m.gguf", [tokenizer.eos_token_id])
-    assert 'SYSTEM """Be brief."""' in text{% endraw %}
+    assert 'SYSTEM """Be brief."""' in text
 
 
 def run_cli(capsys, *args: str) -> str:
