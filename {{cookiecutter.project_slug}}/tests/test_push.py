@@ -132,6 +132,37 @@ def test_an_unreadable_cost_card_is_one_line(capsys, run_dir, tmp_path):
     assert code == 2 and f"cost card {card_file} is not a cost card" in one_error(err)
 
 
+def test_upload_is_one_commit_of_every_planned_file(capsys, run_dir, monkeypatch):
+    """The Hub client is replaced by a recorder: one repo, one commit, every file."""
+    import huggingface_hub
+
+    calls: list[tuple[str, dict]] = []
+
+    class Recorder:
+        def __init__(self, token: str) -> None:
+            calls.append(("token", {"token": token}))
+
+        def create_repo(self, repo_id: str, **options) -> None:
+            calls.append(("create_repo", {"repo_id": repo_id, **options}))
+
+        def create_commit(self, repo_id: str, operations, commit_message: str):
+            calls.append(("create_commit", {"repo_id": repo_id, "operations": operations}))
+            return type("Commit", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    code, out, err = push(capsys, str(run_dir), "--repo-id", "me/tiny", "--public")
+    assert code == 0, err
+    assert [name for name, _ in calls] == ["token", "create_repo", "create_commit"]
+    assert calls[0][1]["token"] == "hf_test"
+    assert calls[1][1] == {"repo_id": "me/tiny", "private": False, "exist_ok": True,
+                           "repo_type": "model"}  # fmt: skip
+    paths = [op.path_in_repo for op in calls[2][1]["operations"]]
+    plan = plan_push(PushOptions(run=run_dir, repo_id="me/tiny"))
+    assert paths == [u.in_repo for u in plan.uploads] + ["README.md"]
+    assert "uploaded: https://hub/me/tiny/commit/1" in out
+
+
 def one_error(err: str) -> str:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -116,13 +116,16 @@ def fetch_converter(folder: Path) -> None:
         partial = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        # The "data" filter refuses links out of the folder and absolute paths (Python
+        # 3.10.12+ and 3.11.4+; older patch releases extract the listed parts as they are).
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         with tarfile.open(archives[0]) as archive:
             prefix = f"{archives[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
             for member in archive.getmembers():
                 inner = member.name.removeprefix(prefix)
                 if member.name.startswith(prefix) and inner.split("/")[0] in CONVERTER_PARTS:
                     member.name = inner
-                    archive.extract(member, partial, filter="data")
+                    archive.extract(member, partial, **safe)  # type: ignore[arg-type]
         if not (partial / CONVERTER).is_file():
             shutil.rmtree(partial)
             raise UserError(f"{archives[0].name} holds no vendor/llama.cpp/{CONVERTER}")
