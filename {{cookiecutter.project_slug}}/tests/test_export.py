@@ -223,6 +223,17 @@ def test_modelfile_keeps_a_default_system_prompt(tmp_path):
     assert 'SYSTEM """Be brief."""' in text
 
 
+def test_a_template_ollama_cannot_express_is_refused_before_converting(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = (
+        f"{TAG} for m in messages {END}{TAG} if m['role'] == 'system' {END}"
+        f"{TAG} set x = raise_exception('no system role') {END}{TAG} endif {END}"
+        f"{OPEN} m['content'] {CLOSE}{TAG} endfor {END}"
+    )
+    with pytest.raises(UserError, match=r"cannot be written as an Ollama TEMPLATE \(no system role"):
+        modelfile(tokenizer, "m.gguf", [tokenizer.eos_token_id])
+
+
 def run_cli(capsys, *args: str) -> str:
     code = main(["export", "gguf", *args])
     err = capsys.readouterr().err

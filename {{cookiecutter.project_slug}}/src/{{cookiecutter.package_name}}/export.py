@@ -188,7 +188,10 @@ def turn_format(tokenizer: Any) -> TurnFormat:
     for role in ("user", "assistant"):
         text = rendered([system, {"role": role, "content": MARK.format(role)}])
         if not text.startswith(head):
-            raise UserError("the chat template renders a system turn differently after it")
+            raise UserError(
+                "the chat template renders the system turn differently when a turn follows, "
+                "so no Ollama TEMPLATE equals it; nothing was exported"
+            )
         wrap[role] = tuple(text[len(head) :].split(MARK.format(role)))
     user = [system, {"role": "user", "content": MARK.format("user")}]
     generation_prompt = rendered(user, generation=True)[len(rendered(user)) :]
@@ -201,7 +204,10 @@ def turn_format(tokenizer: Any) -> TurnFormat:
         default_system = before[len(prefix) : len(before) - len(suffix)]
     pairs = {role: (pair[0], pair[1]) for role, pair in wrap.items() if len(pair) == 2}
     if len(pairs) != 3:
-        raise UserError("the chat template repeats a message's content; cannot write a Modelfile")
+        raise UserError(
+            "the chat template repeats a message's content, so no Ollama TEMPLATE equals it; "
+            "nothing was exported"
+        )
     return TurnFormat(pairs, generation_prompt, default_system)
 
 
@@ -249,17 +255,28 @@ def stop_tokens(tokenizer: Any, turns: TurnFormat, eos_ids: list[int]) -> list[s
 
 
 def modelfile(tokenizer: Any, gguf_name: str, eos_ids: list[int]) -> str:
-    turns = turn_format(tokenizer)
+    """The Ollama Modelfile: FROM the GGUF file, the template, a default system prompt if
+    the template adds one, and the stop tokens."""
     sample: list[Message] = [
         {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hi."},
         {"role": "user", "content": "Bye"},
     ]
-    expected = render(tokenizer, sample, add_generation_prompt=True)
+    try:
+        turns = turn_format(tokenizer)
+        expected = render(tokenizer, sample, add_generation_prompt=True)
+    except UserError:
+        raise
+    except Exception as error:  # jinja's errors, and the template's own raise_exception()
+        raise UserError(
+            f"the chat template cannot be written as an Ollama TEMPLATE ({error}); nothing was "
+            "exported. Give the tokenizer a template that renders system, user and assistant "
+            "turns"
+        ) from None
     if apply_turns(turns, sample) != expected:
         raise UserError(
             "the chat template is not a plain wrapper around each turn, so no Ollama TEMPLATE "
-            "equals it; the GGUF files embed it, write the Modelfile's TEMPLATE by hand"
+            "equals it; nothing was exported. Give the tokenizer a simpler template"
         )
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(turns)}"""']
     if turns.default_system is not None:
@@ -281,8 +298,11 @@ def export_gguf(options: GgufOptions) -> GgufExport:
     if not (run.merged / "config.json").is_file():
         print(f"{run.merged} does not exist: merging the adapter first")
         merge_run(run.path)
-    converter = find_converter(options.llama_cpp)
     name = options.name or run.name
+    # The Modelfile first: a template it cannot express stops the export before it starts.
+    tokenizer = load_tokenizer(str(run.merged), config.model.trust_remote_code)
+    ollama = modelfile(tokenizer, f"{name}-{types[0]}.gguf", _eos_ids(run.merged, tokenizer))
+    converter = find_converter(options.llama_cpp)
     out = options.out or run.gguf
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -292,11 +312,7 @@ def export_gguf(options: GgufOptions) -> GgufExport:
         for kind in tqdm(types, desc="gguf", unit="file"):
             files[kind] = partial / f"{name}-{kind}.gguf"
             convert(converter, run.merged, files[kind], kind)
-        tokenizer = load_tokenizer(str(run.merged), config.model.trust_remote_code)
-        eos = _eos_ids(run.merged, tokenizer)
-        (partial / "Modelfile").write_text(
-            modelfile(tokenizer, files[types[0]].name, eos), encoding="utf-8"
-        )
+        (partial / "Modelfile").write_text(ollama, encoding="utf-8")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
