@@ -230,7 +230,7 @@ def test_a_template_ollama_cannot_express_is_refused_before_converting(tmp_path)
         f"{TAG} set x = raise_exception('no system role') {END}{TAG} endif {END}"
         f"{OPEN} m['content'] {CLOSE}{TAG} endfor {END}"
     )
-    with pytest.raises(UserError, match=r"cannot be written as an Ollama TEMPLATE \(no system role"):
+    with pytest.raises(UserError, match=r"an Ollama TEMPLATE \(no system role"):
         modelfile(tokenizer, "m.gguf", [tokenizer.eos_token_id])
 
 
