@@ -181,23 +181,34 @@ def test_q8_0_loads_and_stays_close(spm_run, exported):
 
 
 def test_llama_cpp_answers_like_the_merged_model(spm_run, exported):
-    """llama.cpp itself, where llama-cpp-python is installed (it compiles from source: the
-    CPU suite does not install it)."""
+    """llama.cpp itself, where llama-cpp-python is installed (it has no wheel on PyPI and
+    compiles from source for minutes, so the CPU suite does not install it)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     merged = AutoModelForCausalLM.from_pretrained(spm_run / "merged", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(spm_run / "merged")
-    llm = llama_cpp.Llama(model_path=str(exported.files["f16"]), n_ctx=512, verbose=False)
-    for messages in held_out(spm_run):
-        ids = prompt_ids(tokenizer, messages)
-        expected = merged.generate(
-            torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False
-        )[0, len(ids) :].tolist()
-        got: list[int] = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            got.append(token)
-            if len(got) == len(expected) or token == tokenizer.eos_token_id:
-                break
-        assert got == expected[: len(got)] and len(got) == len(expected)
+    llm = llama_cpp.Llama(
+        model_path=str(exported.files["f16"]), n_ctx=512, logits_all=True, verbose=False
+    )
+    try:
+        for messages in held_out(spm_run):
+            ids = prompt_ids(tokenizer, messages)
+            inputs = torch.tensor([ids])
+            with torch.no_grad():
+                expected_logits = merged(inputs).logits[0, -1]
+            llm.reset()
+            llm.eval(ids)
+            got_logits = torch.tensor(llm.scores[len(ids) - 1])
+            assert (expected_logits - got_logits).abs().max().item() <= F16_LOGIT_TOLERANCE
+            greedy = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False}
+            expected = merged.generate(inputs, **greedy)[0, len(ids) :].tolist()
+            got: list[int] = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                got.append(token)
+                if len(got) == len(expected) or token == tokenizer.eos_token_id:
+                    break
+            assert got == expected
+    finally:
+        llm.close()
 
 
 def test_modelfile_has_the_template_and_stop_tokens(exported):
