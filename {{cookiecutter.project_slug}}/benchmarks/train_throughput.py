@@ -143,7 +143,8 @@ def dpo_ours(model: Path, out: Path, steps: int, batch: int) -> float:
 
 def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
     """What a user would write by hand: DPOTrainer + peft on the same pairs, in float32
-    (the precision our run picks on a CPU), the same LoRA and DPO settings."""
+    (the precision our run picks on a CPU), the same LoRA and DPO settings, and without
+    gradient checkpointing (TRL's DPOConfig turns it on by default; our config does not)."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -157,7 +158,7 @@ def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
             max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-4,
             lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=None,
             save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False,
-            use_cpu=not torch.cuda.is_available(), seed=42,
+            gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), seed=42,
         ),
         train_dataset=load_dataset("json", data_files=str(PAIRS), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model),
