@@ -113,7 +113,7 @@ def data_line(source: str | None) -> str:
     path = Path(source)
     if path.is_file():
         return f"`{path.name}` (sha256 `{sha256(path)}`)"
-    return f"`{source}` (a Hugging Face dataset: pinned by the dataset's own revision)"
+    return f"`{source}` (a Hugging Face dataset id; not hashed here: files only)"
 
 
 def serving_headline(cost_card: Path | None) -> str | None:
