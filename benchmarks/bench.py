@@ -123,7 +123,12 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
         # pays for the repetitions of the two servers that can win there.
         "serial_peer_levels_after_first": [1],
         "train": {
-            "tiny": {"steps": 8, "batch": 8},
+            # DPO against TRL's DPOTrainer + peft on the bundled pairs (pairs/s): tiny only.
+            "tiny": {
+                "steps": 8,
+                "batch": 8,
+                "arms": "ours,reference,reference_defaults,no_packing,packing,dpo,dpo_reference",
+            },
             # TRL's bf16 default runs a reference kernel on a CPU (16x slower on the tiny
             # model): left out on SmolLM2.
             "smollm2": {"steps": 4, "batch": 4, "arms": "ours,reference,no_packing,packing"},

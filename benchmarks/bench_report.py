@@ -124,7 +124,10 @@ def _summary_rows(results: dict) -> list[str]:
             for key, what, target in (
                 ("ours_vs_reference", "training vs TRL + peft", "training_vs_reference"),
                 ("packing_vs_no_packing", "packing vs no packing", "packing"),
+                ("dpo_vs_reference", "DPO vs TRL DPOTrainer + peft", "training_vs_reference"),
             ):
+                if key not in ratios and key.startswith("dpo"):
+                    continue  # a run from before the DPO arms
                 rows.append(
                     f"| [{what}](#training-{model}) | {label} | {_ratio(ratios.get(key))} | "
                     f"{_target(target)} | {_verdict(passed.get(key))} |"
@@ -484,15 +487,22 @@ def _training(results: dict) -> list[str]:
                 "training_vs_reference",
             ),
             "packing_vs_no_packing": ("packing / no packing", "packing"),
+            "dpo_vs_reference": (
+                "DPO: ours / TRL DPOTrainer + peft (pairs/s)",
+                "training_vs_reference",
+            ),
         }
         for key, (label, target) in names.items():
+            if key.startswith("dpo") and key not in train["ratios"]:
+                continue
             lines.append(
                 f"| {label} | {_ratio(train['ratios'].get(key))} | {_target(target)} | "
                 f"{_verdict(train['pass'].get(key))} |"
             )
         lines += ["", "| arm | non-pad tokens/s |", "| --- | --- |"]
         for arm, figure in train["tokens_per_second"].items():
-            lines.append(f"| {arm} | {_spread(figure, 1)} |")
+            unit = " (pairs/s)" if arm.startswith("dpo") else ""
+            lines.append(f"| {arm}{unit} | {_spread(figure, 1)} |")
         lines.append("")
     return lines
 

@@ -71,6 +71,17 @@ EXPECTED_FILES = {
     "data/make_tickets.py",
     "data/tickets_train.jsonl",
     "data/tickets_eval.jsonl",
+    # shipping a run: Hub push, GGUF export, preference tuning
+    "src/PKG/push.py",
+    "src/PKG/export.py",
+    "src/PKG/dpo.py",
+    "data/make_preferences.py",
+    "data/preferences_train.jsonl",
+    "data/preferences_eval.jsonl",
+    "tests/test_push.py",
+    "tests/test_export.py",
+    "tests/test_dpo.py",
+    "tests/data/serving_cost_card.json",
     "src/PKG/chat.py",
     "src/PKG/config.py",
     "src/PKG/data.py",
@@ -219,6 +230,7 @@ def test_default_bake(default_project: Path):
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
     extras = {
         "train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "dev",
+        "ship",
     }  # fmt: skip
     assert set(pyproject["project"]["optional-dependencies"]) == extras
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")

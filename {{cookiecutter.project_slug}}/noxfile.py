@@ -102,6 +102,24 @@ def train(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def push(session: nox.Session) -> None:
+    """Upload a run to the Hugging Face Hub with a model card (HF_TOKEN; options after --).
+
+    RUN --repo-id user/name --what adapter|merged|both --private|--public --dry-run."""
+    install_project(session, "dev")
+    session.run("{{ cookiecutter.package_name }}", "push", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def export(session: nox.Session) -> None:
+    """GGUF files and an Ollama Modelfile from a run (options after --).
+
+    RUN --type f16,q8_0 --out DIR --llama-cpp DIR."""
+    install_project(session, "dev")
+    session.run("{{ cookiecutter.package_name }}", "export", "gguf", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def serve(session: nox.Session) -> None:
     """OpenAI-compatible server from configs/serve.yaml (options after --).
 

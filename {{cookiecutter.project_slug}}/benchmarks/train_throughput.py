@@ -4,6 +4,8 @@
    peft LoraConfig, given the same model, data and hyperparameters.
 2. Packing against no packing on variable-length conversations, in effective
    (non-pad) tokens per second.
+3. `train.method=dpo` against plain TRL DPOTrainer + peft on the bundled preference
+   pairs, in pairs per second (both arms train the same pairs; TRL tokenizes them itself).
 
 Each arm runs --repeats times, interleaved so machine noise hits both alike; the
 median, min and max of non-pad tokens/s are written to reports/bench_train.json.
@@ -11,6 +13,7 @@ median, min and max of non-pad tokens/s are written to reports/bench_train.json.
     python benchmarks/train_throughput.py                 # tiny random Llama built in code
     python benchmarks/train_throughput.py --model DIR     # any local model folder
     python benchmarks/train_throughput.py --arms ours,reference   # a subset of the arms
+    python benchmarks/train_throughput.py --arms dpo,dpo_reference   # DPO against TRL's
 """
 
 from __future__ import annotations
@@ -118,11 +121,65 @@ def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: 
     return trainer.state.num_input_tokens_seen / (time.perf_counter() - started)
 
 
-ARMS = ("ours", "reference", "reference_defaults", "no_packing", "packing")
+PAIRS = ROOT / "data" / "preferences_train.jsonl"
+
+
+def dpo_ours(model: Path, out: Path, steps: int, batch: int) -> float:
+    from {{ cookiecutter.package_name }}.config import load_config
+    from {{ cookiecutter.package_name }}.train import run_training
+
+    config = load_config(
+        ROOT / "configs" / "train.yaml",
+        [
+            f"model.name_or_path={model}", "train.method=dpo", f"data.train={PAIRS}",
+            "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
+            "train.save_steps=100000", f"output.dir={out}",
+            f"output.run_name=dpo-{time.monotonic_ns()}",
+        ],
+    )  # fmt: skip
+    run = run_training(config)
+    cost = json.loads((run.run_dir / "cost.json").read_text())
+    return steps * batch / cost["wall_seconds"]
+
+
+def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
+    """What a user would write by hand: DPOTrainer + peft on the same pairs, in float32
+    (the precision our run picks on a CPU), the same LoRA and DPO settings, and without
+    gradient checkpointing (TRL's DPOConfig turns it on by default; our config does not)."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        args=DPOConfig(
+            output_dir=str(out / f"dpo-ref-{time.monotonic_ns()}"),
+            max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-4,
+            lr_scheduler_type="cosine", warmup_steps=0.05, beta=0.1, max_length=None,
+            save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False,
+            gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), seed=42,
+        ),
+        train_dataset=load_dataset("json", data_files=str(PAIRS), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model),
+        peft_config=LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )  # fmt: skip
+    started = time.perf_counter()
+    trainer.train()
+    return steps * batch / (time.perf_counter() - started)
+
+
+DEFAULT_ARMS = ("ours", "reference", "reference_defaults", "no_packing", "packing")
+ARMS = (*DEFAULT_ARMS, "dpo", "dpo_reference")  # the DPO pair runs when named in --arms
 RATIOS = {
     "ours_vs_reference": ("ours", "reference"),
     "ours_vs_reference_defaults": ("ours", "reference_defaults"),
     "packing_vs_no_packing": ("packing", "no_packing"),
+    "dpo_vs_reference": ("dpo", "dpo_reference"),
 }
 
 
@@ -144,8 +201,9 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "reports" / "bench_train.json"))
     parser.add_argument(
         "--arms",
-        default=",".join(ARMS),
-        help="comma list of arms to run (a ratio is reported when both of its arms ran)",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma list of arms to run, of {','.join(ARMS)} (a ratio is reported when both "
+        "of its arms ran)",
     )
     args = parser.parse_args()
     wanted = args.arms.split(",")
@@ -167,6 +225,8 @@ def main() -> int:
             "reference_defaults": lambda: reference(model, data, scratch, steps, batch, False),
             "no_packing": lambda: ours(model, varied, scratch, steps, batch, False),
             "packing": lambda: ours(model, varied, scratch, steps, packed_batch, True),
+            "dpo": lambda: dpo_ours(model, scratch, steps, batch),
+            "dpo_reference": lambda: dpo_reference(model, scratch, steps, batch),
         }
         arms = {name: arm for name, arm in arms.items() if name in wanted}
         results: dict[str, list[float]] = {name: [] for name in arms}
@@ -179,7 +239,7 @@ def main() -> int:
     figures = {name: summarize(values) for name, values in results.items()}
     median = {name: figure["median"] for name, figure in figures.items()}
     report = {
-        "benchmark": "training non-pad tokens/s",
+        "benchmark": "training non-pad tokens/s (dpo arms: preference pairs/s)",
         "model": args.model or "tiny random Llama (hidden 256, 4 layers)",
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -195,6 +255,7 @@ def main() -> int:
             "ours_vs_reference": 1.0,
             "ours_vs_reference_defaults": 1.0,
             "packing_vs_no_packing": 1.5,
+            "dpo_vs_reference": 1.0,
         },
         "environment": describe(),
         "date": time.strftime("%Y-%m-%d"),

@@ -47,3 +47,11 @@ def test_unknown_command_is_a_usage_error(capsys):
         main(["no-such-command"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["merge", "push", "export gguf"])
+def test_run_folder_commands_name_a_folder_that_is_not_a_run(capsys, tmp_path, command):
+    folder = tmp_path / "nope"
+    code = main([*command.split(), str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {folder} " in err and "Traceback" not in err

@@ -24,6 +24,10 @@ def check_outputs(summary: dict, out: Path) -> None:
     assert Path(paths["cost_card_plot"]).read_bytes().startswith(b"\x89PNG")
     assert summary["eval_loss_before"] is not None and summary["eval_loss_after"] is not None
     assert len(summary["samples"]) == 2
+    # The accuracy reaches the run folder, where `push` puts it on the model card.
+    scored = json.loads((Path(paths["run"]) / "eval.json").read_text())
+    assert scored["accuracy"] == summary["accuracy_after"]
+    assert scored["examples"] == summary["held_out"]
 
 
 def test_demo_pipeline_wiring_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):

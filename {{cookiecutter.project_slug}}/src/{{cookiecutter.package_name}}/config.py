@@ -117,6 +117,8 @@ class QuantizationConfig(Section):
 
 
 class TrainConfig(Section):
+    # sft: supervised on the answers; dpo: preference pairs (chosen over rejected)
+    method: Literal["sft", "dpo"] = "sft"
     learning_rate: float = Field(2e-4, gt=0, le=1)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -138,6 +140,25 @@ class TrainConfig(Section):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
 
 
+class DpoConfig(Section):
+    """train.method=dpo: TRL's DPOTrainer on prompt / chosen / rejected records."""
+
+    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # A finished SFT run whose adapter DPO continues (its base must be model.name_or_path);
+    # null: a new adapter on the base. The reference model is the starting point either way.
+    from_run: str | None = None
+
+
+class PushConfig(Section):
+    """`push`: where a run goes on the Hugging Face Hub (the command line overrides these)."""
+
+    repo_id: str | None = None  # user/name; null: give --repo-id
+    private: bool = True
+    what: Literal["adapter", "merged", "both"] = "adapter"
+    license: str = "other"  # the Hub's license id for the card, e.g. apache-2.0
+
+
 class OutputConfig(Section):
     dir: str = "runs"
     run_name: str | None = None  # default: a timestamp
@@ -155,6 +176,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
     cost: CostConfig
+    dpo: DpoConfig = DpoConfig()
+    push: PushConfig = PushConfig()
 
     @model_validator(mode="after")
     def _eval_source(self) -> Config:

@@ -6,6 +6,12 @@ or a Hugging Face dataset id):
 - ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}``
 - ``{"prompt": ..., "completion": ...}``
 - ``{"instruction": ..., "input": ... (optional), "output": ...}``
+
+Preference pairs (train.method=dpo), in the same files:
+
+- ``{"prompt": ..., "chosen": ..., "rejected": ...}`` with texts, or
+- the chat form: ``prompt`` a list of messages, ``chosen`` and ``rejected`` each a list
+  holding the one assistant message.
 """
 
 from __future__ import annotations
@@ -13,16 +19,24 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from .chat import ROLES, EncodedConversation, Message, encode_conversation
+from .chat import (
+    IGNORE_INDEX,
+    ROLES,
+    EncodedConversation,
+    Message,
+    encode_conversation,
+    prompt_ids,
+)
 from .config import DataConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+RecordT = TypeVar("RecordT")
 
 FORMAT_KEYS = {
     "messages": ("messages",),
@@ -235,14 +249,14 @@ def encode_records(records: list[Record], tokenizer: Any, config: DataConfig) ->
     return split
 
 
-def load_splits(
-    config: DataConfig, tokenizer: Any, seed: int
-) -> tuple[EncodedSplit, EncodedSplit | None]:
-    """Train and eval splits: eval from its own file or a seeded share of the train data."""
-    train_records = load_records(config.train, config)
-    eval_records: list[Record] | None = None
+def split_records(
+    config: DataConfig, seed: int, load: Callable[[str, DataConfig], list[RecordT]]
+) -> tuple[list[RecordT], list[RecordT] | None]:
+    """Train and eval records: eval from its own file or a seeded share of the train data."""
+    train_records = load(config.train, config)
+    eval_records: list[RecordT] | None = None
     if config.eval:
-        eval_records = load_records(config.eval, config)
+        eval_records = load(config.eval, config)
     elif config.eval_fraction:
         shuffled = train_records[:]
         random.Random(seed).shuffle(shuffled)
@@ -253,6 +267,14 @@ def load_splits(
                 f"out of {len(shuffled)}; lower it"
             )
         eval_records, train_records = shuffled[:size], shuffled[size:]
+    return train_records, eval_records
+
+
+def load_splits(
+    config: DataConfig, tokenizer: Any, seed: int
+) -> tuple[EncodedSplit, EncodedSplit | None]:
+    """Train and eval splits: eval from its own file or a seeded share of the train data."""
+    train_records, eval_records = split_records(config, seed, load_records)
     train = encode_records(train_records, tokenizer, config)
     if not train.examples:
         raise UserError(
@@ -261,6 +283,162 @@ def load_splits(
         )
     log.info(train.summary("train"))
     evaluation = encode_records(eval_records, tokenizer, config) if eval_records else None
+    if evaluation is not None:
+        log.info(evaluation.summary("eval"))
+    return train, evaluation
+
+
+# --- preference pairs (train.method=dpo) ---------------------------------------------
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PreferenceRecord:
+    where: str
+    prompt: list[Message]  # the conversation up to the answer
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    prompt_ids: list[int]  # as served: chat.prompt_ids
+    chosen_ids: list[int]  # the answer as SFT trains it: up to and including EOS
+    rejected_ids: list[int]
+
+
+@dataclass
+class PreferenceSplit:
+    examples: list[EncodedPair] = field(default_factory=list)
+    records: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(
+            2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in self.examples
+        )
+
+    def summary(self, name: str) -> str:
+        return (
+            f"{name}: {self.records} preference records -> {len(self.examples)} pairs, "
+            f"{self.tokens} tokens ({self.truncated} truncated, {self.dropped} dropped as too long)"
+        )
+
+
+def _answer(where: str, record: dict[str, Any], key: str) -> str:
+    """An answer: a text, or the chat form's list with one assistant message."""
+    value = record[key]
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise UserError(
+                f"{where}: field {key!r} must be a text or a list with one assistant message "
+                '(e.g. [{"role": "assistant", "content": "..."}])'
+            )
+        return _text(f"{where}: {key}[0]", value[0], "content")
+    return _text(where, record, key)
+
+
+def _prompt(where: str, value: Any) -> list[Message]:
+    if isinstance(value, list):
+        checked: list[Message] = []
+        for index, message in enumerate(value):
+            name = f"prompt[{index}]"
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise UserError(
+                    f"{where}: field {name!r} must be a message with a role in {', '.join(ROLES)}"
+                )
+            content = _text(f"{where}: {name}", message, "content")
+            checked.append({"role": str(message["role"]), "content": content})
+        if not checked or checked[-1]["role"] == "assistant":
+            raise UserError(
+                f"{where}: field 'prompt' must be a non-empty list of messages that does not end "
+                "with the assistant's answer (the answers go in 'chosen' and 'rejected')"
+            )
+        return checked
+    return [{"role": "user", "content": _text(where, {"prompt": value}, "prompt")}]
+
+
+def to_preference(where: str, record: Any, system_prompt: str | None) -> PreferenceRecord:
+    """Check one preference record: a prompt, and two different answers to it."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    missing = [key for key in PAIR_KEYS if record.get(key) is None]
+    if missing:
+        raise UserError(
+            f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'; "
+            f"{' and '.join(repr(key) for key in missing)} missing (fields: {sorted(record)})"
+        )
+    prompt = _prompt(where, record["prompt"])
+    chosen, rejected = _answer(where, record, "chosen"), _answer(where, record, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise UserError(
+            f"{where}: 'chosen' and 'rejected' are the same text; a pair must prefer one answer "
+            "over a different one (fix or drop the record)"
+        )
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    return PreferenceRecord(where, prompt, chosen, rejected)
+
+
+def load_preferences(source: str, config: DataConfig) -> list[PreferenceRecord]:
+    records = [
+        to_preference(where, raw, config.system_prompt)
+        for where, raw in _raw_records(source, config.split)
+    ]
+    if not records:
+        raise UserError(f"data source {source} holds no records; add at least one pair")
+    return records
+
+
+def _answer_ids(tokenizer: Any, prompt: list[Message], answer: str) -> list[int]:
+    """The answer's ids exactly as SFT trains them (the last assistant turn, with EOS)."""
+    encoded = encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    trained = 0
+    for label in reversed(encoded.labels):
+        if label == IGNORE_INDEX:
+            break
+        trained += 1
+    return encoded.input_ids[len(encoded.input_ids) - trained :]
+
+
+def encode_preferences(
+    records: list[PreferenceRecord], tokenizer: Any, config: DataConfig
+) -> PreferenceSplit:
+    """Tokenize with the shared prompt format; truncate answers or drop what is too long."""
+    split = PreferenceSplit(records=len(records))
+    for record in records:
+        try:
+            prompt = prompt_ids(tokenizer, record.prompt)
+            chosen = _answer_ids(tokenizer, record.prompt, record.chosen)
+            rejected = _answer_ids(tokenizer, record.prompt, record.rejected)
+        except ValueError as error:
+            raise UserError(f"{record.where}: {error}") from None
+        room = config.max_length - len(prompt)
+        if len(chosen) > room or len(rejected) > room:
+            if config.overlong == "drop" or room <= 0:
+                split.dropped += 1
+                continue
+            chosen, rejected = chosen[:room], rejected[:room]
+            split.truncated += 1
+        split.examples.append(EncodedPair(prompt, chosen, rejected))
+    return split
+
+
+def load_preference_splits(
+    config: DataConfig, tokenizer: Any, seed: int
+) -> tuple[PreferenceSplit, PreferenceSplit | None]:
+    train_records, eval_records = split_records(config, seed, load_preferences)
+    train = encode_preferences(train_records, tokenizer, config)
+    if not train.examples:
+        raise UserError(
+            f"every preference pair is longer than data.max_length={config.max_length} and "
+            "was dropped; raise data.max_length or set data.overlong=truncate"
+        )
+    log.info(train.summary("train"))
+    evaluation = encode_preferences(eval_records, tokenizer, config) if eval_records else None
     if evaluation is not None:
         log.info(evaluation.summary("eval"))
     return train, evaluation

@@ -31,6 +31,7 @@ class DemoOptions:
     concurrency: tuple[int, ...] = (1, 4)
     requests: int = 8  # per concurrency level
     token_cost: bool = True
+    gguf: bool = False  # export the merged run to GGUF f16 and score it like the adapter
 
 
 @dataclass
@@ -60,17 +61,15 @@ def _stage(bar: Any, text: str) -> None:
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run every stage, write summary.json and summary.md into ``options.out``."""
-    from peft import PeftModel
     from tqdm.auto import tqdm
 
     from .config import load_config
-    from .evaluate import generate_answers
     from .merge import merge_run
     from .train import run_training
 
     out = options.out.resolve()
     config = load_config(TRAIN_CONFIG, _overrides(options, out))
-    bar = tqdm(total=5 if options.token_cost else 4, desc="demo", unit="stage")
+    bar = tqdm(total=4 + options.token_cost + options.gguf, desc="demo", unit="stage")
 
     _stage(bar, "demo: loading the model")
     baseline = score_base(config, options.eval_limit)
@@ -81,13 +80,18 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     bar.update()
 
     _stage(bar, "demo: scoring the adapter")
-    tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
-    after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
+    after = score_adapter(run, baseline, config.data.eval)
     bar.update()
 
     _stage(bar, "demo: merging")
     merged = merge_run(run.path)
     bar.update()
+
+    gguf = None
+    if options.gguf:
+        _stage(bar, "demo: exporting GGUF")
+        gguf = gguf_agreement(run, baseline.tokenizer, baseline.held_out, after)
+        bar.update()
 
     serving = ServingCost()
     if options.token_cost:
@@ -97,10 +101,52 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     bar.close()
 
     summary = summarize(config, baseline, after, run, merged, serving, options.samples)
+    summary["gguf"] = gguf
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / "summary.md").write_text(render_summary(summary), encoding="utf-8")
     return summary
+
+
+def score_adapter(run: RunFolder, baseline: Baseline, held_out_file: str | None) -> list[Answer]:
+    """The adapter's answers to the held-out tickets; their accuracy goes into eval.json,
+    where the model card (`push`) finds it."""
+    from peft import PeftModel
+
+    from .evaluate import accuracy, generate_answers
+    from .runs import HeldOutEval
+
+    tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
+    after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
+    run.write_eval(HeldOutEval(accuracy=accuracy(after), examples=len(after), data=held_out_file))
+    return after
+
+
+def gguf_agreement(
+    run: RunFolder,
+    tokenizer: Any,
+    held_out: list[list[Message]],
+    expected: list[Answer],
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """The merged run as GGUF f16, read back by transformers' GGUF loader: its greedy
+    answers to the held-out tickets against the adapter's (`expected`)."""
+    from transformers import AutoModelForCausalLM
+
+    from .evaluate import accuracy, generate_answers
+    from .export import GgufOptions, export_gguf
+
+    exported = export_gguf(GgufOptions(run=run.path, types=("f16",), out=out))
+    file = exported.files["f16"]
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
+    answers = generate_answers(model, tokenizer, held_out)
+    same = sum(a.got == b.got for a, b in zip(answers, expected, strict=True))
+    return {
+        "file": str(file),
+        "same_answers": same,
+        "held_out": len(answers),
+        "accuracy": accuracy(answers),
+    }
 
 
 def _overrides(options: DemoOptions, out: Path) -> list[str]:
@@ -244,6 +290,13 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"tokens and ${_fmt(cost['usd_per_1m_input_tokens'], '{:.2f}')} per 1M input "
             f"tokens at {cost['best_level']} ({slo}), at ${cost['gpu_hourly_usd']}/h"
             + (" — PARTIAL measurement" if cost["partial"] else "")
+        )
+    gguf = summary.get("gguf")
+    if gguf:
+        lines.append(
+            f"- GGUF f16 (llama.cpp's converter, read back by transformers): the same greedy "
+            f"answer as the adapter on {gguf['same_answers']}/{gguf['held_out']} held-out "
+            f"tickets, accuracy {gguf['accuracy']:.0%}"
         )
     lines += ["", "## Held-out answers", ""]
     for sample in summary["samples"]:

@@ -10,6 +10,9 @@
     runs/<run>/loss.png             the loss curves
     runs/<run>/cost.json            trained tokens, wall time, tokens/s, $ at the GPU-hour price
     runs/<run>/merged/              `merge`: base + adapter as one model folder
+    runs/<run>/gguf/                `export gguf`: GGUF files and an Ollama Modelfile
+    runs/<run>/eval.json            held-out accuracy when `demo` scored the run (for the card)
+    runs/<run>/README.md            `push --dry-run`: the model card it would upload
 
 `train` writes through `RunFolder`; `merge`, `demo` and `token-cost` read through it, as
 typed objects. Files are replaced atomically, so a crash never leaves half a JSON file.
@@ -92,6 +95,14 @@ class TrainingCost(RunFile):
         return self.environment.get("device", "unknown")
 
 
+class HeldOutEval(RunFile):
+    """eval.json: the adapter's greedy answers scored against held-out reference answers."""
+
+    accuracy: float = Field(ge=0.0, le=1.0)
+    examples: int = Field(ge=1)
+    data: str | None = None  # the held-out file
+
+
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write` fills a scratch file next to `path`, which then takes its place in one step."""
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -151,6 +162,18 @@ class RunFolder:
     def merged(self) -> Path:
         return self.path / "merged"
 
+    @property
+    def gguf(self) -> Path:
+        return self.path / "gguf"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.path / "README.md"
+
     def last_checkpoint(self) -> Path | None:
         checkpoints = [
             folder
@@ -184,6 +207,12 @@ class RunFolder:
 
     def write_metrics(self, metrics: TrainingMetrics) -> None:
         self._write(self.metrics_file, metrics)
+
+    def read_eval(self) -> HeldOutEval | None:
+        return self._read(self.eval_file, HeldOutEval) if self.eval_file.is_file() else None
+
+    def write_eval(self, evaluation: HeldOutEval) -> None:
+        self._write(self.eval_file, evaluation)
 
     def read_cost(self) -> TrainingCost:
         return self._read(self.cost_file, TrainingCost)

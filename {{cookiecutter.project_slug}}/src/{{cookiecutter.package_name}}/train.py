@@ -25,7 +25,7 @@ from .runs import RunFolder, StepLog, TrainingCost, TrainingMetrics, replace_ato
 
 if TYPE_CHECKING:
     from .callbacks import StopRequest
-    from .data import EncodedSplit
+    from .data import EncodedSplit, PreferenceSplit
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +266,12 @@ def _dataset(split: Any) -> Any:
     )
 
 
-def sft_config(config: Config, precision: Precision, run: RunFolder, has_eval: bool) -> Any:
-    from trl import SFTConfig  # type: ignore[attr-defined]  # trl's lazy module hides it
-
+def trainer_arguments(
+    config: Config, precision: Precision, run: RunFolder, has_eval: bool
+) -> dict[str, Any]:
+    """The Trainer's arguments that SFT and DPO share, from the config and the device."""
     train = config.train
-    padding_free_unpacked = config.data.padding_free and not config.data.packing
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
@@ -298,16 +298,25 @@ def sft_config(config: Config, precision: Precision, run: RunFolder, has_eval: b
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        report_to=train.report_to,
+        disable_tqdm=True,  # our own bar shows loss and tokens/s
+        dataloader_num_workers=0,
+    )
+
+
+def sft_config(config: Config, precision: Precision, run: RunFolder, has_eval: bool) -> Any:
+    from trl import SFTConfig  # type: ignore[attr-defined]  # trl's lazy module hides it
+
+    padding_free_unpacked = config.data.padding_free and not config.data.packing
+    return SFTConfig(
+        **trainer_arguments(config, precision, run, has_eval),
         # Examples are already cut to data.max_length (data.overlong); unpacked padding-free
         # rows have no length of their own to enforce, and TRL refuses one.
         max_length=None if padding_free_unpacked else config.data.max_length,
         packing=config.data.packing,
         packing_strategy=config.data.packing_strategy,
         padding_free=config.data.padding_free,
-        include_num_input_tokens_seen="non_padding",
-        report_to=train.report_to,
-        disable_tqdm=True,  # our own bar below shows loss and tokens/s
-        dataloader_num_workers=0,
     )
 
 
@@ -354,9 +363,9 @@ def check_tracker(report_to: str) -> None:
 class Session:
     """Everything one training session works with, built before the first step."""
 
-    trainer: Any  # trl.SFTTrainer
+    trainer: Any  # trl.SFTTrainer or trl.DPOTrainer
     model: Any  # the peft model
-    train_split: EncodedSplit
+    train_split: EncodedSplit | PreferenceSplit
     precision: Precision
     stop: StopRequest
     main_process: bool
@@ -398,6 +407,10 @@ def run_training(
 
 def start_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ...]) -> Session:
     """Load the data and the model, and build the trainer around them."""
+    if config.train.method == "dpo":
+        from .dpo import start_dpo_session
+
+        return start_dpo_session(config, run, extra_callbacks)
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer  # type: ignore[attr-defined]  # trl's lazy module hides it
 
@@ -424,6 +437,19 @@ def start_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ..
         callbacks=[Progress(), StopOnRequest(stop), *extra_callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # the bar shows the logs instead
+    return finish_session(config, run, trainer, model, train_split, precision, stop)
+
+
+def finish_session(
+    config: Config,
+    run: RunFolder,
+    trainer: Any,
+    model: Any,
+    train_split: EncodedSplit | PreferenceSplit,
+    precision: Precision,
+    stop: StopRequest,
+) -> Session:
+    """What every method's trainer gets before the first step."""
     if config.quantization.mode != "none":
         # TRL casts a quantized model's trainable weights to bf16, while a resumed run gets
         # them back from its checkpoint in float32, so an interrupted run would not end where
