@@ -80,6 +80,18 @@ def test_dpo_writes_the_run_folder_that_merge_and_cost_read(dpo_run, tiny_model_
     assert margins(merged, pairs)[:4] == pytest.approx(margins(tuned, pairs)[:4], abs=1e-3)
 
 
+def test_push_and_the_cost_card_read_a_dpo_run(dpo_run):
+    from {{ cookiecutter.package_name }}.cost.training import training_cost
+    from {{ cookiecutter.package_name }}.push import PushOptions, plan_push
+
+    plan = plan_push(PushOptions(run=dpo_run, repo_id="me/tiny-dpo"))
+    assert "- Method: dpo (beta 0.1, sigmoid loss)" in plan.card
+    assert "dpo" in plan.card.split("---")[1]  # a tag in the Hub metadata
+    assert "adapter_model.safetensors" in [u.in_repo for u in plan.uploads]
+    cost = training_cost(dpo_run)
+    assert cost["trained_tokens"] > 0 and cost["usd"] > 0
+
+
 def test_pairs_use_the_prompt_format_sft_trains_and_serving_sends(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     record = json.loads(PAIRS["eval"].read_text().splitlines()[0])

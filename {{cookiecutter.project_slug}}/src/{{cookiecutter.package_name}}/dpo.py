@@ -140,7 +140,25 @@ def start_dpo_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any
         callbacks=[Progress(), StopOnRequest(stop), *extra_callbacks],
     )
     trainer.remove_callback(PrinterCallback)
+    if REFERENCE in model.peft_config and adds_nothing_yet(model):
+        # The new adapter is still a no-op, so the reference is the base itself: without
+        # TRL's copy, its forward pass runs with the adapter disabled, without LoRA matmuls.
+        model.delete_adapter(REFERENCE)
     return finish_session(config, run, trainer, model, train_split, precision, stop)
+
+
+def adds_nothing_yet(model: Any) -> bool:
+    """Whether the trained adapter leaves the base unchanged: every lora_B is zero (peft's
+    default and gaussian inits) and no module is trained in full."""
+    import torch
+
+    with torch.no_grad():
+        zero = all(
+            not parameter.any()
+            for name, parameter in model.named_parameters()
+            if "lora_B.default" in name
+        )
+    return zero and not model.peft_config["default"].modules_to_save
 
 
 def margins(model: Any, split: PreferenceSplit) -> list[float]:
