@@ -63,9 +63,6 @@ class EngineSection(Section):
     cuda_graphs: bool | None = None
     async_batching: bool | None = None  # double-buffered batches, twice the cache's I/O memory
     warmup: bool = True
-    # Start the kernel's readahead of torch's libraries and the weights as the server starts,
-    # so a start on a cold page cache reads them while it imports (serving/prefetch.py)
-    prefetch: bool = True
     # vllm only: the Python of vLLM's own environment (`nox -s vllm_env` makes it)
     vllm_python: str = ".venv-vllm/bin/python"
     # vllm only: torch.compile and graph capture at start. null: on with the CUDA build

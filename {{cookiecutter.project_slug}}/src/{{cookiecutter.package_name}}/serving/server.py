@@ -24,11 +24,6 @@ def serve(config: ServeConfig) -> int:
         from .vllm import run_vllm
 
         return run_vllm(config)
-    if config.engine.prefetch:
-        from .prefetch import prefetch, torch_libraries, weight_files
-
-        models = [config.model.name_or_path, *map(str, config.adapters.values())]
-        prefetch([*torch_libraries(), *(f for m in models for f in weight_files(m))])
     return _serve_transformers(config)
 
 
