@@ -694,6 +694,43 @@ def _triple(values: dict | None) -> str:
     return f"{values['median']:.2f} [{values['min']:.2f}, {values['max']:.2f}]"
 
 
+def _container_floors(cold: dict) -> list[str]:
+    """The pull and the container start beside their floors, and each layer in gzip and zstd."""
+    floors, codecs = cold.get("floors"), cold.get("layer_codecs") or {}
+    if not floors or "total" not in codecs:
+        return []
+    unpigz = {True: "with unpigz on its PATH", False: "without unpigz (Go's gzip)"}
+    fresh, total, pull = cold["from_registry"], codecs["total"], floors.get("pull_s") or {}
+    mb = 1e6
+    lines = [
+        "",
+        f"The pulls ran on a dockerd {unpigz.get(cold.get('dockerd_uses_unpigz'), '(unknown)')}."
+        " Each phase beside its floor, medians:",
+        "",
+        "| container phase | measured s | floor s | the floor |",
+        "| --- | ---: | ---: | --- |",
+        f"| create + start | {fresh['create_start_s']['median']:.2f} | "
+        f"{floors['create_start_s']:.2f} | `docker run -d` of the image running `sleep` |",
+    ]
+    if pull:
+        lines.append(
+            f"| pull | {fresh['pull_s']['median']:.2f} | {pull['zstd']:.2f} | the "
+            f"{floors['pulled_layers']} fetched layers ({pull['pulled_bytes'] / mb:.0f} MB) "
+            f"decompressed by zstd on one core (by gzip -d: {pull['gzip']:.2f} s) |"
+        )
+    unpigz_s = total.get("unpigz_decompress_s")
+    lines += [
+        "",
+        f"Every layer as pushed (gzip, {total['gzip_bytes'] / mb:.0f} MB) and recompressed with "
+        f"zstd level {codecs['zstd_level']} ({total['zstd_bytes'] / mb:.0f} MB), decompressed "
+        f"here on one core (**measured decompression, not a measured pull**: Docker 20.10 "
+        f"cannot pull zstd): gzip -d {total['gzip_decompress_s']:.2f} s"
+        + (f", unpigz -d {unpigz_s:.2f} s" if unpigz_s is not None else "")
+        + f", zstd -d {total['zstd_decompress_s']:.2f} s.",
+    ]
+    return lines
+
+
 def _image(results: dict) -> list[str]:
     image = results.get("image")
     if not image:
@@ -748,14 +785,16 @@ def _image(results: dict) -> list[str]:
     rows = [("pull", "pull_s"), ("create + start", "create_start_s"),
             ("ready (/ready 200)", "ready_s"), ("first token", "first_token_s")]  # fmt: skip
     lines += [f"| {label} | {_spread(fresh[key])} | {_spread(warm[key])} |" for label, key in rows]
-    for name in ("imports", "weights", "warmup"):
-        lines.append(
-            f"| server: {name} | {_spread(fresh['server_phases_s'].get(name))} | "
-            f"{_spread(warm['server_phases_s'].get(name))} |"
-        )
+    for name in ("imports", "tokenizer", "weights", "warmup"):
+        if name in fresh["server_phases_s"]:
+            lines.append(
+                f"| server: {name} | {_spread(fresh['server_phases_s'].get(name))} | "
+                f"{_spread(warm['server_phases_s'].get(name))} |"
+            )
     projection = cold["projected_pull_transfer_s"]
     change = cold["code_change"]
     lines += [
+        *_container_floors(cold),
         "",
         f"Projected transfer of the {cold['compressed_bytes'] / mb:.0f} MB compressed image "
         f"(a projection, not measured): {projection['1_gbit']} s at 1 Gbit/s, "
