@@ -79,7 +79,7 @@ IMAGE_TARGET_BYTES = 1.0e9  # the CPU image on the stand-in base
 TARGETS = {
     "serving_throughput": (">=", 1.0),
     "serving_ttft": (">=", 1.0),
-    "cold_start": ("<=", 1.25),
+    "cold_start": ("<=", 1.10),
     "training_vs_reference": (">=", 1.0),
     "packing": (">=", 1.5),
     "env_size": ("<=", 0.7),
@@ -552,7 +552,9 @@ class Serving:
 
     def ours_cold(self, folder: Path, prompt: Any, tag: str, server: str = "ours") -> tuple:
         """Spawn `<pkg> serve` on an empty page cache, send one request (max_tokens 1) the
-        moment it is ready, then the same request again (warm); ours: each phase's floor."""
+        moment it is ready, then another of about its length (warm); ours: each phase's
+        floor."""
+        warm = self.load.warm_prompt([prompt, *self.prompts(folder)[1:]])
         self.drop_page_cache()
         handle, _, name = self.start(server, folder, f"cold-{tag}")
         try:
@@ -564,7 +566,7 @@ class Serving:
                         client, endpoint, prompt, -1, handle.spawned_at
                     )
                     again = await self.load.stream_request(
-                        client, endpoint, prompt, -1, time.perf_counter()
+                        client, endpoint, warm, -1, time.perf_counter()
                     )
                     return cold, again
 

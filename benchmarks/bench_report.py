@@ -387,8 +387,8 @@ def _phase_floors(results: dict) -> list[str]:
                 f"| {MODEL_LABELS.get(model, model)} | first request's TTFT | "
                 f"{_num(cold['first_request_ttft_s']['median'], 3)} | "
                 f"{_num(cold['warm_request_ttft_s']['median'], 3)} | "
-                f"{_num(cold['first_over_warm_ttft']['median'])}x | the same request again, "
-                "warm |"
+                f"{_num(cold['first_over_warm_ttft']['median'])}x | the next request, a prompt "
+                "of about its length |"
             )
     return [*lines, ""] if found else []
 

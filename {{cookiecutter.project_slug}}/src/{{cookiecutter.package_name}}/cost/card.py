@@ -313,8 +313,8 @@ def _cold_start_markdown(serving: ServingSection) -> list[str]:
     ]
     if cold.first_request_ttft_s is not None and cold.warm_request_ttft_s is not None:
         lines += [
-            f"First request's time to first token {cold.first_request_ttft_s:.3f} s; the same "
-            f"request again, warm: {cold.warm_request_ttft_s:.3f} s.",
+            f"First request's time to first token {cold.first_request_ttft_s:.3f} s; the next, "
+            f"with a prompt of about its length: {cold.warm_request_ttft_s:.3f} s.",
             "",
         ]
     if cold.floors:

@@ -41,7 +41,7 @@ from .coldstart import (
 from .config import TokenCostConfig, load_reference_prices, load_token_cost_config
 from .container import ContainerColdStart, serverless_cold_start
 from .floors import measure_floors
-from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request
+from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request, warm_prompt
 from .money import compare_with_apis, serverless_money
 from .schema import (
     SCHEMA_VERSION,
@@ -342,8 +342,9 @@ class Sweep:
             async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
                 prompt = self.prompts[0]
                 first = await stream_request(client, endpoint, prompt, -1, server.spawned_at)
-                # The same request once more: what the first would cost on a warm server.
-                warm = await stream_request(client, endpoint, prompt, -1, time.perf_counter())
+                # A request like it once more: what the first would cost on a warm server.
+                again = warm_prompt(self.prompts)
+                warm = await stream_request(client, endpoint, again, -1, time.perf_counter())
                 return first, warm
 
         first, warm = asyncio.run(first_requests())

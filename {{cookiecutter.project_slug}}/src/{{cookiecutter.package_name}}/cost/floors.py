@@ -12,8 +12,8 @@ the same machine:
                has loaded them (from the page cache, unless it was emptied since). A
                memory-mapped load can beat it: pages are read when first used, in warm-up
     adapters   against the adapter files' bytes over the same speed
-    warmup     against one warm request's time to first token: a warm-up is at least one
-               forward pass
+    warmup     against one warm request's time to first token (another prompt of about the
+               first's length): a warm-up is at least one forward pass
 """
 
 from __future__ import annotations

@@ -35,6 +35,17 @@ class Prompt:
     expected_prompt_tokens: int | None = None  # known when we hold the server's tokenizer
 
 
+def warm_prompt(prompts: list[Prompt]) -> Prompt:
+    """The prompt to time a warm request with after the first (prompts[0]): another one of
+    the nearest length. The first again would find its whole prompt in the server's prefix
+    cache and seem faster than any new request is."""
+    first, others = prompts[0], prompts[1:]
+    length = first.expected_prompt_tokens
+    if not others or length is None:
+        return others[0] if others else first
+    return min(others, key=lambda p: abs((p.expected_prompt_tokens or 0) - length))
+
+
 @dataclass
 class Endpoint:
     base_url: str  # ".../v1"

@@ -248,7 +248,8 @@ class ColdStart(Record):
     first_token_s: Amount | None
     first_request_ttft_s: Amount | None
     warm_request_ttft_s: Amount | None = Field(
-        description="the same request again right after: what the first one costs once warm"
+        description="another prompt of the nearest length right after the first: what the "
+        "first request would cost on a warm server"
     )
     server_phases_s: dict[str, Amount]
     floors: list[PhaseFloor] = Field(description="each phase beside its floor (our server)")
