@@ -479,7 +479,7 @@ class Serving:
     # -------------------------------------------------------------------------- cold start
     def cold_start(self, model: str, folder: Path) -> dict[str, Any]:
         prompts = self.prompts(folder)
-        ours, floor, phases, ready, warm, floors = [], [], [], [], [], []
+        ours, floor, phases, ready, warm, floors, dropped = [], [], [], [], [], [], []
         vllm: dict[str, list] = {"first_token": [], "ready": [], "phases": []}
         repeats = self.sizing["cold_start_repeats"]
         with_vllm = VLLM in self.servers(model)
@@ -488,13 +488,14 @@ class Serving:
             arms += [(VLLM, self.vllm_cold)] if with_vllm else []
             turn = repeat % len(arms)
             for name, arm in arms[turn:] + arms[:turn]:
-                seconds, extra = arm(folder, prompts[0], f"{model}-{repeat}")
+                seconds, extra = arm(folder, prompts, f"{model}-{repeat}")
                 if name == "ours":
                     ours.append(seconds)
                     phases.append(extra["server_phases_s"])
                     ready.append(extra["ready_s"])
                     warm.append((extra["first_request_ttft_s"], extra["warm_request_ttft_s"]))
                     floors.append({row["phase"]: row for row in extra["floors"]})
+                    dropped.append(extra["page_cache_dropped"])
                 elif name == VLLM:
                     vllm["first_token"].append(seconds)
                     vllm["ready"].append(extra["ready_s"])
@@ -503,11 +504,11 @@ class Serving:
                     floor.append(seconds)
                 say(f"cold start {model} #{repeat + 1} {name}: {seconds:.2f} s to the first token")
         ratio = statistics.median(ours) / statistics.median(floor)
-        compiled = self.vllm_compile_cache(folder, prompts[0], model) if with_vllm else None
+        compiled = self.vllm_compile_cache(folder, prompts, model) if with_vllm else None
         first_over_warm = [first / again for first, again in warm if first and again]
         names = [name for name in floors[0] if all(name in f for f in floors)] if floors else []
         return {
-            "page_cache_dropped": self.drop_page_cache(),
+            "page_cache_dropped": all(dropped),
             "ours_first_token_s": summarize(ours),
             "ours_ready_s": summarize(ready),
             "ours_server_phases_s": _phase_spread(phases),
@@ -550,12 +551,12 @@ class Serving:
             return False
         return True
 
-    def ours_cold(self, folder: Path, prompt: Any, tag: str, server: str = "ours") -> tuple:
+    def ours_cold(self, folder: Path, prompts: list, tag: str, server: str = "ours") -> tuple:
         """Spawn `<pkg> serve` on an empty page cache, send one request (max_tokens 1) the
         moment it is ready, then another of about its length (warm); ours: each phase's
         floor."""
-        warm = self.load.warm_prompt([prompt, *self.prompts(folder)[1:]])
-        self.drop_page_cache()
+        prompt, warm = prompts[0], self.load.warm_prompt(prompts)
+        dropped = self.drop_page_cache()
         handle, _, name = self.start(server, folder, f"cold-{tag}")
         try:
             endpoint = self.load.Endpoint(handle.url + "/v1", name, max_tokens=1)
@@ -584,9 +585,9 @@ class Serving:
             handle.stop()
         if section.first_token_s is None:
             raise RuntimeError(f"cold start: the first request failed: {result.error}")
-        return section.first_token_s, section.model_dump()
+        return section.first_token_s, {**section.model_dump(), "page_cache_dropped": dropped}
 
-    def vllm_compile_cache(self, folder: Path, prompt: Any, model: str) -> dict[str, Any]:
+    def vllm_compile_cache(self, folder: Path, prompts: list, model: str) -> dict[str, Any]:
         """vLLM with torch.compile on (engine.vllm_compile=true), started twice on one new
         compile cache (VLLM_CACHE_ROOT): the first start compiles into it, the second is meant to
         read it (its log says whether it did)."""
@@ -596,7 +597,7 @@ class Serving:
         starts = {}
         try:
             for label in ("empty_cache", "warm_cache"):
-                seconds, extra = self.ours_cold(folder, prompt, f"{model}-{label}", VLLM_COMPILED)
+                seconds, extra = self.ours_cold(folder, prompts, f"{model}-{label}", VLLM_COMPILED)
                 say(f"vLLM compiled, {label}: {seconds:.2f} s to the first token")
                 starts[label] = {
                     "first_token_s": seconds,
@@ -611,12 +612,13 @@ class Serving:
         size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
         return {"cache_bytes": size, "settings": "engine.vllm_compile=true", **starts}
 
-    def vllm_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
+    def vllm_cold(self, folder: Path, prompts: list, tag: str) -> tuple[float, dict]:
         """The same, with `engine.kind=vllm`: phases from vLLM's log."""
-        return self.ours_cold(folder, prompt, tag, server=VLLM)
+        return self.ours_cold(folder, prompts, tag, server=VLLM)
 
-    def floor_cold(self, folder: Path, prompt: Any, tag: str) -> tuple[float, dict]:
+    def floor_cold(self, folder: Path, prompts: list, tag: str) -> tuple[float, dict]:
         """A bare script: import torch and transformers, load the weights, generate one token."""
+        prompt = prompts[0]
         self.drop_page_cache()
         started = time.perf_counter()
         child = subprocess.Popen(

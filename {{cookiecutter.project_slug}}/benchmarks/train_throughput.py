@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builder the test suite uses
@@ -84,6 +85,15 @@ def ours(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bo
     return cost["trained_tokens"] / cost["wall_seconds"]
 
 
+def reference_lora() -> Any:
+    """The LoRA of both hand-written reference arms: the same as configs/train.yaml's."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
 def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: bool) -> float:
     """What a user would write by hand: SFTTrainer + peft on a messages dataset.
 
@@ -93,7 +103,6 @@ def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: 
     """
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -111,10 +120,7 @@ def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: 
         ),
         train_dataset=load_dataset("json", data_files=str(data), split="train"),
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=reference_lora(),
     )  # fmt: skip
     started = time.perf_counter()
     trainer.train()
@@ -148,7 +154,6 @@ def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
     gradient checkpointing (TRL's DPOConfig turns it on by default; our config does not)."""
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -163,10 +168,7 @@ def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
         ),
         train_dataset=load_dataset("json", data_files=str(PAIRS), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model),
-        peft_config=LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=reference_lora(),
     )  # fmt: skip
     started = time.perf_counter()
     trainer.train()

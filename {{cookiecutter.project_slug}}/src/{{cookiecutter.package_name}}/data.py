@@ -274,18 +274,7 @@ def load_splits(
     config: DataConfig, tokenizer: Any, seed: int
 ) -> tuple[EncodedSplit, EncodedSplit | None]:
     """Train and eval splits: eval from its own file or a seeded share of the train data."""
-    train_records, eval_records = split_records(config, seed, load_records)
-    train = encode_records(train_records, tokenizer, config)
-    if not train.examples:
-        raise UserError(
-            f"every training record is longer than data.max_length={config.max_length} and "
-            "was dropped; raise data.max_length or set data.overlong=truncate"
-        )
-    log.info(train.summary("train"))
-    evaluation = encode_records(eval_records, tokenizer, config) if eval_records else None
-    if evaluation is not None:
-        log.info(evaluation.summary("eval"))
-    return train, evaluation
+    return _encoded_splits(config, tokenizer, seed, load_records, encode_records, "training record")
 
 
 # --- preference pairs (train.method=dpo) ---------------------------------------------
@@ -430,15 +419,32 @@ def encode_preferences(
 def load_preference_splits(
     config: DataConfig, tokenizer: Any, seed: int
 ) -> tuple[PreferenceSplit, PreferenceSplit | None]:
-    train_records, eval_records = split_records(config, seed, load_preferences)
-    train = encode_preferences(train_records, tokenizer, config)
+    return _encoded_splits(
+        config, tokenizer, seed, load_preferences, encode_preferences, "preference pair"
+    )
+
+
+SplitT = TypeVar("SplitT", EncodedSplit, PreferenceSplit)
+
+
+def _encoded_splits(
+    config: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    load: Callable[[str, DataConfig], list[RecordT]],
+    encode: Callable[[list[RecordT], Any, DataConfig], SplitT],
+    what: str,
+) -> tuple[SplitT, SplitT | None]:
+    """Load, split and encode; a train split left empty by data.max_length is an error."""
+    train_records, eval_records = split_records(config, seed, load)
+    train = encode(train_records, tokenizer, config)
     if not train.examples:
         raise UserError(
-            f"every preference pair is longer than data.max_length={config.max_length} and "
-            "was dropped; raise data.max_length or set data.overlong=truncate"
+            f"every {what} is longer than data.max_length={config.max_length} and was "
+            "dropped; raise data.max_length or set data.overlong=truncate"
         )
     log.info(train.summary("train"))
-    evaluation = encode_preferences(eval_records, tokenizer, config) if eval_records else None
+    evaluation = encode(eval_records, tokenizer, config) if eval_records else None
     if evaluation is not None:
         log.info(evaluation.summary("eval"))
     return train, evaluation

@@ -565,7 +565,7 @@ def _cold_start_panel(ax: Axes, starts: dict[str, ColdStart]) -> None:
             phases = [(k, v) for k, v in cold.server_phases_s.items() if k != "ready"]
             bars.append((name, phases))
     colors: dict[str, Any] = {}
-    palette = iter(plt_colors())
+    palette = iter(_palette())
     for row, (_, phases) in enumerate(bars):
         left = 0.0
         for phase, seconds in phases:
@@ -584,7 +584,7 @@ def _cold_start_panel(ax: Axes, starts: dict[str, ColdStart]) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
-def plt_colors() -> list[Any]:
+def _palette() -> list[Any]:
     import matplotlib
 
     tab20 = matplotlib.colormaps["tab20"]

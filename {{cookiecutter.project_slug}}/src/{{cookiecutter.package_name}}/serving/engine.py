@@ -143,9 +143,12 @@ class Engine:
             ids = prompt_ids(self.tokenizer, [{"role": "user", "content": "Hello"}])
         except ValueError:  # no chat template: served for completions only
             ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or self.eos_ids
-        sampled = SamplingParams(2, temperature=0.7, top_p=0.9, seed=0).processor_kwargs()
+        params = SamplingParams(max_tokens=2, temperature=0.7, top_p=0.9, seed=0)
+        sampled = params.processor_kwargs()
         try:
-            self.loop.run_once(f"warmup-{self.name}", ids, 300, max_new_tokens=2, sampling=sampled)
+            self.loop.run_once(
+                f"warmup-{self.name}", ids, 300, max_new_tokens=params.max_tokens, sampling=sampled
+            )
         except RuntimeError as error:
             raise RuntimeError(f"warm-up of {self.name!r} failed: {error}") from None
 
