@@ -159,6 +159,7 @@ EXPECTED_FILES = {
     "deploy/k8s/base/pdb.yaml",
     "deploy/k8s/base/hpa.yaml",
     "deploy/k8s/base/servicemonitor.yaml",
+    "deploy/k8s/base/prometheusrule.yaml",
     "deploy/k8s/base/models-pvc.yaml",
     "deploy/k8s/base/weights-job.yaml",
     "deploy/k8s/base/weights.py",

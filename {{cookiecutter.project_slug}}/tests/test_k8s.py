@@ -43,7 +43,7 @@ def test_variant_renders_validates_and_agrees_with_image_and_server(variant: k8s
     prepull = ["DaemonSet"] if "prepull" in variant.components else []
     assert kinds == sorted(
         ["ConfigMap", "Deployment", "Job", "PersistentVolumeClaim", "PodDisruptionBudget",
-         "Service", "ServiceMonitor", autoscaler, *prepull]
+         "PrometheusRule", "Service", "ServiceMonitor", autoscaler, *prepull]
     )  # fmt: skip
 
 
@@ -155,6 +155,11 @@ BROKEN = {
         "deploy/k8s/base/hpa.yaml", "name: llm_requests_in_flight", "name: llm_queue_length",
         ["spec.metrics[].pods.metric.name", "llm_queue_length", "llm_requests_in_flight"],
     ),
+    "recording rule on a metric the server does not export": (
+        "deploy/k8s/base/prometheusrule.yaml", "rate(llm_cost_usd_total[5m])",
+        "rate(llm_dollars_total[5m])",
+        ["spec.groups[].rules[2].expr", "llm_dollars_total", "neither the server exports"],
+    ),
     "API key not from a Secret": (
         "configs/serve.yaml", "api_key_env: {{ cookiecutter.package_name | upper }}_API_KEY",
         "api_key_env: OTHER_KEY",
@@ -214,7 +219,7 @@ def test_cli_writes_the_rendered_overlay(tmp_path: Path):
     output = tmp_path / "cpu.yaml"
     result = run_tool("cpu", "--output", str(output))
     assert result.returncode == 0, result.stderr
-    assert "overlays/cpu: 8 resources; 7 valid against the Kubernetes 1.37 schemas" in result.stdout
+    assert "overlays/cpu: 9 resources; 7 valid against the Kubernetes 1.37 schemas" in result.stdout
     assert "kind: Deployment" in output.read_text()
 
 

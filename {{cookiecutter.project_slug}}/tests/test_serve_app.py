@@ -90,7 +90,7 @@ class ScriptedEngine(Engine):
 
 class ScriptedRuntime(Runtime):
     def __init__(self, config: ServeConfig, engines: dict[str, Engine]) -> None:
-        super().__init__(config, Metrics())
+        super().__init__(config, Metrics(config.price.usd))
         self._scripted = engines
 
     def _load_engines(self) -> None:
@@ -360,6 +360,44 @@ def test_models_info_and_metrics(client, app):
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "llm_ready" in metrics.text
+
+
+def test_tokens_and_dollars_are_counted_per_served_model(engine, tokenizer):
+    config = ServeConfig.model_validate(
+        {
+            "model": {"name_or_path": "/models/tiny", "served_name": "tiny"},
+            "price": {"usd_per_1m_input_tokens": 2.0, "usd_per_1m_output_tokens": 8.0},
+        }
+    )
+    other = ScriptedEngine("other", tokenizer)
+    runtime = ScriptedRuntime(config, {"tiny": engine, "other": other})
+    runtime._load_engines()
+    transport = httpx.ASGITransport(app=create_app(config, runtime))
+    answer = ids_of(tokenizer, "Hello there")
+    engine.script = other.script = Script(chunks=[answer + engine.eos_ids])
+
+    async def ask() -> list[dict]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            bodies = [dict(CHAT, model=m) for m in ("tiny", "tiny", "other")]
+            return [(await c.post("/v1/chat/completions", json=b)).json() for b in bodies]
+
+    usages = [reply["usage"] for reply in asyncio.run(ask())]
+    text = runtime.metrics.render().decode()
+    for model, mine in (("tiny", usages[:2]), ("other", usages[2:])):
+        label = '{model="' + model + '"} '
+        prompt = sum(u["prompt_tokens"] for u in mine)
+        completion = sum(u["completion_tokens"] for u in mine)
+        assert f"llm_prompt_tokens_total{label}{float(prompt)}" in text
+        assert f"llm_completion_tokens_total{label}{float(completion)}" in text
+        usd = float(text.split(f"llm_cost_usd_total{label}")[1].split()[0])
+        assert usd == pytest.approx((prompt * 2.0 + completion * 8.0) / 1e6)
+
+
+def test_no_dollars_counter_without_a_price(client):
+    client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    text = client.get("/metrics").text
+    assert "llm_completion_tokens_total{" in text
+    assert "llm_cost_usd_total{" not in text
 
 
 def test_openapi_declares_bodies_answers_and_errors(client):

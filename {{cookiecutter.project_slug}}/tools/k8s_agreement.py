@@ -398,6 +398,7 @@ class Checker:
                               f"{port}")  # fmt: skip
         self.budgets(labels)
         self.monitors(services, names)
+        self.recording_rules()
 
     def budgets(self, labels: dict) -> None:
         for budget in self.of_kind("PodDisruptionBudget"):
@@ -418,6 +419,22 @@ class Checker:
                 if endpoint.get("path", "/metrics") not in self.server.get_routes:
                     self.fail(monitor, f"spec.endpoints[{i}].path", f"{endpoint.get('path')}, "
                               "but that is no GET route of the server")  # fmt: skip
+
+    def recording_rules(self) -> None:
+        """Every series a rule reads is one the server exports, or one a rule records."""
+        from {{ cookiecutter.package_name }}.serving.metric_names import PREFIX
+
+        for doc in self.of_kind("PrometheusRule"):
+            rules = [r for group in doc["spec"]["groups"] for r in group["rules"]]
+            recorded = {rule["record"] for rule in rules if "record" in rule}
+            for i, rule in enumerate(rules):
+                for name in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", str(rule["expr"])):
+                    ours = name.startswith(PREFIX + "_")
+                    if (ours and name not in self.server.metrics) or (
+                        ":" in name and name not in recorded
+                    ):
+                        self.fail(doc, f"spec.groups[].rules[{i}].expr", f"{name}, which "
+                                  "neither the server exports nor a rule records")  # fmt: skip
 
     # ------------------------------------------------------------ autoscaling
     def autoscaling(self, deployment: Doc) -> None:

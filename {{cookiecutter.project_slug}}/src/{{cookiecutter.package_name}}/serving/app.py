@@ -134,7 +134,7 @@ def _openapi(app: FastAPI, api_key: bool) -> dict[str, Any]:
 
 
 def create_app(config: ServeConfig, runtime: Runtime | None = None) -> FastAPI:
-    runtime = runtime or Runtime(config, Metrics())
+    runtime = runtime or Runtime(config, Metrics(config.price.usd))
     api_key = os.environ.get(config.server.api_key_env) or None
 
     @asynccontextmanager

@@ -92,6 +92,23 @@ class LimitsSection(Section):
     max_stop_sequences: int = Field(4, ge=0)
 
 
+class PriceSection(Section):
+    """What a token is charged, for the per-model dollars counter (llm_cost_usd) that a
+    chargeback script or a Grafana panel reads. `token-cost` measures these prices and
+    prints the lines to paste here; null: no dollars counter."""
+
+    usd_per_1m_input_tokens: float | None = Field(None, ge=0)
+    usd_per_1m_output_tokens: float | None = Field(None, ge=0)
+
+    def usd(self, input_tokens: int, output_tokens: int) -> float | None:
+        """The price of one request's tokens; None when no price is set."""
+        if self.usd_per_1m_input_tokens is None and self.usd_per_1m_output_tokens is None:
+            return None
+        per_input = self.usd_per_1m_input_tokens or 0.0
+        per_output = self.usd_per_1m_output_tokens or 0.0
+        return (input_tokens * per_input + output_tokens * per_output) / 1e6
+
+
 class ServeConfig(Section):
     model: ModelSection = ModelSection()
     # served name -> LoRA adapter folder (runs/<run>/adapter)
@@ -99,6 +116,7 @@ class ServeConfig(Section):
     engine: EngineSection = EngineSection()
     server: ServerSection = ServerSection()
     limits: LimitsSection = LimitsSection()
+    price: PriceSection = PriceSection()
 
     @field_validator("adapters")
     @classmethod

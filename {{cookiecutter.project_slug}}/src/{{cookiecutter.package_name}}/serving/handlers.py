@@ -141,8 +141,7 @@ class Answer:
         self.engine.cancel(self.submission)
         metrics.in_flight.dec()
         metrics.requests.labels(self.endpoint, name, str(status)).inc()
-        metrics.prompt_tokens.labels(name).inc(len(self.ids))
-        metrics.completion_tokens.labels(name).inc(self.text.tokens)
+        metrics.answered(name, len(self.ids), self.text.tokens)
         metrics.e2e.labels(name).observe(time.perf_counter() - self.received)
 
 

@@ -8,6 +8,7 @@ PREFIX = "llm"
 REQUESTS = f"{PREFIX}_requests"
 PROMPT_TOKENS = f"{PREFIX}_prompt_tokens"
 COMPLETION_TOKENS = f"{PREFIX}_completion_tokens"
+COST_USD = f"{PREFIX}_cost_usd"  # label: model; only with a price in the serve config
 TIME_TO_FIRST_TOKEN = f"{PREFIX}_time_to_first_token_seconds"
 E2E_LATENCY = f"{PREFIX}_e2e_request_latency_seconds"
 REQUESTS_IN_FLIGHT = f"{PREFIX}_requests_in_flight"

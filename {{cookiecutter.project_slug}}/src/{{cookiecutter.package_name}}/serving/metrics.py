@@ -23,7 +23,9 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, price: Callable[[int, int], float | None] | None = None) -> None:
+        """`price`: the dollars of a request's (input, output) tokens, None when unpriced."""
+        self.price = price
         # no *_created series: they double the output for nothing
         disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.registry = CollectorRegistry()
@@ -39,6 +41,12 @@ class Metrics:
         )
         self.completion_tokens = Counter(
             names.COMPLETION_TOKENS, "Generated tokens", ["model"], registry=r
+        )
+        self.cost_usd = Counter(
+            names.COST_USD,
+            "Dollars charged for answered requests at the serve config's price",
+            ["model"],
+            registry=r,
         )
         self.ttft = Histogram(
             names.TIME_TO_FIRST_TOKEN,
@@ -70,6 +78,14 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(names.READY, "1 once the models are loaded and warm", registry=r)
+
+    def answered(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count a request's tokens, and their dollars where the serve config has a price."""
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.completion_tokens.labels(model).inc(completion_tokens)
+        usd = self.price(prompt_tokens, completion_tokens) if self.price else None
+        if usd is not None:
+            self.cost_usd.labels(model).inc(usd)
 
     def track_engine(self, model: str, pending: Callable[[], int]) -> None:
         self.engine_pending.labels(model).set_function(pending)

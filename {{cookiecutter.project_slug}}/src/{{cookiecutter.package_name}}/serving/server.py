@@ -65,7 +65,7 @@ def _serve_transformers(config: ServeConfig) -> int:
 
     check_before_loading(config)
     configure_logging(config.server.log_level)
-    runtime = Runtime(config, Metrics())
+    runtime = Runtime(config, Metrics(config.price.usd))
     app = create_app(config, runtime)
 
     grace = config.server.shutdown_grace_s
