@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chat import Message, prompt_ids
+from .scoring import exact_match
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Answer:
 
     @property
     def correct(self) -> bool:
-        return self.got.strip().lower() == self.expected.strip().lower()
+        return exact_match(self.got, self.expected) == 1.0
 
 
 def generate_answers(

@@ -29,6 +29,7 @@ from .schema import (
     MetricDefinitions,
     ServingSection,
     TrainingSection,
+    find_level,
 )
 
 if TYPE_CHECKING:
@@ -251,6 +252,8 @@ def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[s
         "",
     ]
     lines += _best_markdown(serving)
+    lines += _mix_markdown(serving)
+    lines += _quality_markdown(serving)
     lines += _tokens_markdown(serving.levels)
     lines += _metrics_markdown(serving.levels, serving.metric_definitions)
     lines += _cold_start_markdown(serving)
@@ -284,7 +287,75 @@ def _best_markdown(serving: ServingSection) -> list[str]:
         f"{_usd(money.usd_per_1k_requests)} per 1000 requests "
         f"({_f(level.output_tokens_per_s)} output tokens/s).",
         "",
+        "To count dollars per served model on the server (the `llm_cost_usd` counter), put "
+        "these prices in configs/serve.yaml:",
+        "",
+        "```yaml",
+        "price:",
+        f"  usd_per_1m_input_tokens: {_price(money.usd_per_1m_input_tokens)}",
+        f"  usd_per_1m_output_tokens: {_price(money.usd_per_1m_output_tokens)}",
+        "```",
+        "",
     ]
+
+
+def _price(value: float | None) -> str:
+    return "null" if value is None else f"{value:.6g}"
+
+
+def _mix_markdown(serving: ServingSection) -> list[str]:
+    """Per model at the best level of mixed traffic, beside each model measured alone."""
+    level = serving.best_level()
+    if level is None or not level.models:
+        return []
+    alone = {entry.model: find_level(entry.levels, entry.best) for entry in serving.alone}
+    lines = [
+        f"### Per model under the mix ({level.label})",
+        "",
+        "| model | share | requests | in tokens | out tokens | $ | $/1M in | $/1M out | "
+        "alone: $/1M out | server counters |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for share in level.models:
+        own = alone.get(share.model)
+        alone_cell = (
+            f"{_usd(own.money.usd_per_1m_output_tokens)} ({own.label})" if own else "not measured"
+        )
+        counters = share.server_counters
+        agree = "n/a" if counters is None else ("equal" if counters.match else "**DIFFER**")
+        lines.append(
+            f"| {share.model} | {share.weight:.0%} | {share.requests} | {share.input_tokens} | "
+            f"{share.output_tokens} | {_usd(share.usd)} | "
+            f"{_usd(share.usd_per_1m_input_tokens)} | {_usd(share.usd_per_1m_output_tokens)} | "
+            f"{alone_cell} | {agree} |"
+        )
+    lines += [
+        "",
+        "Under the mix every model's tokens are priced alike (one machine, one bill, split "
+        "by tokens); the alone column is what a model costs on a machine of its own.",
+        "",
+    ]
+    return lines
+
+
+def _quality_markdown(serving: ServingSection) -> list[str]:
+    quality = serving.quality
+    if quality is None:
+        return []
+    lines = [
+        f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
+        f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})",
+        "",
+        "| model | accuracy | out tokens | $ for the set | $ per 1000 correct | priced at |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for entry in quality.models:
+        lines.append(
+            f"| {entry.model} | {entry.accuracy:.1%} | {entry.output_tokens} | "
+            f"{_usd(entry.usd)} | {_usd(entry.usd_per_1k_correct)} | {entry.prices_from} |"
+        )
+    lines += ["", f"Every answer and its score: `{quality.answers_file}`.", ""]
+    return lines
 
 
 def _tokens_markdown(levels: list[LevelSummary]) -> list[str]:

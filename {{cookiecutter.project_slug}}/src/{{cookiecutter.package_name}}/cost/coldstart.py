@@ -70,22 +70,34 @@ def _sum(metrics: dict[str, float], name: str) -> float | None:
 
 
 def token_counters(metrics: dict[str, float] | None) -> dict[str, float] | None:
-    """Prompt and completion tokens the server has counted, over all models."""
+    """Prompt and completion tokens the server has counted: over all models, and per
+    model under "prompt_tokens/<model>" and "completion_tokens/<model>"."""
     if not metrics:
         return None
-    prompt = _sum(metrics, metric_names.counter_sample(metric_names.PROMPT_TOKENS))
-    completion = _sum(metrics, metric_names.counter_sample(metric_names.COMPLETION_TOKENS))
-    if prompt is None or completion is None:
-        return None
-    return {"prompt_tokens": prompt, "completion_tokens": completion}
+    counters = {}
+    for key, metric in (
+        ("prompt_tokens", metric_names.PROMPT_TOKENS),
+        ("completion_tokens", metric_names.COMPLETION_TOKENS),
+    ):
+        name = metric_names.counter_sample(metric)
+        total = _sum(metrics, name)
+        if total is None:
+            return None
+        counters[key] = total
+        for sample, value in metrics.items():
+            model = re.search(r'[{,]model="((?:[^"\\]|\\.)*)"', sample)
+            if sample.startswith(name + "{") and model:
+                counters[f"{key}/{model.group(1)}"] = value
+    return counters
 
 
 def counter_delta(
     before: dict[str, float] | None, after: dict[str, float] | None
 ) -> dict[str, float] | None:
+    """What the counters grew by; a series born in between grew from 0."""
     if before is None or after is None:
         return None
-    return {key: after[key] - before[key] for key in before}
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
 
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:

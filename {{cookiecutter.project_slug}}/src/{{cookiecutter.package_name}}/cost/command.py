@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from ..inference import has_tokenizer
+from ..scoring import resolve_scorer
 from ..serving.protocol import ServerInfo
 from .coldstart import (
     OwnServer,
@@ -43,6 +44,9 @@ from .container import ContainerColdStart, serverless_cold_start
 from .floors import measure_floors
 from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request, warm_prompt
 from .money import compare_with_apis, serverless_money
+from .quality import Prices as QualityPrices
+from .quality import eval_items
+from .quality import score as score_quality
 from .schema import (
     SCHEMA_VERSION,
     CardKind,
@@ -53,8 +57,10 @@ from .schema import (
     EngineArm,
     LevelSummary,
     LoadPlan,
+    ModelAlone,
     Prices,
     PromptSet,
+    Quality,
     ServedModel,
     Serverless,
     ServingSection,
@@ -289,8 +295,11 @@ class Sweep:
     info: ServerInfo | None = None
     cold: ColdStart | None = None
     levels: list[LevelSummary] = field(default_factory=list)
+    alone: list[ModelAlone] = field(default_factory=list)
+    quality: Quality | None = None
     partial: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    folder: Path = Path()
 
     def use_tokenizer(self, source: str | None) -> None:
         self.target.tokenizer_source = source
@@ -299,6 +308,9 @@ class Sweep:
 
     def run(self) -> None:
         ep, target = self.config.endpoint, self.target
+        if self.config.quality.enabled:  # a bad scorer or eval set fails before any start
+            resolve_scorer(self.config.quality.scorer)
+            eval_items(self.config.quality)
         if target.server is not None:
             # Prompts first: the first request goes out the moment the server is ready.
             self.use_tokenizer(target.tokenizer_source)
@@ -306,6 +318,7 @@ class Sweep:
             if self.hooks.on_server_started:
                 self.hooks.on_server_started(target.server)
         model = connect(target, ep.connect_timeout_s)
+        check_models(self.config, target)
         endpoint = self.endpoint(model)
         if target.server is not None:
             self.cold = self.cold_start(endpoint, target.server)
@@ -319,6 +332,41 @@ class Sweep:
         if target.server is None:
             self.cold = reported_cold_start(scrape(_root(target.base_url)))
         self.sweep(endpoint)
+        self.per_model(endpoint)
+
+    def per_model(self, endpoint: Endpoint) -> None:
+        """After the sweep: each model of the mix alone, then the quality scoring."""
+        mix = self.config.load.mix
+        if mix and self.config.load.alone:
+            for name in mix:
+                _say(f"the mix's {name!r} alone")
+                self.alone.append(self.measure_alone(replace(endpoint, model=name)))
+        if self.config.quality.enabled:
+            _say("quality: the eval set through the endpoint")
+            self.quality = score_quality(
+                self.config.quality, endpoint, self.quality_models(), self.prices(), self.folder
+            )
+
+    def quality_models(self) -> list[str]:
+        spec = self.config.quality
+        return spec.models or list(self.config.load.mix) or [str(self.target.model)]
+
+    def prices(self) -> dict[str, QualityPrices]:
+        """Each model's $ per 1M tokens: its own best level when measured alone, else the
+        sweep's best level (a mix prices every model's token alike)."""
+        chosen = find_level(self.levels, best_level(self.levels))
+        shared = QualityPrices(chosen.label if chosen else "none", chosen.money if chosen else None)
+        prices = dict.fromkeys(self.quality_models(), shared)
+        for alone in self.alone:
+            level = find_level(alone.levels, alone.best)
+            if level is not None:
+                prices[alone.model] = QualityPrices(f"{level.label}, alone", level.money)
+        return prices
+
+    def measure_alone(self, endpoint: Endpoint) -> ModelAlone:
+        levels: list[LevelSummary] = []
+        self.sweep(endpoint, levels, mix={})
+        return ModelAlone(model=endpoint.model, levels=levels, best=best_level(levels))
 
     def endpoint(self, model: str) -> Endpoint:
         ep, prompts = self.config.endpoint, self.config.prompts
@@ -367,9 +415,16 @@ class Sweep:
         )
         return cold
 
-    def sweep(self, endpoint: Endpoint) -> None:
+    def sweep(
+        self,
+        endpoint: Endpoint,
+        into: list[LevelSummary] | None = None,
+        mix: dict[str, float] | None = None,
+    ) -> None:
+        """The warm-up, then every level, into `into` (the card's levels by default)."""
         load = self.config.load
         server = self.target.server
+        mix = load.mix if mix is None else mix
         runner = LevelRunner(
             endpoint,
             self.prompts,
@@ -377,18 +432,27 @@ class Sweep:
             abort_after_errors=load.abort_after_errors,
             max_concurrency=load.max_concurrency,
             on_result=self.hooks.on_result,
+            mix=mix,
         )
         if load.warmup_requests:
             warm = asyncio.run(runner.warmup(load.warmup_requests))
             failed = [r for r in warm if not r.ok]
             if len(failed) == len(warm):
                 raise UserError(f"every warm-up request failed; the first: {failed[0].error}")
+        levels = self.levels if into is None else into
         for index, value in enumerate(load.levels()):
-            if not self.level(runner, index, value):
+            if not self.level(runner, index, value, levels, mix):
                 break
 
-    def level(self, runner: LevelRunner, index: int, value: float) -> bool:
-        """One level, summarized; False when the sweep must stop."""
+    def level(
+        self,
+        runner: LevelRunner,
+        index: int,
+        value: float,
+        levels: list[LevelSummary],
+        mix: dict[str, float],
+    ) -> bool:
+        """One level, summarized into `levels`; False when the sweep must stop."""
         load, slo, price = self.config.load, self.config.slo, self.config.price
         metrics_url = _root(self.target.base_url)
         before = token_counters(scrape(metrics_url))
@@ -413,8 +477,9 @@ class Sweep:
             split=price.split_rule(),
             tokenizer=self.tokenizer,
             counters=counter_delta(before, after),
+            mix=mix,
         )
-        self.levels.append(summary)
+        levels.append(summary)
         if not run.aborted:
             return True
         reason = run.stopped_by.removeprefix("abort: ")
@@ -424,6 +489,22 @@ class Sweep:
         )
         _say(f"error: {reason}")
         return False
+
+
+def check_models(config: TokenCostConfig, target: Target) -> None:
+    """Every model the mix and the quality scoring name is one the endpoint serves."""
+    served = [str(name) for name in target.served_ids if name]
+    if not served:
+        return  # an API without /models: its answers will say
+    wanted = [("load.mix", name) for name in config.load.mix]
+    if config.quality.enabled:
+        wanted += [("quality.models", name) for name in config.quality.models]
+    for field_name, name in wanted:
+        if name not in served:
+            raise UserError(
+                f"{field_name} names {name!r}, which {target.base_url} does not serve; "
+                f"it serves {', '.join(served)}"
+            )
 
 
 def _f(value: float | None) -> str:
@@ -437,7 +518,7 @@ def measure_serving(
     a fault ends it early."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     target = resolve_target(config, folder)
-    sweep = Sweep(config, target, hooks or Hooks())
+    sweep = Sweep(config, target, hooks or Hooks(), folder=folder)
     try:
         sweep.run()
     except KeyboardInterrupt:
@@ -494,6 +575,8 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
         serverless=_serverless(config, levels, chosen, best.meets_slo, sweep),
         comparison=_comparison(config, chosen, sweep.notes),
         server_log=str(folder / "server.log") if server is not None else None,
+        alone=sweep.alone,
+        quality=sweep.quality,
     )
     device, dtype = device_of(sweep.info, config.endpoint.device)
     if sweep.info is None and server is not None and server.config.engine.kind == "vllm":

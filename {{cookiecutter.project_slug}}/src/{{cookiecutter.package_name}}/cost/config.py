@@ -10,7 +10,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Section, load_yaml_config
 from .money import Split
@@ -60,6 +60,10 @@ class LoadSection(Section):
     warmup_requests: int = Field(2, ge=0)  # before the sweep, not counted
     abort_after_errors: int = Field(20, ge=1)  # consecutive failures that stop the sweep
     seed: int = 0
+    # served model -> its share of the requests, e.g. {support: 0.7, billing: 0.2, base: 0.1};
+    # the shares sum to 1. Empty: every request goes to endpoint.model.
+    mix: dict[str, float] = Field(default_factory=dict)
+    alone: bool = False  # with a mix: also measure each of its models alone, at the same levels
 
     @model_validator(mode="after")
     def _levels(self) -> LoadSection:
@@ -68,6 +72,19 @@ class LoadSection(Section):
         if self.mode == "poisson" and (not self.rates or min(self.rates) <= 0):
             raise ValueError("load.rates must be a non-empty list of rates > 0")
         return self
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        if not mix:
+            return mix
+        bad = {name: share for name, share in mix.items() if not 0 < share <= 1}
+        if bad:
+            raise ValueError(f"every share must be > 0 and <= 1, got {bad}")
+        total = sum(mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"the shares must sum to 1, they sum to {total:g}: {mix}")
+        return mix
 
     def levels(self) -> list[float]:
         return list(self.concurrency if self.mode == "concurrency" else self.rates)
@@ -114,6 +131,20 @@ class EngineSection(Section):
     container_cold_start: str | None = None
 
 
+class QualitySection(Section):
+    """Quality per dollar: the eval set answered through the endpoint (greedy), scored."""
+
+    enabled: bool = False
+    dataset: str = "data/tickets_eval.jsonl"  # the last turn of each record is its answer
+    limit: int | None = Field(None, ge=1)  # the first N records; null: all
+    # exact_match (trimmed, case-insensitive, as `evaluate`) | contains | MODULE:FUNCTION,
+    # a function (answer, reference) -> a score in [0, 1]
+    scorer: str = Field("exact_match", min_length=1)
+    max_tokens: int = Field(16, ge=1)  # per answer; `evaluate` generates 16
+    models: list[str] = Field(default_factory=list)  # served models; empty: load.mix's, or one
+    concurrency: int = Field(8, ge=1)
+
+
 class ReportSection(Section):
     dir: str = "reports"
 
@@ -129,6 +160,7 @@ class TokenCostConfig(Section):
     # Two or more: each measured in turn on the same traffic, and the card names the cheaper
     # one per traffic. Empty: the one endpoint (or our server) above.
     engines: list[EngineSection] = Field(default_factory=list)
+    quality: QualitySection = QualitySection()
     report: ReportSection = ReportSection()
 
     @model_validator(mode="after")

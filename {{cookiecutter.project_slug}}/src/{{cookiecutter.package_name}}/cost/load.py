@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -85,6 +85,22 @@ class Endpoint:
         return body
 
 
+class MixSchedule:
+    """The model of each next request, in the mix's shares: interleaved, with no random
+    draw, so after n requests each model has had n * share of them, give or take one, and
+    two runs send the same sequence."""
+
+    def __init__(self, shares: dict[str, float]) -> None:
+        self.shares = dict(shares)
+        self.sent = dict.fromkeys(shares, 0)
+
+    def next(self) -> str:
+        count = sum(self.sent.values()) + 1
+        model = max(self.shares, key=lambda m: self.shares[m] * count - self.sent[m])
+        self.sent[model] += 1
+        return model
+
+
 @dataclass
 class RequestResult:
     index: int
@@ -102,6 +118,7 @@ class RequestResult:
     text: str = ""
     finish_reason: str | None = None
     expected_prompt_tokens: int | None = None
+    model: str = ""  # the `model` it was sent to
 
     @property
     def cancelled(self) -> bool:
@@ -128,7 +145,10 @@ async def stream_request(
     """
     start = time.perf_counter()
     result = RequestResult(
-        index=index, start=start - t0, expected_prompt_tokens=prompt.expected_prompt_tokens
+        index=index,
+        start=start - t0,
+        expected_prompt_tokens=prompt.expected_prompt_tokens,
+        model=endpoint.model,
     )
 
     def since() -> float:
@@ -247,6 +267,7 @@ class LevelRunner:
         max_concurrency: int | None = None,
         on_result: Callable[[RequestResult], None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        mix: dict[str, float] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("no prompts")
@@ -258,6 +279,7 @@ class LevelRunner:
         self.max_concurrency = max_concurrency  # Poisson: later arrivals wait for a slot
         self.on_result = on_result
         self.transport = transport  # tests: httpx.MockTransport
+        self.mix = MixSchedule(mix) if mix else None
         self._next_prompt = 0
         self._consecutive_failures = 0
         self._abort: str | None = None
@@ -290,8 +312,11 @@ class LevelRunner:
             )
 
     async def _one(self, client: httpx.AsyncClient, index: int, t0: float) -> RequestResult:
+        endpoint = self.endpoint
+        if self.mix is not None:
+            endpoint = replace(endpoint, model=self.mix.next())
         return await asyncio.wait_for(
-            stream_request(client, self.endpoint, self._prompt(), index, t0),
+            stream_request(client, endpoint, self._prompt(), index, t0),
             timeout=self.endpoint.request_timeout_s + self.endpoint.connect_timeout_s,
         )
 
@@ -314,6 +339,8 @@ class LevelRunner:
     ) -> LevelRun:
         concurrency = int(level) if mode == "concurrency" else None
         pool = concurrency or self.max_concurrency or 1024
+        if self.mix is not None:  # each level starts the mix afresh: its shares are its own
+            self.mix = MixSchedule(self.mix.shares)
         async with self.client(pool) as client:
             label = f"concurrency {concurrency}" if concurrency else f"{level:g} req/s (Poisson)"
             active = _ActiveLevel(self, client, requests, concurrency, label)

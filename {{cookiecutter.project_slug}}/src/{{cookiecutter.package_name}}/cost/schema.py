@@ -144,6 +144,23 @@ class VllmBench(Record):
 LoadMode = Literal["concurrency", "poisson"]
 
 
+class ModelShare(Record):
+    """One served model's part of a level of mixed traffic (load.mix)."""
+
+    model: str
+    weight: Fraction = Field(description="its share of the requests sent (load.mix)")
+    requests: Count = Field(description="its requests answered")
+    input_tokens: Count
+    output_tokens: Count
+    usd: Amount = Field(description="its part of the bill: its tokens at the level's prices")
+    usd_per_1m_input_tokens: Amount | None
+    usd_per_1m_output_tokens: Amount | None
+    server_counters: ServerCounters | None = Field(
+        description="the server's own counters of this model over the level; match: equal to "
+        "what the meter counted from its answers' usage"
+    )
+
+
 class LevelSummary(Record):
     mode: LoadMode
     value: Positive
@@ -167,6 +184,9 @@ class LevelSummary(Record):
     tokens: TokenCheck
     money: Money
     vllm_bench: VllmBench
+    models: list[ModelShare] = Field(
+        default_factory=list, description="per served model, with mixed traffic (load.mix)"
+    )
 
 
 class BestLevel(Record):
@@ -336,6 +356,42 @@ class MetricDefinitions(Record):
     goodput: str
 
 
+class ModelAlone(Record):
+    """A model of the mix measured on its own, at the same levels (load.alone)."""
+
+    model: str
+    levels: list[LevelSummary]
+    best: BestLevel
+
+
+class ModelQuality(Record):
+    """A model's answers to the eval set, through the endpoint, scored and priced."""
+
+    model: str
+    examples: Count
+    correct: Amount = Field(description="the scores' sum (a scorer may give partial credit)")
+    accuracy: Fraction
+    input_tokens: Count
+    output_tokens: Count
+    prices_from: str = Field(description="the level whose $ per 1M tokens price these answers")
+    usd_per_1m_input_tokens: Amount | None
+    usd_per_1m_output_tokens: Amount | None
+    usd: Amount | None = Field(description="answering the whole eval set at those prices")
+    usd_per_1k_correct: Amount | None = Field(description="null: no answer was correct")
+
+
+class Quality(Record):
+    """Quality per dollar: the eval set's answers through the served endpoint, greedy."""
+
+    dataset: str
+    examples: Count
+    sha256: str = Field(description="of the prompts and reference answers sent")
+    scorer: str
+    max_tokens: Annotated[int, Field(ge=1)]
+    answers_file: str = Field(description="every answer, its reference and its score (JSONL)")
+    models: list[ModelQuality]
+
+
 class ServingSection(Record):
     endpoint: EndpointInfo
     model: ServedModel
@@ -348,6 +404,10 @@ class ServingSection(Record):
     serverless: Serverless | None
     comparison: Comparison | None
     server_log: str | None
+    alone: list[ModelAlone] = Field(
+        default_factory=list, description="each model of the mix measured on its own"
+    )
+    quality: Quality | None = None
 
     def best_level(self) -> LevelSummary | None:
         """The level `best` names, or None when no level is the best."""

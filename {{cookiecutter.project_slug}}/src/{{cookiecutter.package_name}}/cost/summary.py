@@ -22,6 +22,8 @@ from .schema import (
     Goodput,
     LevelSummary,
     MetricDefinitions,
+    ModelShare,
+    Money,
     RequestCounts,
     ServerCounters,
     TokenCheck,
@@ -165,6 +167,7 @@ def summarize_level(
     tokenizer: Any = None,
     counters: dict[str, float] | None = None,
     tpot_slo_s: float | None = None,
+    mix: dict[str, float] | None = None,
 ) -> LevelSummary:
     slo = SloTarget(ttft_slo_s, e2e_slo_s, tpot_slo_s)
     counted = [r for r in run.results if not r.cancelled]
@@ -212,7 +215,41 @@ def summarize_level(
         vllm_bench=vllm_bench_fields(
             duration, len(ok), len(failed), input_tokens, output_tokens, len(good), samples
         ),
+        models=model_shares(ok, money, mix or {}, counters),
     )
+
+
+def model_shares(
+    ok: list[RequestResult], money: Money, mix: dict[str, float], counters: dict[str, float] | None
+) -> list[ModelShare]:
+    """Each model's part of the level: its tokens at the level's prices, so the parts add
+    up to the level's bill, and the server's own counters of it beside the meter's count."""
+    shares = []
+    for model, weight in mix.items():
+        mine = [r for r in ok if r.model == model]
+        input_tokens = sum(r.prompt_tokens or 0 for r in mine)
+        output_tokens = sum(_output_tokens(r) for r in mine)
+        usd = (
+            input_tokens * (money.usd_per_1m_input_tokens or 0.0)
+            + output_tokens * (money.usd_per_1m_output_tokens or 0.0)
+        ) / 1e6
+        server = None
+        if counters is not None:
+            mine_counters = {
+                key: counters.get(f"{key}/{model}", 0.0)
+                for key in ("prompt_tokens", "completion_tokens")
+            }
+            server = _server_counters(mine, mine_counters)
+        shares.append(
+            ModelShare(
+                model=model, weight=weight, requests=len(mine), input_tokens=input_tokens,
+                output_tokens=output_tokens, usd=usd,
+                usd_per_1m_input_tokens=money.usd_per_1m_input_tokens,
+                usd_per_1m_output_tokens=money.usd_per_1m_output_tokens,
+                server_counters=server,
+            )
+        )  # fmt: skip
+    return shares
 
 
 def _request_counts(
