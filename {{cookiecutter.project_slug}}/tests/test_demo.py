@@ -43,6 +43,11 @@ def test_demo_pipeline_wiring_on_the_tiny_model(tiny_model_dir, tmp_path, monkey
     assert summary["held_out"] == 4
     assert summary["serving_cost"]["gpu_hourly_usd"] > 0
     assert all(s > 0 for s in summary["serving_cost"]["cold_start"]["server_phases_s"].values())
+    # Before and after, scored through the server: the scores of the in-process evaluation.
+    scored = summary["serving_cost"]["through_server"]
+    assert scored["base"]["accuracy"] == summary["accuracy_before"]
+    assert scored["tuned"]["accuracy"] == summary["accuracy_after"]
+    assert "through the server: accuracy" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow

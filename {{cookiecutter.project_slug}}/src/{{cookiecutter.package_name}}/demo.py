@@ -1,6 +1,8 @@
 """The whole journey on one model: held-out accuracy before, LoRA training, accuracy
-after, merge, then a short token-cost measurement of the merged model, cold start
-included. Everything lands in one folder with a summary a person can read.
+after, merge, then a short token-cost measurement of the base and the adapter served side
+by side, cold start included: $ per token, and accuracy and $ per correct answer before
+and after fine-tuning, measured through the server. Everything lands in one folder with a
+summary a person can read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 TRAIN_CONFIG = Path("configs/train.yaml")
 TOKEN_COST_CONFIG = Path("configs/token_cost.yaml")
+BASE, TUNED = "base", "tuned"  # the served names of the base model and of the adapter
 
 
 @dataclass
@@ -96,7 +99,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     serving = ServingCost()
     if options.token_cost:
         _stage(bar, "demo: measuring $ per token")
-        serving = _measure_cost(options, merged, run.path)
+        serving = _measure_cost(options, config, run)
         bar.update()
     bar.close()
 
@@ -227,15 +230,21 @@ def summarize(
     }
 
 
-def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> ServingCost:
-    """A short sweep of our own server on the merged model, cold start included."""
+def _measure_cost(options: DemoOptions, train: Config, run: RunFolder) -> ServingCost:
+    """A short sweep of our own server on the adapter, served beside the base, cold start
+    included; then both answer the held-out tickets through it, scored and priced."""
     from .cost.command import run_token_cost
     from .cost.config import load_token_cost_config
 
     config = load_token_cost_config(
         TOKEN_COST_CONFIG,
-        [f"server.model={merged}"],
+        [f"server.model={train.model.name_or_path}"],
         {
+            "server": {
+                "overrides": [f"model.served_name={BASE}"],
+                "adapters": {TUNED: str(run.finished_adapter())},
+            },
+            "endpoint": {"model": TUNED},
             "load": {
                 "mode": "concurrency",
                 "concurrency": list(options.concurrency),
@@ -243,12 +252,19 @@ def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> ServingC
                 "warmup_requests": 1,
             },
             "prompts": {"output_tokens": 16},
+            "quality": {
+                "enabled": True,
+                "dataset": train.data.eval,
+                "limit": options.eval_limit,
+                "models": [BASE, TUNED],
+            },
             "report": {"dir": str(options.out.resolve() / "cost")},
         },
     )
-    card, paths = run_token_cost(config, runs=[run_dir])
+    card, paths = run_token_cost(config, runs=[run.path])
     serving = card.serving
     best = serving.best_level() if serving else None
+    quality = serving.quality if serving else None
     cost = {
         "best_level": serving.best.label if serving else None,
         "meets_slo": serving.best.meets_slo if serving else None,
@@ -257,6 +273,14 @@ def _measure_cost(options: DemoOptions, merged: Path, run_dir: Path) -> ServingC
         "gpu_hourly_usd": card.prices.gpu_hourly_usd,
         "cold_start": serving.cold_start.model_dump() if serving and serving.cold_start else None,
         "partial": card.partial,
+        "through_server": {
+            entry.model: {
+                "accuracy": entry.accuracy,
+                "usd_per_1k_correct": entry.usd_per_1k_correct,
+                "output_tokens": entry.output_tokens,
+            }
+            for entry in (quality.models if quality else [])
+        },
     }
     return ServingCost(cost, {f"cost_card_{name}": str(path) for name, path in paths.items()})
 
@@ -291,6 +315,7 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"tokens at {cost['best_level']} ({slo}), at ${cost['gpu_hourly_usd']}/h"
             + (" — PARTIAL measurement" if cost["partial"] else "")
         )
+        lines += _through_server(summary, cost["through_server"])
     gguf = summary.get("gguf")
     if gguf:
         lines.append(
@@ -311,6 +336,24 @@ def render_summary(summary: dict[str, Any]) -> str:
     lines += ["## Files", ""]
     lines += [f"- {name}: `{path}`" for name, path in summary["paths"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _through_server(summary: dict[str, Any], scored: dict[str, Any]) -> list[str]:
+    """Before and after, as the server answers: accuracy and $ per 1000 correct answers."""
+    if BASE not in scored or TUNED not in scored:
+        return []
+    before, after = scored[BASE], scored[TUNED]
+    same = (before["accuracy"], after["accuracy"]) == (
+        summary["accuracy_before"],
+        summary["accuracy_after"],
+    )
+    return [
+        f"- through the server: accuracy {before['accuracy']:.0%} before -> "
+        f"{after['accuracy']:.0%} after, "
+        f"${_fmt(before['usd_per_1k_correct'], '{:.4g}')} -> "
+        f"${_fmt(after['usd_per_1k_correct'], '{:.4g}')} per 1000 correct answers "
+        f"({'the same scores as in process' if same else 'NOT the scores in process'})"
+    ]
 
 
 def demo_command(options: DemoOptions) -> int:
