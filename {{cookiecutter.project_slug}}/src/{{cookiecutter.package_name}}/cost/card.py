@@ -27,6 +27,7 @@ from .schema import (
     LockFile,
     LockInfo,
     MetricDefinitions,
+    Quality,
     ServingSection,
     TrainingSection,
     find_level,
@@ -495,8 +496,9 @@ def plot(card: CostCard, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     starts = _cold_starts(card)
+    quality = card.serving.quality if card.serving and not card.engines else None
     panels = (3 if card.engines else 2 if card.serving else 0) + (1 if card.training else 0)
-    panels += 1 if starts else 0
+    panels += (1 if starts else 0) + (1 if quality else 0)
     figure, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4.2))
     axes = list(axes) if panels > 1 else [axes]
     figure.suptitle(f"Cost card: {card.kind}" + (" (PARTIAL)" if card.partial else ""))
@@ -508,6 +510,8 @@ def plot(card: CostCard, path: Path) -> None:
         _cost_panel(axes[1], levels, card.serving.load.mode, card.prices.split.method)
     if starts:
         _cold_start_panel(axes[3 if card.engines else 2], starts)
+    if quality:
+        _quality_panel(axes[3 if starts else 2], quality)
     if card.training:
         _training_panel(axes[-1], card.training)
     figure.tight_layout()
@@ -660,6 +664,20 @@ def _palette() -> list[Any]:
 
     tab20 = matplotlib.colormaps["tab20"]
     return [tab20(index) for index in range(tab20.N)]
+
+
+def _quality_panel(ax: Axes, quality: Quality) -> None:
+    """$ per 1000 correct answers per model, its accuracy written on its bar."""
+    models = quality.models
+    values = [m.usd_per_1k_correct or 0.0 for m in models]
+    bars = ax.bar([m.model for m in models], values, color=_palette()[: len(models)])
+    for bar, model in zip(bars, models, strict=True):
+        label = f"{model.accuracy:.0%}" if model.usd_per_1k_correct else "none correct"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylabel("USD per 1000 correct answers")
+    ax.set_title(f"quality per dollar ({quality.scorer}, accuracy on the bars)")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
 
 
 def _training_panel(ax: Axes, training: TrainingSection) -> None:
