@@ -1,5 +1,4 @@
-"""tools/image_build.py: the image build's checks, without a Docker engine (the template's
-tests/test_image.py runs them inside a real build)."""
+"""tools/image_build.py: the image build's checks, without a Docker engine."""
 
 from __future__ import annotations
 

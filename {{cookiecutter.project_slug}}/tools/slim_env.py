@@ -3,8 +3,8 @@
     python tools/slim_env.py /opt/venv            # what the image's build runs
     python tools/slim_env.py --dry-run /opt/venv  # measure only
 
-Measured on 2026-12-01 (torch 2.13.0, Python 3.11; BENCHMARKS.md of the template, "Serving
-image"), CPU build / CUDA 13.0 build:
+What each removal saves with torch 2.13.0 on Python 3.11, CPU build / CUDA 13.0 build
+(`python tools/slim_env.py --dry-run` measures yours):
 - Tests: torch's native test executables (`torch/test`, `torch/bin/*test*`, none in the CUDA
   wheel) and the test suites other wheels ship (numpy/_core/tests, sympy/*/tests, ...) from
   which serving imports nothing: 140 MiB / 19 MiB.

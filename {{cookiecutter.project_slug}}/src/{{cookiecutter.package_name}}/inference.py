@@ -13,11 +13,9 @@ from typing import Any
 
 from . import quantized_base
 from .errors import UserError
+from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def check_adapter_dir(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from .errors import UserError
-from .train import new_run_name
+from .runs import new_run_name
 
 
 def launch_command(args: argparse.Namespace, cpu: bool) -> list[str]:

@@ -17,8 +17,7 @@ from typing import Literal
 from .chat import render
 from .config import Config
 from .errors import UserError
-from .inference import ADAPTER_CONFIG
-from .runs import PROGRAM, RunFolder, TrainingCost, TrainingMetrics
+from .runs import ADAPTER_CONFIG, PROGRAM, RunFolder, TrainingCost, TrainingMetrics
 
 What = Literal["adapter", "merged", "both"]
 CARD = "README.md"

@@ -24,6 +24,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,11 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from .config import Config, dump_config, load_config
 from .errors import UserError
-from .inference import ADAPTER_CONFIG
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 PROGRAM = __name__.partition(".")[0]  # the CLI's name
+# What peft saves in an adapter folder
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def new_run_name() -> str:
+    """The folder name of a new run under output.dir: its start time."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 class RunFile(BaseModel):

@@ -13,7 +13,6 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,14 @@ from .config import Config, load_config
 from .device import Precision, pick_precision
 from .errors import UserError
 from .quantized_base import QuantizedBase
-from .runs import RunFolder, StepLog, TrainingCost, TrainingMetrics, replace_atomically
+from .runs import (
+    RunFolder,
+    StepLog,
+    TrainingCost,
+    TrainingMetrics,
+    new_run_name,
+    replace_atomically,
+)
 
 if TYPE_CHECKING:
     from .callbacks import StopRequest
@@ -38,10 +44,6 @@ class RunResult:
     @property
     def run_dir(self) -> Path:
         return self.run.path
-
-
-def new_run_name() -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def quantization_config(config: Config, precision: Precision) -> Any:
