@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,6 @@ def serve_command(model_dir: Path, adapters: dict[str, Path], *overrides: str) -
 def serve_env(api_key: str) -> dict[str, str]:
     """This environment, with the server's API key set and the hub offline."""
     return {**os.environ, f"{PACKAGE.upper()}_API_KEY": api_key, "HF_HUB_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

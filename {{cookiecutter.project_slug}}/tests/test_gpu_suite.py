@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
 from {{ cookiecutter.package_name }}.device import check_driver, pick_device
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.launch import launch_command
-from server_process import free_port
 from test_gpu import cached_model, exact_fp32_matmuls
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server_process import free_port, start_server
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
+from server_process import start_server
 
 pytestmark = pytest.mark.slow
 

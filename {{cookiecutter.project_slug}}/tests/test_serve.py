@@ -19,7 +19,8 @@ import openai
 import pytest
 
 from lora_adapters import random_adapter, stop_adapter
-from server_process import Server, free_port, serve_command, serve_env, start_server
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
+from server_process import Server, serve_command, serve_env, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ metric: its phases are read from its log (`vllm_log_facts`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import re
@@ -117,6 +118,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What says a server is ready: ours loads and warms its models before /ready answers 200;
+# vLLM's /health answers once its engine is up.
+READY_PROBE = {"transformers": "/ready", "vllm": "/health"}
+
+
+class NotReady(Exception):
+    """The server went away, or was not ready in time."""
+
+
+def wait_ready(
+    url: str, t0: float, timeout_s: float, gone: Callable[[], str | None]
+) -> dict[str, float]:
+    """Poll `url` until it answers 200: {"listening_s", "ready_s"}, seconds after t0 (the
+    spawn). `gone` says why the server is no more (None while it runs)."""
+    timings: dict[str, float] = {}
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while time.perf_counter() < t0 + timeout_s:
+            reason = gone()
+            if reason:
+                raise NotReady(f"{reason} before it was ready")
+            try:
+                response = client.get(url)
+            except httpx.TransportError:
+                time.sleep(0.01)
+                continue
+            timings.setdefault("listening_s", time.perf_counter() - t0)
+            if response.status_code == 200:
+                timings["ready_s"] = time.perf_counter() - t0
+                return timings
+            time.sleep(READY_POLL_S)
+    raise NotReady(f"the server was not ready after {timeout_s:.0f} s")
+
+
+def first_token(base_url: str, model: str, timeout_s: float = 120.0) -> float:
+    """A short streamed chat request: the perf_counter time of its first token."""
+    from .load import Endpoint, Prompt, stream_request
+
+    async def ask() -> float:
+        endpoint = Endpoint(base_url=f"{base_url}/v1", model=model, max_tokens=8,
+                            request_timeout_s=timeout_s)  # fmt: skip
+        prompt = Prompt(messages=[{"role": "user", "content": "Hello"}])
+        async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+            t0 = time.perf_counter()
+            result = await stream_request(client, endpoint, prompt, 0, t0)
+        if not result.ok or result.first_token is None:
+            raise NotReady(f"the first request gave no token: {result.error or 'no text'}")
+        return t0 + result.start + result.first_token
+
+    return asyncio.run(ask())
+
+
 class OwnServer:
     """Our `serve` command in a child process on a free loopback port."""
 
@@ -181,28 +233,13 @@ class OwnServer:
             self.process = subprocess.Popen(
                 self.command, stdout=sink, stderr=subprocess.STDOUT, env=env
             )
-        probe = "/ready" if self.config.engine.kind == "transformers" else "/health"
-        deadline = t0 + ready_timeout_s
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
-            while time.perf_counter() < deadline:
-                if self.alive():
-                    raise UserError(f"{self.alive()} before it was ready:\n{self.log_tail()}")
-                try:
-                    response = client.get(self.url + probe)
-                except httpx.TransportError:
-                    time.sleep(0.01)
-                    continue
-                now = time.perf_counter() - t0
-                self.timings.setdefault("listening_s", now)
-                if response.status_code == 200:
-                    self.timings["ready_s"] = now
-                    return
-                time.sleep(READY_POLL_S)
-        self.stop()
-        raise UserError(
-            f"the server was not ready after {ready_timeout_s:.0f} s "
-            f"(server.ready_timeout_s):\n{self.log_tail()}"
-        )
+        try:
+            self.timings = wait_ready(
+                self.url + READY_PROBE[self.config.engine.kind], t0, ready_timeout_s, self.alive
+            )
+        except NotReady as error:
+            self.stop()
+            raise UserError(f"{error} (server.ready_timeout_s):\n{self.log_tail()}") from None
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
