@@ -202,7 +202,7 @@ def summarize(
         "model": config.model.name_or_path,
         "model_source": baseline.source,
         "device": baseline.precision.device,
-        "dtype": str(baseline.precision.dtype).removeprefix("torch."),
+        "dtype": baseline.precision.dtype_name,
         "train_steps": metrics.global_step,
         "eval_loss_before": eval_losses[0] if eval_losses else None,
         "eval_loss_after": eval_losses[-1] if eval_losses else None,

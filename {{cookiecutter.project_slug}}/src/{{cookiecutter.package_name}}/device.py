@@ -29,6 +29,15 @@ class Precision:
     def fp16(self) -> bool:
         return self.dtype == torch.float16
 
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as configs and reports write it: "bfloat16", not "torch.bfloat16"."""
+        return dtype_name(self.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
 
 def pick_device(requested: str = "auto") -> str:
     """Return 'cuda' when a GPU is visible (or asked for), else 'cpu'.

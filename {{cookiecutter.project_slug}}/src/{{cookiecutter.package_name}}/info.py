@@ -35,6 +35,6 @@ def describe() -> dict[str, str]:
         "python": platform.python_version(),
         **package_versions(),
         "device": device,
-        "dtype": str(precision.dtype).removeprefix("torch."),
+        "dtype": precision.dtype_name,
         "cpu threads": str(torch.get_num_threads()),
     }

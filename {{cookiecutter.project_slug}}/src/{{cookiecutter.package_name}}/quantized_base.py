@@ -36,6 +36,8 @@ class QuantizedBase:
         """The settings of the first bitsandbytes 4-bit layer of a loaded model."""
         from bitsandbytes.nn.modules import Linear4bit
 
+        from .device import dtype_name
+
         for module in model.modules():
             if isinstance(module, Linear4bit):
                 state = module.weight.quant_state  # type: ignore[attr-defined]  # Params4bit
@@ -43,7 +45,7 @@ class QuantizedBase:
                     quant_type=str(state.quant_type),
                     blocksize=int(state.blocksize),
                     double_quant=bool(state.nested),
-                    dtype=str(state.dtype).removeprefix("torch."),
+                    dtype=dtype_name(state.dtype),
                 )
         raise ValueError("the model has no bitsandbytes 4-bit layer")
 

@@ -615,7 +615,7 @@ def write_cost(
         usd_per_1m_tokens=round(usd / tokens * 1e6, 6) if tokens else None,
         environment=describe(),
         quantization=config.quantization.mode,
-        dtype=str(precision.dtype).removeprefix("torch."),
+        dtype=precision.dtype_name,
     )
     run.write_cost(cost)
 

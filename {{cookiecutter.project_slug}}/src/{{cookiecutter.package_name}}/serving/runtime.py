@@ -157,7 +157,7 @@ class Runtime:
             ready_after,
             ", ".join(engines),
             precision.device,
-            str(precision.dtype).removeprefix("torch."),
+            precision.dtype_name,
             context_len,
         )
 
@@ -279,7 +279,7 @@ class Runtime:
             engine_version=version("transformers"),
             device=device,
             device_name=device_name(device),
-            dtype=str(self.precision.dtype).removeprefix("torch."),
+            dtype=self.precision.dtype_name,
             models=[
                 ServedModelInfo(
                     id=name,
