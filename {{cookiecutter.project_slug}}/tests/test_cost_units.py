@@ -43,7 +43,6 @@ from {{ cookiecutter.package_name }}.cost.schema import (
     SCHEMA_PATH,
     CostCard,
     Prices,
-    TrainingRun,
     TrainingSection,
 )
 from {{ cookiecutter.package_name }}.cost.summary import (
@@ -169,19 +168,19 @@ def _run(tmp_path: Path, device: str, dtype: str = "bfloat16") -> Path:
 
 def test_training_cost_and_mfu_on_known_inputs(tmp_path):
     result = training_cost(_run(tmp_path, "cuda (NVIDIA H100 80GB HBM3)"))
-    assert result["usd"] == pytest.approx(0.1)  # 100 s at $3.60/hour
-    assert result["usd_per_1m_tokens"] == pytest.approx(0.1)
-    assert result["tokens_per_second"] == pytest.approx(10_000)
+    assert result.usd == pytest.approx(0.1)  # 100 s at $3.60/hour
+    assert result.usd_per_1m_tokens == pytest.approx(0.1)
+    assert result.tokens_per_second == pytest.approx(10_000)
     # (4 * 1e9 + 2 * 1e7) FLOPs/token * 1e4 tokens/s = 40.2 TFLOPS of 989.4.
-    assert result["mfu"]["achieved_tflops"] == pytest.approx(40.2)
-    assert result["mfu"]["value"] == pytest.approx(40.2 / 989.4)
+    assert result.mfu.achieved_tflops == pytest.approx(40.2)
+    assert result.mfu.value == pytest.approx(40.2 / 989.4)
     repriced = training_cost(tmp_path / "run1", gpu_hourly_usd=7.2)
-    assert repriced["usd"] == pytest.approx(0.2) and repriced["price_source"] == "given"
+    assert repriced.usd == pytest.approx(0.2) and repriced.price_source == "given"
 
 
 def test_training_mfu_is_unknown_on_a_cpu_and_missing_runs_are_named(tmp_path):
     result = training_cost(_run(tmp_path, "cpu", "float32"))
-    assert result["mfu"]["value"] is None and "unknown" in result["mfu"]["note"]
+    assert result.mfu.value is None and "unknown" in result.mfu.note
     with pytest.raises(UserError, match=r"cost\.json"):
         training_cost(tmp_path / "nope")
 
@@ -440,9 +439,7 @@ def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
         environment=environment(ROOT, "cpu", "float32"),
         serving=None,
         engines=None,
-        training=TrainingSection(
-            runs=[TrainingRun.model_validate(training_cost(_run(tmp_path, "cpu", "float32")))]
-        ),
+        training=TrainingSection(runs=[training_cost(_run(tmp_path, "cpu", "float32"))]),
     )
     written = json.loads(card.to_json())
     assert written["created"] == "2025-01-01T00:00:00Z"

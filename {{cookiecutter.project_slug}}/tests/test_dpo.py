@@ -89,7 +89,7 @@ def test_push_and_the_cost_card_read_a_dpo_run(dpo_run):
     assert "dpo" in plan.card.split("---")[1]  # a tag in the Hub metadata
     assert "adapter_model.safetensors" in [u.in_repo for u in plan.uploads]
     cost = training_cost(dpo_run)
-    assert cost["trained_tokens"] > 0 and cost["usd"] > 0
+    assert cost.trained_tokens > 0 and cost.usd > 0
 
 
 def test_pairs_use_the_prompt_format_sft_trains_and_serving_sends(tiny_model_dir):

@@ -134,11 +134,11 @@ def test_training_cost_and_latest_run_read_through_the_folder(tmp_path):
     os.utime(tmp_path / "old" / "cost.json", (1e9, 1e9))  # finished long before "new"
     assert latest_run(tmp_path) == tmp_path / "new"
     card = training_cost(tmp_path / "new")
-    assert card["trained_tokens"] == 12_345 and card["global_step"] == 10
-    assert card["device"] == COST.device and card["dtype"] == "bfloat16"
+    assert card.trained_tokens == 12_345 and card.global_step == 10
+    assert card.device == COST.device and card.dtype == "bfloat16"
     # (4 * 1e6 + 2 * 8192) FLOPs/token * 12345 / 61.5 tokens/s, against the H100's peak.
-    assert card["mfu"]["achieved_tflops"] == pytest.approx(4_016_384 * 12_345 / 61.5 / 1e12)
-    assert "packed weights" in card["mfu"]["note"]
+    assert card.mfu.achieved_tflops == pytest.approx(4_016_384 * 12_345 / 61.5 / 1e12)
+    assert "packed weights" in card.mfu.note
     (tmp_path / "new" / "metrics.json").write_text("{}")
     with pytest.raises(UserError, match=r"metrics\.json is malformed \(global_step: Field"):
         training_cost(tmp_path / "new")

@@ -29,7 +29,8 @@ def model_cache_dir() -> Path:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    """HF_HUB_OFFLINE is set, read as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _from_hub(model_id: str) -> bool:
@@ -161,11 +162,11 @@ def convert_gguf(source: Path, filename: str, output: Path) -> None:
 
 
 def _load_error(name: str, error: Exception) -> UserError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = _offline()
     return UserError(
         f"cannot load model {name!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}\n"
         "  It is neither a local folder nor a model in the Hugging Face cache"
-        + (" (HF_HUB_OFFLINE=1 is set)" if offline else " or reachable on the hub")
+        + (" (HF_HUB_OFFLINE is set)" if offline else " or reachable on the hub")
         + ".\n  Options: pass a local folder with config.json and *.safetensors, run once "
         "with network access to fill the cache, or set HF_HOME to a cache that holds it."
     )

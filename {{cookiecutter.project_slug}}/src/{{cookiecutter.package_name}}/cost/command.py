@@ -65,7 +65,6 @@ from .schema import (
     Serverless,
     ServingSection,
     Slo,
-    TrainingRun,
     TrainingSection,
     find_level,
 )
@@ -737,12 +736,7 @@ def build_card(
     serving = None
     training = None
     if runs:
-        training = TrainingSection(
-            runs=[
-                TrainingRun.model_validate(training_cost(run, training_price), from_attributes=True)
-                for run in runs
-            ]
-        )
+        training = TrainingSection(runs=[training_cost(run, training_price) for run in runs])
     engines = None
     if measure and config.engines:
         from .engines import compare_engines

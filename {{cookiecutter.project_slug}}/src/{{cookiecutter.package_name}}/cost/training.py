@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from ..runs import RunFolder, TrainingCost
 from .money import usd_for_seconds, usd_per_million
+from .schema import Mfu, TrainingRun
 
 # Peak dense (no sparsity) tensor-core TFLOPS by compute dtype, from the vendors' data
 # sheets. fp32 is the non-tensor-core rate (TF32 tensor cores are faster, but a run in
@@ -65,7 +65,7 @@ def latest_run(runs_dir: Path) -> Path:
     return RunFolder.latest(runs_dir).path
 
 
-def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> dict[str, Any]:
+def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> TrainingRun:
     """One run's cost section of the card; `gpu_hourly_usd` re-prices it (else the run's)."""
     run = RunFolder(run_dir)
     cost = run.read_cost()
@@ -74,24 +74,24 @@ def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> dict[st
     price = gpu_hourly_usd if gpu_hourly_usd is not None else cost.gpu_hourly_usd
     usd = usd_for_seconds(price, seconds)
     tokens_per_s = tokens / seconds if seconds > 0 else None
-    return {
-        "run": run.name,
-        "path": str(run_dir),
-        "trained_tokens": tokens,
-        "wall_seconds": seconds,
-        "tokens_per_second": tokens_per_s,
-        "gpu_hourly_usd": price,
-        "price_source": "given" if gpu_hourly_usd is not None else "the run's cost.json",
-        "usd": usd,
-        "usd_per_1m_tokens": usd_per_million(usd, tokens),
-        "parameters": metrics.parameters,
-        "trainable_parameters": metrics.trainable_parameters,
-        "global_step": metrics.global_step,
-        "quantization": cost.quantization,
-        "device": cost.device,
-        "dtype": _dtype(cost),
-        "mfu": mfu(cost, metrics.parameters, metrics.trainable_parameters, tokens_per_s),
-    }
+    return TrainingRun(
+        run=run.name,
+        path=str(run_dir),
+        trained_tokens=tokens,
+        wall_seconds=seconds,
+        tokens_per_second=tokens_per_s,
+        gpu_hourly_usd=price,
+        price_source="given" if gpu_hourly_usd is not None else "the run's cost.json",
+        usd=usd,
+        usd_per_1m_tokens=usd_per_million(usd, tokens),
+        parameters=metrics.parameters,
+        trainable_parameters=metrics.trainable_parameters,
+        global_step=metrics.global_step,
+        quantization=cost.quantization,
+        device=cost.device,
+        dtype=_dtype(cost),
+        mfu=mfu(cost, metrics.parameters, metrics.trainable_parameters, tokens_per_s),
+    )
 
 
 def _dtype(cost: TrainingCost) -> str:
@@ -100,7 +100,7 @@ def _dtype(cost: TrainingCost) -> str:
 
 def mfu(
     cost: TrainingCost, parameters: int | None, trainable: int | None, tokens_per_s: float | None
-) -> dict[str, Any]:
+) -> Mfu:
     """The MFU estimate with its inputs, or why it is unknown."""
     device, dtype = cost.device, _dtype(cost)
     gpu, peak = peak_tflops(device, dtype)
@@ -113,16 +113,16 @@ def mfu(
     if cost.quantization in ("4bit", "8bit"):
         packed = f"{cost.quantization} run: parameters are counted from the packed weights"
         note = f"{note}; {packed}" if note else packed
-    return {
-        "value": value,
-        "gpu": gpu,
-        "peak_tflops": peak,
-        "dtype": dtype,
-        "flops_per_token": per_token,
-        "achieved_tflops": achieved,
-        "formula": "(4 * parameters + 2 * trainable_parameters) * tokens_per_s / peak",
-        "note": note,
-    }
+    return Mfu(
+        value=value,
+        gpu=gpu,
+        peak_tflops=peak,
+        dtype=dtype,
+        flops_per_token=per_token,
+        achieved_tflops=achieved,
+        formula="(4 * parameters + 2 * trainable_parameters) * tokens_per_s / peak",
+        note=note,
+    )
 
 
 def _why_unknown(device: str, dtype: str, gpu: str | None, peak: float | None) -> str | None:
