@@ -16,7 +16,7 @@ from lora_adapters import QUESTIONS, STOP_ANSWER, random_adapter, stop_adapter
 from {{ cookiecutter.package_name }}.cost.command import Target, check_models, run_token_cost
 from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
 from {{ cookiecutter.package_name }}.cost.quality import eval_items
-from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH, ServedModel
+from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH, MeteredModel
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.scoring import resolve_scorer
 
@@ -151,7 +151,7 @@ def test_a_mix_whose_shares_are_wrong_is_refused(tmp_path, override, words):
 
 
 def test_a_mix_or_quality_model_the_endpoint_does_not_serve_is_named(tmp_path):
-    served = ServedModel(name_or_path=None, served_name=None, adapters={}, engine=None,
+    served = MeteredModel(name_or_path=None, served_name=None, adapters={}, engine=None,
                          engine_version=None, tokenizer=None)  # fmt: skip
     target = Target("http://x/v1", "base", None, None, served, served_ids=["base", "support"])
     check_models(config_for(tmp_path, 'load.mix={"base": 0.5, "support": 0.5}'), target)

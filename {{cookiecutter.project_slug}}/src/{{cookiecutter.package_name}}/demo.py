@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .chat import Message
     from .config import Config
     from .device import Precision
-    from .evaluate import Answer
+    from .evaluate import HeldOutAnswer
     from .runs import RunFolder
 
 TRAIN_CONFIG = Path("configs/train.yaml")
@@ -46,7 +46,7 @@ class Baseline:
     model: Any
     tokenizer: Any
     held_out: list[list[Message]]
-    answers: list[Answer]
+    answers: list[HeldOutAnswer]
 
 
 @dataclass
@@ -111,7 +111,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     return summary
 
 
-def score_adapter(run: RunFolder, baseline: Baseline, held_out_file: str | None) -> list[Answer]:
+def score_adapter(
+    run: RunFolder, baseline: Baseline, held_out_file: str | None
+) -> list[HeldOutAnswer]:
     """The adapter's answers to the held-out tickets; their accuracy goes into eval.json,
     where the model card (`push`) finds it."""
     from peft import PeftModel
@@ -129,7 +131,7 @@ def gguf_agreement(
     run: RunFolder,
     tokenizer: Any,
     held_out: list[list[Message]],
-    expected: list[Answer],
+    expected: list[HeldOutAnswer],
     out: Path | None = None,
 ) -> dict[str, Any]:
     """The merged run as GGUF f16, read back by transformers' GGUF loader: its greedy
@@ -186,7 +188,7 @@ def score_base(config: Config, eval_limit: int) -> Baseline:
 def summarize(
     config: Config,
     baseline: Baseline,
-    after: list[Answer],
+    after: list[HeldOutAnswer],
     run: RunFolder,
     merged: Path,
     serving: ServingCost,

@@ -11,7 +11,7 @@ from .scoring import exact_match
 
 
 @dataclass
-class Answer:
+class HeldOutAnswer:
     prompt: list[Message]
     expected: str
     got: str
@@ -28,7 +28,7 @@ def generate_answers(
     conversations: Sequence[Sequence[Message]],
     max_new_tokens: int = 16,
     batch_size: int = 16,
-) -> list[Answer]:
+) -> list[HeldOutAnswer]:
     """Greedy answers to the last assistant turn of each conversation, batched."""
     import torch
 
@@ -61,9 +61,9 @@ def generate_answers(
             if stopped:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(Answer(prompt, conversation[-1]["content"], text, stopped))
+            answers.append(HeldOutAnswer(prompt, conversation[-1]["content"], text, stopped))
     return answers
 
 
-def accuracy(answers: Sequence[Answer]) -> float:
+def accuracy(answers: Sequence[HeldOutAnswer]) -> float:
     return sum(a.correct for a in answers) / len(answers) if answers else 0.0

@@ -144,7 +144,7 @@ class Sampling:
 
 
 @dataclass
-class Generation:
+class GenerateResult:
     output: Any = None  # the generated ids, prompt included (1 x length)
     error: BaseException | None = None
     first_token_s: float | None = None
@@ -166,7 +166,7 @@ def stream(
     sampling: Sampling,
     device: str,
     out: TextIO,
-) -> Generation:
+) -> GenerateResult:
     """Generate in a thread and write the text to `out` as it comes."""
     import torch
     from transformers import TextIteratorStreamer
@@ -182,7 +182,7 @@ def stream(
         "pad_token_id": tokenizer.pad_token_id,
         **sampling.generate_kwargs(),
     }
-    result = Generation()
+    result = GenerateResult()
 
     def run() -> None:
         try:

@@ -57,11 +57,11 @@ from .schema import (
     EngineArm,
     LevelSummary,
     LoadPlan,
+    MeteredModel,
     ModelAlone,
     Prices,
     PromptSet,
     Quality,
-    ServedModel,
     Serverless,
     ServingSection,
     Slo,
@@ -199,7 +199,7 @@ class Target:
     model: str | None
     key_env: str | None
     tokenizer_source: str | None  # for the cross-check; the server's answer replaces it
-    served: ServedModel
+    served: MeteredModel
     server: OwnServer | None = None
     served_ids: list[str | None] = field(default_factory=list)
 
@@ -212,7 +212,7 @@ def resolve_target(config: TokenCostConfig, folder: Path) -> Target:
     """Our server (configured, not started yet) or the external endpoint of endpoint.url."""
     ep = config.endpoint
     if ep.url is not None:
-        served = ServedModel(
+        served = MeteredModel(
             name_or_path=None, served_name=None, adapters={}, engine=None,
             engine_version=None, tokenizer=None,
         )  # fmt: skip
@@ -224,7 +224,7 @@ def resolve_target(config: TokenCostConfig, folder: Path) -> Target:
     # The server's rule (runtime.py): an adapter saved with its tokenizer is served with it.
     adapter = serve_config.adapters.get(model)
     own = adapter if adapter and has_tokenizer(adapter) else None
-    served = ServedModel(
+    served = MeteredModel(
         name_or_path=serve_config.model.name_or_path,
         served_name=serve_config.base_name,
         adapters=dict(serve_config.adapters),

@@ -40,7 +40,7 @@ class EndpointSection(Section):
     request_timeout_s: float = Field(300.0, gt=0)  # one request, first byte to last
 
 
-class ServerSection(Section):
+class OwnServerSection(Section):
     config: str | None = "configs/serve.yaml"  # the serve config our server starts from
     # KEY=VALUE for the server, e.g. ["engine.kv_cache_tokens=8192"]
     overrides: list[str] = Field(default_factory=list)
@@ -152,7 +152,7 @@ class ReportSection(Section):
 class TokenCostConfig(Section):
     price: PriceSection = PriceSection()
     endpoint: EndpointSection = EndpointSection()
-    server: ServerSection = ServerSection()
+    server: OwnServerSection = OwnServerSection()
     load: LoadSection = LoadSection()
     prompts: PromptSection = PromptSection()
     slo: SloSection = SloSection()

@@ -27,14 +27,14 @@ Positive = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class Record(BaseModel):
+class CardSection(BaseModel):
     """A section of the card: every field required (null where unknown), no others."""
 
     model_config = ConfigDict(extra="forbid")
 
 
 # ---------------------------------------------------------------------------- serving levels
-class Percentiles(Record):
+class Percentiles(CardSection):
     count: Count
     p50: Amount | None
     p90: Amount | None
@@ -42,13 +42,13 @@ class Percentiles(Record):
     mean: Amount | None
 
 
-class SplitRule(Record):
+class SplitRule(CardSection):
     method: Literal["output-only", "by-tokens", "weighted"]
     input_weight: Amount
     description: str
 
 
-class Money(Record):
+class Money(CardSection):
     """One load level on a dedicated GPU; goodput_*: the window charged to the tokens of
     requests that met the SLO."""
 
@@ -63,13 +63,13 @@ class Money(Record):
     goodput_usd_per_1m_output_tokens: Amount | None
 
 
-class ServerCounters(Record):
+class ServerCounters(CardSection):
     prompt_tokens: Amount | None
     completion_tokens: Amount | None
     match: bool
 
 
-class TokenCheck(Record):
+class TokenCheck(CardSection):
     """The server's usage against the stream, the expected prompts and its own counters."""
 
     source: str
@@ -85,7 +85,7 @@ class TokenCheck(Record):
     consistent: bool
 
 
-class RequestCounts(Record):
+class RequestCounts(CardSection):
     sent: Count
     ok: Count
     errors: Count
@@ -95,14 +95,14 @@ class RequestCounts(Record):
     first_errors: list[str | None]
 
 
-class Goodput(Record):
+class Goodput(CardSection):
     requests_per_s: Amount | None
     good_requests: Count
     fraction: Fraction | None
     meets_slo: bool
 
 
-class VllmBench(Record):
+class VllmBench(CardSection):
     """The level under the field names of `vllm bench serve --save-result` (milliseconds;
     null where there is no sample, where vLLM writes 0)."""
 
@@ -144,7 +144,7 @@ class VllmBench(Record):
 LoadMode = Literal["concurrency", "poisson"]
 
 
-class ModelShare(Record):
+class ModelShare(CardSection):
     """One served model's part of a level of mixed traffic (load.mix)."""
 
     model: str
@@ -161,7 +161,7 @@ class ModelShare(Record):
     )
 
 
-class LevelSummary(Record):
+class LevelSummary(CardSection):
     mode: LoadMode
     value: Positive
     label: str
@@ -189,7 +189,7 @@ class LevelSummary(Record):
     )
 
 
-class BestLevel(Record):
+class BestLevel(CardSection):
     label: str | None
     value: float | None
     meets_slo: bool
@@ -197,7 +197,7 @@ class BestLevel(Record):
 
 
 # ---------------------------------------------------------------------------- serving section
-class EndpointInfo(Record):
+class EndpointInfo(CardSection):
     url: str
     own_server: bool
     model: str | None
@@ -206,7 +206,7 @@ class EndpointInfo(Record):
     served_models: list[str | None]
 
 
-class ServedModel(Record):
+class MeteredModel(CardSection):
     """What was served. engine, engine_version and tokenizer are the server's own answer on
     GET /info; null where it has none (an external server such as vLLM)."""
 
@@ -218,7 +218,7 @@ class ServedModel(Record):
     tokenizer: str | None = Field(description="where the served model's tokenizer came from")
 
 
-class PromptSet(Record):
+class PromptSet(CardSection):
     source: Literal["dataset", "synthetic"]
     dataset: str | None
     count: Count
@@ -230,7 +230,7 @@ class PromptSet(Record):
     )
 
 
-class LoadPlan(Record):
+class LoadPlan(CardSection):
     mode: LoadMode
     levels: list[float] = Field(min_length=1)
     requests_per_level: Annotated[int, Field(ge=1)]
@@ -244,14 +244,14 @@ class LoadPlan(Record):
     prompts: PromptSet
 
 
-class Slo(Record):
+class Slo(CardSection):
     ttft_s: Amount
     e2e_s: Amount
     tpot_s: Positive | None
     attainment: Annotated[float, Field(gt=0, le=1)]
 
 
-class PhaseFloor(Record):
+class PhaseFloor(CardSection):
     phase: str
     measured_s: Amount
     floor_s: Amount = Field(description="the least this phase could take on this machine")
@@ -259,7 +259,7 @@ class PhaseFloor(Record):
     floor: str = Field(description="how the floor was measured")
 
 
-class ColdStart(Record):
+class ColdStart(CardSection):
     measured: bool
     source: str
     command: list[str] | None
@@ -278,7 +278,7 @@ class ColdStart(Record):
     note: str | None
 
 
-class ServerlessProfile(Record):
+class ServerlessProfile(CardSection):
     requests_per_hour: Positive
     regime: Literal["scale-to-zero", "always-on"]
     instances: Annotated[int, Field(ge=1)]
@@ -304,7 +304,7 @@ ColdStartKind = Literal[
 ]
 
 
-class Serverless(Record):
+class Serverless(CardSection):
     cold_start_s: Amount
     cold_start_kind: ColdStartKind = Field(
         description="which cold start the billing used: serverless.cold_start_s, the server "
@@ -321,7 +321,7 @@ class Serverless(Record):
     profiles: list[ServerlessProfile] = Field(min_length=1)
 
 
-class ComparisonRow(Record):
+class ComparisonRow(CardSection):
     provider: str
     model: str
     usd_per_1m_input: Amount
@@ -334,7 +334,7 @@ class ComparisonRow(Record):
     verified: bool
 
 
-class Comparison(Record):
+class Comparison(CardSection):
     file: str
     taken: dt.date
     source: str
@@ -345,7 +345,7 @@ class Comparison(Record):
     rows: list[ComparisonRow]
 
 
-class MetricDefinitions(Record):
+class MetricDefinitions(CardSection):
     """How each metric is measured (as `vllm bench serve` defines it)."""
 
     ttft: str
@@ -356,7 +356,7 @@ class MetricDefinitions(Record):
     goodput: str
 
 
-class ModelAlone(Record):
+class ModelAlone(CardSection):
     """A model of the mix measured on its own, at the same levels (load.alone)."""
 
     model: str
@@ -364,7 +364,7 @@ class ModelAlone(Record):
     best: BestLevel
 
 
-class ModelQuality(Record):
+class ModelQuality(CardSection):
     """A model's answers to the eval set, through the endpoint, scored and priced."""
 
     model: str
@@ -380,7 +380,7 @@ class ModelQuality(Record):
     usd_per_1k_correct: Amount | None = Field(description="null: no answer was correct")
 
 
-class Quality(Record):
+class Quality(CardSection):
     """Quality per dollar: the eval set's answers through the served endpoint, greedy."""
 
     dataset: str
@@ -392,9 +392,9 @@ class Quality(Record):
     models: list[ModelQuality]
 
 
-class ServingSection(Record):
+class ServingSection(CardSection):
     endpoint: EndpointInfo
-    model: ServedModel
+    model: MeteredModel
     load: LoadPlan
     slo: Slo
     metric_definitions: MetricDefinitions
@@ -419,7 +419,7 @@ def find_level(levels: list[LevelSummary], best: BestLevel) -> LevelSummary | No
 
 
 # ---------------------------------------------------------------------------- engines
-class EngineArm(Record):
+class EngineArm(CardSection):
     """One engine of a comparison, measured on the same prompts and load as the others."""
 
     name: str
@@ -430,7 +430,7 @@ class EngineArm(Record):
     serving: ServingSection | None
 
 
-class EngineChoice(Record):
+class EngineChoice(CardSection):
     """One traffic cell: the engine whose measured $ per 1M output tokens is lowest."""
 
     traffic: Literal["steady", "bursty"]
@@ -442,7 +442,7 @@ class EngineChoice(Record):
     note: str | None
 
 
-class Crossover(Record):
+class Crossover(CardSection):
     """Where the cheaper engine changes between two neighbouring cells of one traffic kind."""
 
     traffic: Literal["steady", "bursty"]
@@ -455,7 +455,7 @@ class Crossover(Record):
     reason: str
 
 
-class EngineComparison(Record):
+class EngineComparison(CardSection):
     arms: list[EngineArm] = Field(min_length=2)
     fair: bool = Field(description="same model, prompts, load, SLO, price; every level complete")
     unfair: list[str] = Field(description="what differs between the arms, said plainly")
@@ -464,7 +464,7 @@ class EngineComparison(Record):
 
 
 # ---------------------------------------------------------------------------- training
-class Mfu(Record):
+class Mfu(CardSection):
     value: Amount | None
     gpu: str | None
     peak_tflops: Amount | None
@@ -475,7 +475,7 @@ class Mfu(Record):
     note: str | None
 
 
-class TrainingRun(Record):
+class TrainingRun(CardSection):
     run: str
     path: str
     trained_tokens: Count
@@ -494,18 +494,18 @@ class TrainingRun(Record):
     mfu: Mfu
 
 
-class TrainingSection(Record):
+class TrainingSection(CardSection):
     runs: list[TrainingRun] = Field(min_length=1)
 
 
 # ---------------------------------------------------------------------------- the card
-class Prices(Record):
+class Prices(CardSection):
     gpu_hourly_usd: Positive
     gpu_hourly_usd_source: str
     split: SplitRule
 
 
-class LockFile(Record):
+class LockFile(CardSection):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     input_hash: str | None
     installed_matches: bool
@@ -513,12 +513,12 @@ class LockFile(Record):
     missing: list[str]
 
 
-class LockInfo(Record):
+class LockInfo(CardSection):
     files: dict[str, LockFile] = Field(min_length=1)
     environment_matches: str | None
 
 
-class Environment(Record):
+class Environment(CardSection):
     python: str
     platform: str
     project_version: str
@@ -543,7 +543,7 @@ PARTIAL_RULE: dict[str, Any] = {
 }
 
 
-class CostCard(Record):
+class CostCard(CardSection):
     """What a token costs to serve and to train, with the prices, method, device, package
     versions and lock that produced the numbers. Written by `token-cost`."""
 
