@@ -150,6 +150,8 @@ EXPECTED_FILES = {
     "src/PKG/cost/money.py",
     "src/PKG/cost/summary.py",
     "src/PKG/cost/quality.py",
+    "src/PKG/cost/sweep.py",
+    "src/PKG/cost/target.py",
     "src/PKG/cost/training.py",
     "tests/test_cost_units.py",
     "tests/test_cost_mix_quality.py",

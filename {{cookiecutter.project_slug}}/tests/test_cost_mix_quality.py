@@ -13,10 +13,11 @@ import jsonschema
 import pytest
 
 from lora_adapters import QUESTIONS, STOP_ANSWER, random_adapter, stop_adapter
-from {{ cookiecutter.package_name }}.cost.command import Target, check_models, run_token_cost
+from {{ cookiecutter.package_name }}.cost.command import run_token_cost
 from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
 from {{ cookiecutter.package_name }}.cost.quality import eval_items
 from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH, MeteredModel
+from {{ cookiecutter.package_name }}.cost.target import Target, check_models
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.scoring import resolve_scorer
 

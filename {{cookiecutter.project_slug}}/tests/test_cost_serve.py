@@ -14,9 +14,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from {{ cookiecutter.package_name }}.cost.command import Hooks, run_token_cost
+from {{ cookiecutter.package_name }}.cost.command import run_token_cost
 from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
 from {{ cookiecutter.package_name }}.cost.schema import SCHEMA_PATH
+from {{ cookiecutter.package_name }}.cost.sweep import Hooks
 from {{ cookiecutter.package_name }}.errors import UserError
 
 pytestmark = pytest.mark.slow
