@@ -94,6 +94,7 @@ EXPECTED_FILES = {
     "src/PKG/train.py",
     "benchmarks/train_throughput.py",
     "configs/serve.yaml",
+    "configs/kustomization.yaml",  # serve.yaml as the ConfigMap of deploy/k8s
     "src/PKG/generate.py",
     "src/PKG/inference.py",
     "src/PKG/quantized_base.py",

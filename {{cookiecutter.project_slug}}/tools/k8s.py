@@ -112,9 +112,8 @@ def render(variant: Variant, root: Path = ROOT) -> Manifests:
             "buildMetadata": ["originAnnotations"],
         }
         (Path(wrapper) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        # The ConfigMap's serve.yaml is configs/serve.yaml, outside deploy/k8s.
-        command = [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", wrapper]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # kustomize's defaults, as `kubectl apply -k`, Argo CD and Flux use them.
+        result = subprocess.run([kubectl(), "kustomize", wrapper], capture_output=True, text=True)
         if result.returncode:
             raise K8sError(f"{variant.name} does not render:\n{result.stderr.strip()}")
         documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
