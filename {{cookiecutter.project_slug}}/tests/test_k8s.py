@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import k8s  # tools/k8s.py
-from k8s_agreement import prestop_s
+from tools import k8s
+from tools.k8s_agreement import prestop_s
 
 ROOT = k8s.ROOT
 
@@ -236,8 +235,8 @@ def test_an_overlay_that_does_not_render_is_an_error_naming_it(tmp_path: Path):
 
 
 def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(ROOT / "tools" / "k8s.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "tools.k8s", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_writes_the_rendered_overlay(tmp_path: Path):

@@ -6,9 +6,7 @@ same check in CI.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,21 +15,12 @@ import yaml
 
 from {{ cookiecutter.package_name }}.serving.server import CUT_OFF_MARGIN_S
 
+from tools import locking
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_STOP_TIMEOUT_S = 10  # `docker stop`'s default before SIGKILL
 PYTHON = "{{ cookiecutter.python_version }}"
 TORCH_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}"
-
-
-def _load_locking():
-    spec = importlib.util.spec_from_file_location("locking", ROOT / "tools" / "locking.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("locking", module)  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-locking = _load_locking()
 
 
 def test_locks_match_pyproject():
