@@ -437,7 +437,9 @@ class Resolver:
             pins = [f"--constraint={path}" for path in constraints]
             # --no-sources: resolve torch on PyPI, not on the [tool.uv.sources] GPU index.
             options = ["--no-sources", "--no-header", "--quiet", f"--output-file={out}"]
-            self.run("pip", "compile", *self.source(name), *target, *pins, *options)
+            command = ["pip", "compile", *self.source(name), *target, *pins, *options]
+            print(f"{name}: uv {' '.join(command)}", flush=True)
+            self.run(*command)
             resolver = self.run("--version").strip()
             return write_lock(self.root, name, out.read_text(), python, resolver)
 
@@ -456,7 +458,6 @@ class Resolver:
         return source
 
     def run(self, *args: str) -> str:
-        print(f"uv {' '.join(args)}", flush=True)
         result = subprocess.run([self.uv, *args], cwd=self.root, capture_output=True, text=True)
         if result.returncode:
             raise LockError(f"`uv {' '.join(args[:2])}` failed:\n{result.stderr.strip()}")
