@@ -57,10 +57,10 @@ def install_k8s_check(session: nox.Session) -> None:
     session.install("--no-deps", "-e", ".")
 
 
-def install_project(session: nox.Session, extras: str = "dev") -> None:
+def install_project(session: nox.Session, lock: str = "dev") -> None:
     """The locked pins (requirements/serve.txt for "serve", else dev.txt), then the
     project itself with --no-deps, so every session runs on exactly the locked versions."""
-    session.install("-r", SERVE_LOCK if extras == "serve" else DEV_LOCK, *torch_index())
+    session.install("-r", SERVE_LOCK if lock == "serve" else DEV_LOCK, *torch_index())
     session.install("--no-deps", "-e", ".")
 
 
