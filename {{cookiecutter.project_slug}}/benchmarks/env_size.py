@@ -99,11 +99,8 @@ def build(name: str, workdir: Path, torch_index: str) -> dict:
     contents = json.loads(reach.stdout)
     bootstrap = {"pip", "setuptools", "wheel"}  # what `python -m venv` puts in every venv
     unslimmed = disk_usage(venv)
-    if serving:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from slim_env import slim
-
-        slim(venv)
+    if serving:  # as the image's build runs it
+        subprocess.run([sys.executable, str(ROOT / "tools" / "slim_env.py"), str(venv)], check=True)
     return {
         "recipe": "image builder: no pip, slim_env" if serving else "nox -s env: plain venv",
         "bytes": disk_usage(venv),

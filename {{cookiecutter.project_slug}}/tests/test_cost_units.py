@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import httpx
@@ -455,8 +454,7 @@ def test_schema_accepts_a_training_card_and_rejects_a_broken_one(tmp_path):
 
 def test_serverless_cold_start_prefers_the_containers_measured_start(tmp_path):
     """The report tools/image_report.py writes (its own phases_summary) feeds the card."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import image_report
+    from tools import image_report
 
     starts = [
         image_report.Start(True, True, pull, 1.0, pull + 9, pull + 10) for pull in (11, 12, 14)

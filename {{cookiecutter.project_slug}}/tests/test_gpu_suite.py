@@ -24,9 +24,9 @@ from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.launch import launch_command
 from test_gpu import cached_model, exact_fp32_matmuls
 
+from tools import gpu_carry
+
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "tools"))
-import gpu_carry  # noqa: E402 (tools/ is not a package)
 
 NO_CUDA = "no CUDA device visible; gpu_tests need one"
 NO_GPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # hides any GPU this machine has
@@ -125,7 +125,7 @@ def test_stand_in_base_has_the_default_base_shape(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
     out = tmp_path / "stand-in"
-    result = run(sys.executable, "tools/stand_in_base.py", str(out))
+    result = run(sys.executable, "-m", "tools.stand_in_base", str(out))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     config = AutoConfig.from_pretrained(out)
     shape = (config.hidden_size, config.intermediate_size, config.num_hidden_layers)
@@ -138,13 +138,13 @@ def test_stand_in_base_has_the_default_base_shape(tmp_path):
     assert mark["parameters"] == count and 134e6 < count < 135e6, count
     assert "random weights" in mark["note"]
     assert AutoTokenizer.from_pretrained(out).chat_template
-    again = run(sys.executable, "tools/stand_in_base.py", str(tmp_path))  # not empty, no mark
+    again = run(sys.executable, "-m", "tools.stand_in_base", str(tmp_path))  # not empty, no mark
     assert again.returncode == 2 and "holds no stand-in" in again.stderr
 
 
 def test_gpu_probes_refuse_without_cuda(tmp_path):
     out = tmp_path / "probes.json"
-    result = run(sys.executable, "tools/gpu_probes.py", "--out", str(out))
+    result = run(sys.executable, "-m", "tools.gpu_probes", "--out", str(out))
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: no CUDA device visible; the GPU probes need one"

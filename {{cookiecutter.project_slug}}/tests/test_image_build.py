@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import http.server
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import image_build
+from tools import image_build
 
 
 @pytest.fixture

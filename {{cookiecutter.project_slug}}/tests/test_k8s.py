@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import k8s  # tools/k8s.py
-from k8s_agreement import prestop_s
+from tools import k8s
+from tools.k8s_agreement import prestop_s
 
 ROOT = k8s.ROOT
 
@@ -63,8 +62,33 @@ def test_the_config_map_holds_configs_serve_yaml():
     (config_map,) = manifests.of_kind("ConfigMap")
     serve_yaml = (ROOT / "configs" / "serve.yaml").read_text(encoding="utf-8")
     assert config_map["data"]["serve.yaml"] == serve_yaml
+    assert set(config_map["data"]) == {"serve.yaml", "weights.py"}
     origin = manifests.origins[("Deployment", "{{ cookiecutter.project_slug }}")]
     assert origin == "deploy/k8s/base/deployment.yaml"
+
+
+@pytest.mark.parametrize("overlay", sorted(v.overlay for v in k8s.variants() if not v.components))
+def test_kubectl_apply_k_takes_every_overlay_as_it_is(overlay: str):
+    """What `kubectl apply -k deploy/k8s/overlays/NAME` renders, with kustomize's defaults (no
+    load-restrictor option, as Argo CD and Flux too), is what the checks above see."""
+    command = [k8s.kubectl(), "kustomize", f"deploy/k8s/overlays/{overlay}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert documents == k8s.render(k8s.Variant(overlay)).documents
+
+
+def test_a_file_outside_the_kustomization_folder_is_refused(tmp_path: Path):
+    """The reason configs/ holds a kustomization of its own: kustomize's default refuses a
+    file from above the folder, and so does render()."""
+    root = broken_copy(
+        tmp_path,
+        "deploy/k8s/base/kustomization.yaml",
+        "      - weights.py",
+        "      - serve.yaml=../../../configs/serve.yaml",
+    )
+    with pytest.raises(k8s.K8sError, match=r"(?s)does not render:\n.*not in or below"):
+        k8s.render(k8s.Variant("cpu"), root)
 
 
 def test_gpu_overlay_asks_for_one_gpu_on_a_gpu_node_and_cpu_overlay_for_none():
@@ -211,8 +235,8 @@ def test_an_overlay_that_does_not_render_is_an_error_naming_it(tmp_path: Path):
 
 
 def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(ROOT / "tools" / "k8s.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "tools.k8s", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_writes_the_rendered_overlay(tmp_path: Path):

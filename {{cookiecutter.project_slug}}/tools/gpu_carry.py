@@ -1,7 +1,7 @@
 """Build the wheels an offline GPU machine needs to run the GPU suite: build/gpu_carry/.
 
-    python tools/gpu_carry.py                  # cp312, for a machine with torch preinstalled
-    python tools/gpu_carry.py --python 3.11 --limit-mib 0
+    python -m tools.gpu_carry                  # cp312, for a machine with torch preinstalled
+    python -m tools.gpu_carry --python 3.11 --limit-mib 0
 
 The machine this is for has Python, a CUDA build of torch and an older transformers
 preinstalled, no network, and a cap on the files that travel with a call. Everything else
@@ -24,9 +24,10 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import locking
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
+from tools import locking
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

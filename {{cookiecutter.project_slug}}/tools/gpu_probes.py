@@ -1,6 +1,6 @@
 """Serving figures from a GPU that the GPU suite does not assert: reports/gpu_probes.json.
 
-    python tools/gpu_probes.py [--out reports/gpu_probes.json]
+    python -m tools.gpu_probes [--out reports/gpu_probes.json]
 
 1. The transformers engine with CUDA graphs and async batching forced on
    (`engine.cuda_graphs=true engine.async_batching=true`) against the default, on the tiny
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 PACKAGE = "{{ cookiecutter.package_name }}"
 KEY = "probe-key"
 PROMPTS = [f"Ticket {i}: my order {i * 7} has not arrived." for i in range(8)]
@@ -49,7 +48,7 @@ async def together(url: str, seed: int | None = None) -> list[str]:
 
 
 def serve_and_ask(model_dir: Path, work: Path, *overrides: str) -> dict[str, Any]:
-    from server_process import free_port, start_server
+    from tests.server_process import free_port, start_server
 
     port = free_port()
     command = [sys.executable, "-m", PACKAGE, "serve", "--model", str(model_dir)]
@@ -89,10 +88,11 @@ def engines_probe(model_dir: Path, work: Path) -> dict[str, Any]:
 
 
 def dtypes_probe(model_dir: Path, work: Path) -> dict[str, Any]:
-    from lora_adapters import random_adapter
     from {{ cookiecutter.package_name }}.device import pick_precision
     from {{ cookiecutter.package_name }}.inference import attach_adapter
     from {{ cookiecutter.package_name }}.modeling import load_model
+
+    from tests.lora_adapters import random_adapter
 
     precision = pick_precision("cuda")  # bf16 where the GPU has it, else fp16
     dtype = precision.dtype
@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(f"error: {NO_CUDA}", file=sys.stderr)
         return 1
-    from conftest import build_tiny_model, build_tiny_tokenizer
     from {{ cookiecutter.package_name }}.info import package_versions
+
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="gpu-probes-"))
     model_dir = work / "tiny"

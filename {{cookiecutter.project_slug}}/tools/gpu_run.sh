@@ -30,7 +30,7 @@ python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', t
 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 step "install $archive"
-[[ -f "$archive" ]] || { echo "error: no $archive: build it with python tools/gpu_carry.py"; exit 2; }
+[[ -f "$archive" ]] || { echo "error: no $archive: build it with python -m tools.gpu_carry"; exit 2; }
 tar -xJf "$archive" -C "$work"
 pip_install=(python -m pip install --no-deps --no-index --quiet --disable-pip-version-check)
 "${pip_install[@]}" "$work"/wheels/*.whl || "${pip_install[@]}" --break-system-packages "$work"/wheels/*.whl || exit 2
@@ -57,7 +57,7 @@ if not Path(name).expanduser().is_dir():
 print(f"{name}: cached")
 EOF
 then
-    python tools/stand_in_base.py "$work/stand-in-base" || status=1
+    python -m tools.stand_in_base "$work/stand-in-base" || status=1
     export GPU_TESTS_BASE_MODEL="$work/stand-in-base"
 fi
 
@@ -71,7 +71,7 @@ cp reports/gpu_tests.json "$out/" 2>/dev/null || echo "no reports/gpu_tests.json
 find "$work/pytest" -name "*.log" -exec cp --backup=numbered -t "$out" {} + 2>/dev/null
 
 step "probes: CUDA graphs and async batching forced on; adapter engine dtypes"
-timeout "${GPU_RUN_PROBE_TIMEOUT:-150}" python tools/gpu_probes.py --out "$out/gpu_probes.json" \
+timeout "${GPU_RUN_PROBE_TIMEOUT:-150}" python -m tools.gpu_probes --out "$out/gpu_probes.json" \
     || status=1
 step "done (status $status)"
 exit "$status"

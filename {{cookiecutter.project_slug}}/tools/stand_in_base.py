@@ -1,6 +1,6 @@
 """Write a stand-in base model: SmolLM2-135M-Instruct's exact shape, random weights.
 
-    python tools/stand_in_base.py build/stand-in-base
+    python -m tools.stand_in_base build/stand-in-base
     GPU_TESTS_BASE_MODEL=build/stand-in-base nox -s gpu_tests
 
 For a GPU machine that cannot download the real base model. The GPU suite's base-model
@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 SHAPE_OF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MARK = "stand_in.json"  # tests/test_gpu.py reads it
 
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import build_tiny_tokenizer
+    from tests.conftest import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(  # the config.json of SmolLM2-135M-Instruct
