@@ -18,37 +18,39 @@ empty compile cache volume and the second with what the first left in it. Result
 reports/image.json and reports/image.md; the cost card can price serverless billing on them
 (token_cost's serverless.container_cold_start).
 
-Standard library and the docker CLI only: it drives the engine from the host. (Not rendered
-by the template: the docker --format strings are Go templates.)
+Standard library and the docker CLI only: it drives the engine from the host, and
+`nox -s docker` runs it on nox's own Python, so a host with Docker and nox needs nothing
+more. That is why it polls readiness and times the first token itself rather than with the
+meter's httpx client (cost/coldstart.py), which it mirrors. (Not rendered by the template:
+the docker --format strings are Go templates.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = next((ROOT / "src").iterdir()).name
-# The server's own start helpers: the same readiness poll, first request and metrics as the
-# cost meter's (this file is copied into the project unrendered, so the name is looked up).
-coldstart = importlib.import_module(f"{PACKAGE}.cost.coldstart")
 REPORTS = ROOT / "reports"
 SERVER_PORT = 8000  # the image's EXPOSE
+METRIC = "llm_cold_start_seconds"
+# Where each engine's server says it is ready: ours /ready, vLLM's /health (it has no /ready).
+READY = {"transformers": "/ready", "vllm": "/health"}
 DOCKERFILE = {"transformers": "Dockerfile", "vllm": "Dockerfile.vllm"}
 # vLLM's processes share a 160 MiB ring buffer in /dev/shm; Docker's default is 64 MiB.
 VLLM_SHM = "1g"
@@ -175,7 +177,7 @@ class Registry:
                     "one (Debian: apt-get install docker-registry)"
                 )
             self.folder = Path(tempfile.mkdtemp(prefix="registry-"))
-            port = coldstart.free_port()
+            port = free_port()
             config = self.folder / "config.yml"
             config.write_text(
                 "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
@@ -186,12 +188,12 @@ class Registry:
             self.process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=log)
             self.address = f"127.0.0.1:{port}"
             try:
-                coldstart.wait_ready(
-                    f"http://{self.address}/v2/", time.perf_counter(), 30, lambda: None
+                wait_for(
+                    lambda: http_status(f"http://{self.address}/v2/") == 200, 30, "the registry"
                 )
-            except coldstart.NotReady as error:
+            except ImageError:
                 self.__exit__()
-                raise ImageError(f"the registry: {error}") from None
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -306,6 +308,31 @@ class Start:
     pulled_layers: list[str] = field(default_factory=list)  # short ids `docker pull` fetched
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise ImageError(f"{what} did not come up within {timeout_s:.0f} s")
+
+
 def drop_page_cache() -> bool:
     """So that a start reads the image and the weights from disk, as a fresh node does."""
     try:
@@ -316,10 +343,42 @@ def drop_page_cache() -> bool:
     return True
 
 
+def first_token(base_url: str, model: str) -> None:
+    """One streamed chat request; returns when its first content chunk arrives."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        for raw in answer:
+            line = raw.decode().strip()
+            if line.startswith("data: {") and '"content": ""' not in line and "content" in line:
+                return
+    raise ImageError("the first request streamed no token")
+
+
 def served_model(base_url: str) -> str:
     """The first model the server lists (the base model of the image's own command)."""
-    answer = httpx.get(f"{base_url}/v1/models", timeout=10, trust_env=False)
-    return str(answer.json()["data"][0]["id"])
+    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as answer:
+        return json.load(answer)["data"][0]["id"]
+
+
+def server_phases(base_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    phases = {}
+    for line in text.splitlines():
+        if line.startswith(METRIC + "{"):
+            labels, _, value = line.rpartition(" ")
+            phases[labels.split('"')[1]] = round(float(value), 3)
+    return phases
 
 
 def one_start(
@@ -341,23 +400,25 @@ def one_start(
             if status.strip() == "Pull complete":
                 fetched.append(layer.strip())
     pulled = time.perf_counter()
-    port = coldstart.free_port()
+    port = free_port()
     shm = ["--shm-size", VLLM_SHM] if engine == "vllm" else []
     run = ["run", "-d", "-p", f"127.0.0.1:{port}:{SERVER_PORT}", *shm, *mounts, image]
     container = docker(*run, *serve_args).strip()
     started = time.perf_counter()
     base = f"http://127.0.0.1:{port}"
 
-    def gone() -> str | None:
-        running = docker("inspect", "-f", "{{.State.Running}}", container).strip() == "true"
-        return None if running else "the container exited"
+    def answers_ready() -> bool:
+        if docker("inspect", "-f", "{{.State.Running}}", container).strip() != "true":
+            raise ImageError("the container exited before it was ready")
+        return http_status(f"{base}{READY[engine]}") == 200
 
     try:
-        coldstart.wait_ready(base + coldstart.READY_PROBE[engine], started, 900, gone)
+        wait_for(answers_ready, 900, "the server in the container")
         ready_at = time.perf_counter()
-        first = coldstart.first_token(base, model or served_model(base))
-        phases = coldstart.server_phases(coldstart.scrape(base)) if engine == "transformers" else {}
-    except (coldstart.NotReady, httpx.HTTPError) as error:
+        first_token(base, model or served_model(base))
+        first = time.perf_counter()
+        phases = server_phases(base) if engine == "transformers" else {}
+    except (ImageError, OSError) as error:  # urllib's HTTP and connection errors are OSErrors
         done = subprocess.run(
             ["docker", "logs", "--tail", "20", container], capture_output=True, text=True
         )
@@ -620,10 +681,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [
             ("pull", "pull_s"),
             ("create + start", "create_start_s"),
-            (
-                f"ready ({coldstart.READY_PROBE[report.get('engine', 'transformers')]} 200)",
-                "ready_s",
-            ),
+            (f"ready ({READY[report.get('engine', 'transformers')]} 200)", "ready_s"),
             ("first token", "first_token_s"),
         ]
         for label, key in rows:
@@ -760,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-name", default="served")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--code-change", action="store_true", help="count a redeploy's bytes")
-    parser.add_argument("--engine", choices=list(coldstart.READY_PROBE), default="transformers")
+    parser.add_argument("--engine", choices=list(READY), default="transformers")
     parser.add_argument(
         "--compile-cache", action="store_true", help="vllm: torch.compile starts, cold and warm"
     )

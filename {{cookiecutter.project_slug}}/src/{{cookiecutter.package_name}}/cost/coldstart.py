@@ -11,7 +11,6 @@ metric: its phases are read from its log (`vllm_log_facts`).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import re
@@ -149,24 +148,6 @@ def wait_ready(
                 return timings
             time.sleep(READY_POLL_S)
     raise NotReady(f"the server was not ready after {timeout_s:.0f} s")
-
-
-def first_token(base_url: str, model: str, timeout_s: float = 120.0) -> float:
-    """A short streamed chat request: the perf_counter time of its first token."""
-    from .load import Endpoint, Prompt, stream_request
-
-    async def ask() -> float:
-        endpoint = Endpoint(base_url=f"{base_url}/v1", model=model, max_tokens=8,
-                            request_timeout_s=timeout_s)  # fmt: skip
-        prompt = Prompt(messages=[{"role": "user", "content": "Hello"}])
-        async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
-            t0 = time.perf_counter()
-            result = await stream_request(client, endpoint, prompt, 0, t0)
-        if not result.ok or result.first_token is None:
-            raise NotReady(f"the first request gave no token: {result.error or 'no text'}")
-        return t0 + result.start + result.first_token
-
-    return asyncio.run(ask())
 
 
 class OwnServer:
