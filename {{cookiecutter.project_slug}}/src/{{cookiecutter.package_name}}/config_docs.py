@@ -104,17 +104,21 @@ def describe_keys(schema: type[BaseModel], width: int = 88) -> str:
     lines: list[str] = []
     for doc in key_docs(schema):
         indent = "  " * doc.key.count(".")
+        if not indent:
+            lines.append("")  # a blank line before each section and top-level key
         if doc.section:
-            lines += ["", f"{indent}{doc.key}: {doc.description}"]
+            lines += _wrapped(f"{doc.key}: {doc.description}", width, indent, indent + "    ")
             continue
-        default = " (required)" if doc.default is None else f" = {doc.default}"
+        default = ", required" if doc.default is None else f" = {doc.default}"
         lines.append(f"{indent}{doc.key}: {doc.type}{default}")
-        more = indent + "    "
-        lines += textwrap.wrap(
-            doc.description, width, initial_indent=more, subsequent_indent=more,
-            break_on_hyphens=False,
-        )  # fmt: skip
+        lines += _wrapped(doc.description, width, indent + "    ", indent + "    ")
     return "\n".join(lines).lstrip("\n")
+
+
+def _wrapped(text: str, width: int, first: str, then: str) -> list[str]:
+    return textwrap.wrap(
+        text, width, initial_indent=first, subsequent_indent=then, break_on_hyphens=False
+    )
 
 
 @dataclass(frozen=True)
