@@ -148,3 +148,14 @@ def test_mapping_values_and_list_items_are_data_not_keys():
     assert not [problem for problem in problems if "adapters.support" in problem]
     assert [problem for problem in problems if "engines[].colour is no key" in problem]
     assert not [problem for problem in problems if "engines[].name" in problem]
+
+
+def test_an_unknown_key_in_a_list_item_names_the_keys_of_its_items():
+    from {{ cookiecutter.package_name }}.cost.config import load_token_cost_config
+    from {{ cookiecutter.package_name }}.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        load_token_cost_config(None, ["engines=[{name: a, nme: b}, {name: c}]"])
+    assert "engines.0.nme: unknown key; did you mean 'engines[].name'? (valid here: name, url," in (
+        str(error.value)
+    )

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_docs import key_docs
 from .errors import UserError
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
@@ -262,38 +263,33 @@ class Config(Section):
         return self
 
 
-def _keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted key a schema accepts, sections included."""
-    names = []
-    for name, field in schema.model_fields.items():
-        names.append(prefix + name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names += _keys(annotation, f"{prefix}{name}.")
-    return names
-
-
 def describe_error(
     error: ValidationError, schema: type[BaseModel], source: str, what: str = "config"
 ) -> str:
     """The one way a validation error reaches the user: each problem on its own line,
     unknown keys with the nearest valid one, bad values with what was given."""
-    valid = _keys(schema)
+    valid = [doc.key for doc in key_docs(schema)]
     lines = [f"invalid {what} {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            section = key.rpartition(".")[0]
-            choices = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == section]
-            lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(choices)})")
+            lines.append(f"  {key}: unknown key{_nearest(key, valid)}")
         else:
             value = item.get("input")
             # A check across keys receives the whole section: its message names the keys.
             got = "" if isinstance(value, dict) else f" (got {value!r})"
             lines.append(f"  {key or '<root>'}: {item['msg']}{got}")
     return "\n".join(lines)
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    """The valid key nearest an unknown one, and the keys of its section."""
+    pattern = re.sub(r"\.\d+\.", "[].", key)  # a list item's key: engines.0.nme -> engines[].nme
+    close = difflib.get_close_matches(pattern, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    section = pattern.rpartition(".")[0]
+    choices = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == section]
+    return f"{hint} (valid here: {', '.join(choices)})"
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
