@@ -246,6 +246,8 @@ def test_base_model_and_price_reach_the_training_config(tmp_path: Path):
     config = yaml.safe_load((project / "configs/train.yaml").read_text())
     assert config["model"]["name_or_path"] == "./models/my base #1"
     assert config["cost"]["gpu_hourly_usd"] == 0.75
+    serve = yaml.safe_load((project / "configs/serve.yaml").read_text())
+    assert serve["model"]["name_or_path"] == "./models/my base #1"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
