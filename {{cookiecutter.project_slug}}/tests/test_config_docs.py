@@ -20,8 +20,11 @@ from {{ cookiecutter.package_name }}.cost.config import ReferencePrices
 
 PROJECT = Path(__file__).resolve().parents[1]
 REWRITE = "python -m {{ cookiecutter.package_name }}.config_docs"
-COMMANDS = {"train": "configs/train.yaml", "serve": "configs/serve.yaml",
-            "token-cost": "configs/token_cost.yaml"}  # fmt: skip
+COMMANDS = {
+    "train": "configs/train.yaml",
+    "serve": "configs/serve.yaml",
+    "token-cost": "configs/token_cost.yaml",
+}
 # Dotted names in the README that are not config keys: transformers' own method, and the
 # mistyped key of the error message it shows.
 NOT_KEYS = {"model.init_continuous_batching", "lora.rank"}

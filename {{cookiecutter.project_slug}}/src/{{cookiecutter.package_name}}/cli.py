@@ -15,53 +15,32 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .errors import UserError
 
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
 
 class _Parser(argparse.ArgumentParser):
-    """A parser whose --help ends with every key of the command's config (`config=` names
-    a function that returns its schema, imported only when the help is shown)."""
+    """A parser whose --help ends with every key of a config file's schema (`config=`:
+    configs/train.yaml, configs/serve.yaml or configs/token_cost.yaml), imported only
+    when the help is shown."""
 
-    def __init__(
-        self, *args: Any, config: Callable[[], type[BaseModel]] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, config: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config = config
 
     def format_help(self) -> str:
         if self.config is None:
             return super().format_help()
-        from .config_docs import describe_keys
+        from .config_docs import config_files, describe_keys
 
+        keys = describe_keys(config_files()[self.config])
         heading = (
-            "config keys (KEY=VALUE sets any; a key the config file leaves out has its default)"
+            f"config keys of {self.config} (KEY=VALUE sets any; a key left out has its default)"
         )
-        return f"{super().format_help()}\n{heading}:\n\n{describe_keys(self.config())}\n"
+        return f"{super().format_help()}\n{heading}:\n\n{keys}\n"
 
 
 if TYPE_CHECKING:
     # What add_subparsers returns (argparse gives it no public name); each _add_* puts
     # one command on it.
     Commands = argparse._SubParsersAction[_Parser]
-
-
-def _train_schema() -> type[BaseModel]:
-    from .config import Config
-
-    return Config
-
-
-def _serve_schema() -> type[BaseModel]:
-    from .serving.config import ServeConfig
-
-    return ServeConfig
-
-
-def _token_cost_schema() -> type[BaseModel]:
-    from .cost.config import TokenCostConfig
-
-    return TokenCostConfig
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -211,7 +190,7 @@ def _add_train(commands: Commands) -> None:
     train = commands.add_parser(
         "train",
         help="LoRA / QLoRA fine-tune from a YAML config",
-        config=_train_schema,
+        config="configs/train.yaml",
         description="Fine-tune from a YAML config; KEY=VALUE overrides any field "
         "(e.g. train.max_steps=20 lora.r=8).",
     )
@@ -322,7 +301,7 @@ def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible server (continuous batching, adapters by name, /metrics)",
-        config=_serve_schema,
+        config="configs/serve.yaml",
         description="Serve from a YAML config; KEY=VALUE overrides any field "
         "(e.g. server.port=9000 engine.kind=vllm).",
     )
@@ -345,7 +324,7 @@ def _add_token_cost(commands: Commands) -> None:
     cost = commands.add_parser(
         "token-cost",
         help="measure $ per 1M tokens (serving with cold start, training runs); write a cost card",
-        config=_token_cost_schema,
+        config="configs/token_cost.yaml",
         description="Measure what a token costs and write reports/<time>-<kind>/cost_card."
         "{json,md,png}. Without --url our server is started from server.config (cold start "
         "included); with --url any OpenAI-compatible endpoint is measured. KEY=VALUE "
