@@ -60,6 +60,7 @@ EXPECTED_FILES = {
     "tests/conftest.py",
     "tests/data/tokenizer_corpus.txt",
     "tests/test_cli.py",
+    "tests/test_config_docs.py",
     "tests/test_lock.py",
     "tests/test_lora_variants.py",
     "tests/test_tiny_model.py",
@@ -86,6 +87,7 @@ EXPECTED_FILES = {
     "tests/data/serving_cost_card.json",
     "src/PKG/chat.py",
     "src/PKG/config.py",
+    "src/PKG/config_docs.py",
     "src/PKG/data.py",
     "src/PKG/errors.py",
     "src/PKG/evaluate.py",
@@ -280,6 +282,8 @@ def test_base_model_and_price_reach_the_training_config(tmp_path: Path):
     config = yaml.safe_load((project / "configs/train.yaml").read_text())
     assert config["model"]["name_or_path"] == "./models/my base #1"
     assert config["cost"]["gpu_hourly_usd"] == 0.75
+    serve = yaml.safe_load((project / "configs/serve.yaml").read_text())
+    assert serve["model"]["name_or_path"] == "./models/my base #1"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))

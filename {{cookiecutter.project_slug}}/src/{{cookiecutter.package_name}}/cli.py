@@ -10,15 +10,37 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import UserError
 
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose --help ends with every key of a config file's schema (`config=`:
+    configs/train.yaml, configs/serve.yaml or configs/token_cost.yaml), imported only
+    when the help is shown."""
+
+    def __init__(self, *args: Any, config: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def format_help(self) -> str:
+        if self.config is None:
+            return super().format_help()
+        from .config_docs import config_files, describe_keys
+
+        keys = describe_keys(config_files()[self.config])
+        heading = (
+            f"config keys of {self.config} (KEY=VALUE sets any; a key left out has its default)"
+        )
+        return f"{super().format_help()}\n{heading}:\n\n{keys}\n"
+
+
 if TYPE_CHECKING:
     # What add_subparsers returns (argparse gives it no public name); each _add_* puts
     # one command on it.
-    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+    Commands = argparse._SubParsersAction[_Parser]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -143,7 +165,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=__package__,
         description="Fine-tune an open LLM with LoRA, serve it, and measure what a token costs.",
     )
@@ -168,6 +190,7 @@ def _add_train(commands: Commands) -> None:
     train = commands.add_parser(
         "train",
         help="LoRA / QLoRA fine-tune from a YAML config",
+        config="configs/train.yaml",
         description="Fine-tune from a YAML config; KEY=VALUE overrides any field "
         "(e.g. train.max_steps=20 lora.r=8).",
     )
@@ -278,6 +301,7 @@ def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible server (continuous batching, adapters by name, /metrics)",
+        config="configs/serve.yaml",
         description="Serve from a YAML config; KEY=VALUE overrides any field "
         "(e.g. server.port=9000 engine.kind=vllm).",
     )
@@ -300,6 +324,7 @@ def _add_token_cost(commands: Commands) -> None:
     cost = commands.add_parser(
         "token-cost",
         help="measure $ per 1M tokens (serving with cold start, training runs); write a cost card",
+        config="configs/token_cost.yaml",
         description="Measure what a token costs and write reports/<time>-<kind>/cost_card."
         "{json,md,png}. Without --url our server is started from server.config (cold start "
         "included); with --url any OpenAI-compatible endpoint is measured. KEY=VALUE "

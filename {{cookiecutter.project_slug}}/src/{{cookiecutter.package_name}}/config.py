@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_docs import key_docs
 from .errors import UserError
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
@@ -30,32 +31,55 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name_or_path: str  # hub id or local folder; configs/train.yaml sets it
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    # transformers' attention kernel; auto: the library's choice (sdpa where the model has it)
+    name_or_path: str = Field(description="hub id or local folder (safetensors)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model")
     attn_implementation: Literal[
         "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"
-    ] = "auto"
+    ] = Field(
+        "auto",
+        description="transformers' attention kernel; auto: the library's choice (sdpa where "
+        "the model has it)",
+    )
 
 
 class DataConfig(Section):
-    train: str = "data/tickets_train.jsonl"
-    eval: str | None = "data/tickets_eval.jsonl"
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    split: str = "train"  # split of a Hugging Face dataset id
-    format: Literal["auto", "messages", "prompt_completion", "instruction"] = "auto"
-    system_prompt: str | None = None  # added to records that have none
-    max_length: int = Field(512, ge=16, le=131072)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    train_on_prompt: bool = False
-    packing: bool = False
-    # TRL's packing: bfd (best-fit decreasing, overflow truncated), bfd_split (overflow split
-    # into more examples), wrapped (one stream cut into rows, examples cut mid-way)
-    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = "bfd"
-    # Flatten each batch into one row without pad tokens (bfd packing always does)
-    padding_free: bool = False
+    train: str = Field(
+        "data/tickets_train.jsonl",
+        description=".jsonl, .json, .parquet, a folder of them or a Hugging Face dataset id",
+    )
+    eval: str | None = Field(
+        "data/tickets_eval.jsonl", description="null: split eval_fraction off the train data"
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of the train data held out for eval (seeded)"
+    )
+    split: str = Field("train", description="split of a Hugging Face dataset")
+    format: Literal["auto", "messages", "prompt_completion", "instruction"] = Field(
+        "auto", description="the records' format; auto: read from their keys"
+    )
+    system_prompt: str | None = Field(None, description="added to records without a system message")
+    max_length: int = Field(512, ge=16, le=131072, description="tokens per example")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="what happens to examples longer than max_length"
+    )
+    train_on_prompt: bool = Field(False, description="false: loss on assistant tokens only")
+    packing: bool = Field(
+        False, description="pack several examples into each row of max_length tokens"
+    )
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field(
+        "bfd",
+        description="TRL's packing: bfd (best-fit decreasing, overflow truncated), bfd_split "
+        "(overflow split into more examples), wrapped (one stream cut into rows, examples cut "
+        "mid-way)",
+    )
+    padding_free: bool = Field(
+        False,
+        description="without packing: each batch as one row, no pad tokens (bfd packing always is)",
+    )
 
     @model_validator(mode="after")
     def _padding_free(self) -> DataConfig:
@@ -81,15 +105,32 @@ DATA_INITS = ("corda",)
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
-    use_dora: bool = False  # weight-decomposed LoRA: a magnitude vector per target layer
-    init: str = "default"
-    bias: Literal["none", "all", "lora_only"] = "none"  # biases trained with the adapter
-    modules_to_save: list[str] | None = None  # layers trained in full and saved, e.g. lm_head
+    r: int = Field(16, ge=1, le=1024, description="rank of the adapter's update matrices")
+    alpha: float = Field(32, gt=0, description="scale of the update: alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="layers that get an adapter: all-linear or a list of names"
+    )
+    use_rslora: bool = Field(
+        False, description="scale by alpha / sqrt(r) (rsLoRA): steadier at high ranks"
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a magnitude vector per target layer; vLLM cannot serve it unmerged",
+    )
+    init: str = Field(
+        "default",
+        description="peft's init_lora_weights: default | gaussian | orthogonal | pissa | "
+        "pissa_niter_<N> | olora | eva | loftq (4-bit)",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="biases trained with the adapter; vLLM serves only none unmerged"
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="layers trained in full and saved, e.g. [lm_head]; vLLM cannot serve "
+        "them unmerged",
+    )
 
     @field_validator("init")
     @classmethod
@@ -111,73 +152,94 @@ class LoraConfig(Section):
 
 
 class QuantizationConfig(Section):
-    mode: Literal["none", "8bit", "4bit"] = "none"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    mode: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="4bit: QLoRA (the base in 4 bits, the adapter in full precision)"
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4bit: the 4-bit data type")
+    double_quant: bool = Field(True, description="4bit: quantize the quantization constants too")
 
 
 class TrainConfig(Section):
-    # sft: supervised on the answers; dpo: preference pairs (chosen over rejected)
-    method: Literal["sft", "dpo"] = "sft"
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: str = "adamw_torch"
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)  # > 0 overrides epochs
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    logging_steps: int = Field(5, ge=1)
-    eval_steps: int = Field(50, ge=1)
-    save_steps: int = Field(50, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    # Experiment tracking through the Trainer's own integrations; tensorboard writes
-    # runs/<run>/tensorboard (offline); mlflow and wandb read their usual environment
-    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: supervised on the answers; dpo: preference pairs (chosen over "
+        "rejected, e.g. data/preferences_train.jsonl)",
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="peak learning rate")
+    lr_scheduler: str = Field("cosine", description="transformers' scheduler name")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="share of the steps that warm the learning rate up"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="the optimizer's weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this norm")
+    optimizer: str = Field("adamw_torch", description="transformers' optimizer name")
+    epochs: float = Field(3.0, gt=0, description="passes over the train data")
+    max_steps: int = Field(-1, ge=-1, description="> 0 overrides epochs")
+    batch_size: int = Field(8, ge=1, description="examples per step and per process")
+    grad_accum: int = Field(1, ge=1, description="steps whose gradients add up to one update")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, slower"
+    )
+    seed: int = Field(42, description="seed of the data order, the eval split and the init")
+    logging_steps: int = Field(5, ge=1, description="log the loss every this many steps")
+    eval_steps: int = Field(50, ge=1, description="eval loss every this many steps")
+    save_steps: int = Field(50, ge=1, description="a checkpoint every this many steps")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the newest)")
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none",
+        description="experiment tracking: tensorboard (runs/<run>/tensorboard, offline); "
+        "mlflow and wandb read their usual environment",
+    )
 
 
 class DpoConfig(Section):
-    """train.method=dpo: TRL's DPOTrainer on prompt / chosen / rejected records."""
-
-    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    # A finished SFT run whose adapter DPO continues (its base must be model.name_or_path);
-    # null: a new adapter on the base. The reference model is the starting point either way.
-    from_run: str | None = None
+    beta: float = Field(
+        0.1, gt=0, description="how far the policy may move from the reference model"
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid (DPO) | ipo | hinge | robust"
+    )
+    # The reference model is the starting point either way: the SFT adapter or the base.
+    from_run: str | None = Field(
+        None,
+        description="an SFT run folder whose adapter DPO continues (its base must be "
+        "model.name_or_path); null: a new adapter on the base",
+    )
 
 
 class PushConfig(Section):
-    """`push`: where a run goes on the Hugging Face Hub (the command line overrides these)."""
-
-    repo_id: str | None = None  # user/name; null: give --repo-id
-    private: bool = True
-    what: Literal["adapter", "merged", "both"] = "adapter"
-    license: str = "other"  # the Hub's license id for the card, e.g. apache-2.0
+    repo_id: str | None = Field(None, description="user/name; null: give --repo-id")
+    private: bool = Field(True, description="create the repo private")
+    what: Literal["adapter", "merged", "both"] = Field("adapter", description="what to upload")
+    license: str = Field("other", description="the card's license id on the Hub, e.g. apache-2.0")
 
 
 class OutputConfig(Section):
-    dir: str = "runs"
-    run_name: str | None = None  # default: a timestamp
+    dir: str = Field("runs", description="the folder that holds the run folders")
+    run_name: str | None = Field(None, description="the run's folder; null: a timestamp")
 
 
 class CostConfig(Section):
-    gpu_hourly_usd: float = Field(gt=0)  # configs/train.yaml sets it
+    gpu_hourly_usd: float = Field(
+        gt=0, description="$ per hour of the training machine, for the run's cost.json"
+    )
 
 
 class Config(Section):
-    model: ModelConfig
-    data: DataConfig = DataConfig()
-    lora: LoraConfig = LoraConfig()
-    quantization: QuantizationConfig = QuantizationConfig()
-    train: TrainConfig = TrainConfig()
-    output: OutputConfig = OutputConfig()
-    cost: CostConfig
-    dpo: DpoConfig = DpoConfig()
-    push: PushConfig = PushConfig()
+    model: ModelConfig = Field(description="the base model and how it loads")
+    data: DataConfig = Field(DataConfig(), description="the training data and its tokens")
+    lora: LoraConfig = Field(LoraConfig(), description="the adapter (peft's LoraConfig)")
+    quantization: QuantizationConfig = Field(
+        QuantizationConfig(), description="how the base is loaded for training (bitsandbytes)"
+    )
+    train: TrainConfig = Field(TrainConfig(), description="the optimizer, schedule and checkpoints")
+    output: OutputConfig = Field(OutputConfig(), description="where the run folder goes")
+    cost: CostConfig = Field(description="the price of training")
+    dpo: DpoConfig = Field(DpoConfig(), description="used when train.method=dpo (TRL's DPOTrainer)")
+    push: PushConfig = Field(
+        PushConfig(),
+        description="`push RUN`: the Hugging Face Hub (the command line overrides these)",
+    )
 
     @model_validator(mode="after")
     def _eval_source(self) -> Config:
@@ -201,38 +263,33 @@ class Config(Section):
         return self
 
 
-def _keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted key a schema accepts, sections included."""
-    names = []
-    for name, field in schema.model_fields.items():
-        names.append(prefix + name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names += _keys(annotation, f"{prefix}{name}.")
-    return names
-
-
 def describe_error(
     error: ValidationError, schema: type[BaseModel], source: str, what: str = "config"
 ) -> str:
     """The one way a validation error reaches the user: each problem on its own line,
     unknown keys with the nearest valid one, bad values with what was given."""
-    valid = _keys(schema)
+    valid = [doc.key for doc in key_docs(schema)]
     lines = [f"invalid {what} {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            section = key.rpartition(".")[0]
-            choices = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == section]
-            lines.append(f"  {key}: unknown key{hint} (valid here: {', '.join(choices)})")
+            lines.append(f"  {key}: unknown key{_nearest(key, valid)}")
         else:
             value = item.get("input")
             # A check across keys receives the whole section: its message names the keys.
             got = "" if isinstance(value, dict) else f" (got {value!r})"
             lines.append(f"  {key or '<root>'}: {item['msg']}{got}")
     return "\n".join(lines)
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    """The valid key nearest an unknown one, and the keys of its section."""
+    pattern = re.sub(r"\.\d+\.", "[].", key)  # a list item's key: engines.0.nme -> engines[].nme
+    close = difflib.get_close_matches(pattern, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    section = pattern.rpartition(".")[0]
+    choices = [v.rpartition(".")[2] for v in valid if v.rpartition(".")[0] == section]
+    return f"{hint} (valid here: {', '.join(choices)})"
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
