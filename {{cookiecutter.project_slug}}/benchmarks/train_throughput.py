@@ -69,7 +69,7 @@ def mean_length(model: Path, data: Path) -> float:
 
 def ours(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool) -> float:
     from {{ cookiecutter.package_name }}.config import load_config
-    from {{ cookiecutter.package_name }}.train import run_training
+    from {{ cookiecutter.package_name }}.training.run import run_training
 
     config = load_config(
         ROOT / "configs" / "train.yaml",
@@ -132,7 +132,7 @@ PAIRS = ROOT / "data" / "preferences_train.jsonl"
 
 def dpo_ours(model: Path, out: Path, steps: int, batch: int) -> float:
     from {{ cookiecutter.package_name }}.config import load_config
-    from {{ cookiecutter.package_name }}.train import run_training
+    from {{ cookiecutter.package_name }}.training.run import run_training
 
     config = load_config(
         ROOT / "configs" / "train.yaml",

@@ -123,7 +123,7 @@ def answers_in_process(base_dir: Path, adapters: dict[str, Path]) -> dict[str, l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from {{ cookiecutter.package_name }}.evaluate import generate_answers
+    from {{ cookiecutter.package_name }}.training.evaluate import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     conversations = [

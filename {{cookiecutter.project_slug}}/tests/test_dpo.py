@@ -16,9 +16,9 @@ from {{ cookiecutter.package_name }}.chat import encode_conversation, prompt_ids
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.data import load_preference_splits
-from {{ cookiecutter.package_name }}.dpo import margins
 from {{ cookiecutter.package_name }}.merge import merge_run
-from {{ cookiecutter.package_name }}.train import run_training
+from {{ cookiecutter.package_name }}.training.dpo import margins
+from {{ cookiecutter.package_name }}.training.run import run_training
 from tickets import CONFIG, PROJECT, tiny_config, write_ticket_data
 
 PAIRS = {split: PROJECT / "data" / f"preferences_{split}.jsonl" for split in ("train", "eval")}

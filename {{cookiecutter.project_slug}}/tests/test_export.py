@@ -27,7 +27,7 @@ from {{ cookiecutter.package_name }}.export import (
     find_converter,
     modelfile,
 )
-from {{ cookiecutter.package_name }}.train import run_training
+from {{ cookiecutter.package_name }}.training.run import run_training
 from tickets import conversations, tiny_config, write_ticket_data
 
 # f16 rounds every weight to 11 significant bits; on this model (logits' std about 2.5)
@@ -155,8 +155,8 @@ def test_demo_gguf_step_reports_full_agreement_with_the_adapter(spm_run, exporte
     from peft import PeftModel
 
     from {{ cookiecutter.package_name }}.demo import gguf_agreement
-    from {{ cookiecutter.package_name }}.evaluate import generate_answers
     from {{ cookiecutter.package_name }}.runs import RunFolder
+    from {{ cookiecutter.package_name }}.training.evaluate import generate_answers
 
     base = AutoModelForCausalLM.from_pretrained(spm_run.parent.parent / "tiny-spm")
     tuned = PeftModel.from_pretrained(base, spm_run / "adapter").eval()

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from {{ cookiecutter.package_name }}.config import load_config
 from {{ cookiecutter.package_name }}.cost.coldstart import free_port
 from {{ cookiecutter.package_name }}.info import package_versions
-from {{ cookiecutter.package_name }}.train import RunResult, run_training
+from {{ cookiecutter.package_name }}.training.run import RunResult, run_training
 from server_process import Server, serve_command, serve_env, start_server
 from tickets import CONFIG, PROJECT, conversations, tiny_config, write_ticket_data
 

@@ -21,7 +21,7 @@ import torch
 from {{ cookiecutter.package_name }}.cost.coldstart import free_port
 from {{ cookiecutter.package_name }}.device import check_driver, pick_device
 from {{ cookiecutter.package_name }}.errors import UserError
-from {{ cookiecutter.package_name }}.launch import launch_command
+from {{ cookiecutter.package_name }}.training.launch import launch_command
 from test_gpu import cached_model, exact_fp32_matmuls
 
 from tools import gpu_carry

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from {{ cookiecutter.package_name }}.chat import prompt_ids
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.merge import merge_run
-from {{ cookiecutter.package_name }}.train import check_padding_free, run_training
+from {{ cookiecutter.package_name }}.training.model import check_padding_free
+from {{ cookiecutter.package_name }}.training.run import run_training
 from tickets import tiny_config, write_ticket_data
 
 PROMPT = [{"role": "user", "content": "Refund my order"}]

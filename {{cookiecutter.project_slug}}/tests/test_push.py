@@ -17,7 +17,7 @@ import yaml
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.push import PushOptions, plan_push
 from {{ cookiecutter.package_name }}.runs import HeldOutEval
-from {{ cookiecutter.package_name }}.train import run_training
+from {{ cookiecutter.package_name }}.training.run import run_training
 from tickets import tiny_config, write_ticket_data
 
 DATA = Path(__file__).parent / "data"

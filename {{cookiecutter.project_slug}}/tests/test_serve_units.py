@@ -463,7 +463,7 @@ def test_server_log_level_wins_over_the_cli_default():
     try:
         logging.basicConfig(level=logging.INFO, force=True)  # what cli.main does
         configure_logging("warning")
-        runtime_log = logging.getLogger("lora_chat.serving.runtime")
+        runtime_log = logging.getLogger("{{ cookiecutter.package_name }}.serving.runtime")
         assert not runtime_log.isEnabledFor(logging.INFO)
         assert runtime_log.isEnabledFor(logging.WARNING)
     finally:

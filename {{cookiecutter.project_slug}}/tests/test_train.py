@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from {{ cookiecutter.package_name }}.chat import IGNORE_INDEX, encode_conversation, prompt_ids
 from {{ cookiecutter.package_name }}.cli import main
 from {{ cookiecutter.package_name }}.config import load_config
-from {{ cookiecutter.package_name }}.evaluate import accuracy, generate_answers
 from {{ cookiecutter.package_name }}.merge import merge_run
 from {{ cookiecutter.package_name }}.runs import RunFolder
-from {{ cookiecutter.package_name }}.train import run_training
+from {{ cookiecutter.package_name }}.training.evaluate import accuracy, generate_answers
+from {{ cookiecutter.package_name }}.training.run import run_training
 from tickets import CONFIG, conversations, tiny_config, write_ticket_data
 
 # Chance for a model that learned the answer format but not the routing is 1/4.

@@ -47,7 +47,7 @@ def model_dir(tmp_path_factory) -> Path:
 def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
     """The LoRA variants vLLM serves: plain, rsLoRA (alpha / sqrt(r)), and PiSSA as the
     run saves it (converted to a plain LoRA of rank 2r on the untouched base)."""
-    from {{ cookiecutter.package_name }}.train import run_training
+    from {{ cookiecutter.package_name }}.training.run import run_training
 
     root = tmp_path_factory.mktemp("vllm-adapters")
     data = write_ticket_data(root)

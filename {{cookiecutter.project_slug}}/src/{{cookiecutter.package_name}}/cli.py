@@ -53,10 +53,10 @@ def _info(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     if args.num_processes > 1:
-        from .launch import launch_distributed
+        from .training.launch import launch_distributed
 
         return launch_distributed(args)
-    from .train import train_command
+    from .training.run import train_command
 
     return train_command(args.config, args.overrides, args.resume)
 

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from .chat import Message
     from .config import Config
     from .device import Precision
-    from .evaluate import HeldOutAnswer
     from .runs import RunFolder
+    from .training.evaluate import HeldOutAnswer
 
 TRAIN_CONFIG = Path("configs/train.yaml")
 TOKEN_COST_CONFIG = Path("configs/token_cost.yaml")
@@ -68,7 +68,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
     from .config import load_config
     from .merge import merge_run
-    from .train import run_training
+    from .training.run import run_training
 
     out = options.out.resolve()
     config = load_config(TRAIN_CONFIG, _overrides(options, out))
@@ -118,8 +118,8 @@ def score_adapter(
     where the model card (`push`) finds it."""
     from peft import PeftModel
 
-    from .evaluate import accuracy, generate_answers
     from .runs import HeldOutEval
+    from .training.evaluate import accuracy, generate_answers
 
     tuned = PeftModel.from_pretrained(baseline.model, run.finished_adapter())
     after = generate_answers(tuned, baseline.tokenizer, baseline.held_out)
@@ -138,8 +138,8 @@ def gguf_agreement(
     answers to the held-out tickets against the adapter's (`expected`)."""
     from transformers import AutoModelForCausalLM
 
-    from .evaluate import accuracy, generate_answers
     from .export import GgufOptions, export_gguf
+    from .training.evaluate import accuracy, generate_answers
 
     exported = export_gguf(GgufOptions(run=run.path, types=("f16",), out=out))
     file = exported.files["f16"]
@@ -171,8 +171,8 @@ def score_base(config: Config, eval_limit: int) -> Baseline:
     from .data import load_records
     from .device import pick_precision
     from .errors import UserError
-    from .evaluate import generate_answers
     from .modeling import load_model, load_tokenizer, resolve_model
+    from .training.evaluate import generate_answers
 
     if config.data.eval is None:
         raise UserError(f"the demo scores held-out data: set data.eval in {TRAIN_CONFIG}")
@@ -195,7 +195,7 @@ def summarize(
     samples: int,
 ) -> dict[str, Any]:
     """The demo's summary.json, from the stages' results and the run folder."""
-    from .evaluate import accuracy
+    from .training.evaluate import accuracy
 
     metrics = run.read_metrics()
     eval_losses = metrics.eval_losses

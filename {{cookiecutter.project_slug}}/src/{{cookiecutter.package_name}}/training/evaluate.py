@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import Message, prompt_ids
-from .scoring import exact_match
+from ..chat import Message, prompt_ids
+from ..scoring import exact_match
 
 
 @dataclass

@@ -12,14 +12,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .device import Precision, pick_precision
-from .errors import UserError
-from .runs import RunFolder
+from ..config import Config
+from ..device import Precision, pick_precision
+from ..errors import UserError
+from ..runs import RunFolder
 
 if TYPE_CHECKING:
-    from .data import PreferenceSplit
-    from .train import Session
+    from ..data import PreferenceSplit
+    from .session import Session
 
 REFERENCE = "ref"  # the adapter name TRL gives its frozen copy of the starting adapter
 
@@ -27,7 +27,7 @@ REFERENCE = "ref"  # the adapter name TRL gives its frozen copy of the starting 
 def dpo_config(config: Config, precision: Precision, run: RunFolder, has_eval: bool) -> Any:
     from trl import DPOConfig  # type: ignore[attr-defined]  # trl's lazy module hides it
 
-    from .train import trainer_arguments
+    from .session import trainer_arguments
 
     return DPOConfig(
         **trainer_arguments(config, precision, run, has_eval),
@@ -54,7 +54,7 @@ def starting_adapter(config: Config) -> Path | None:
 
 def policy_model(config: Config, precision: Precision) -> Any:
     """A new LoRA on the base, or the SFT run's adapter made trainable again."""
-    from .train import build_peft_model
+    from .model import build_peft_model
 
     adapter = starting_adapter(config)
     if adapter is None:
@@ -66,7 +66,7 @@ def policy_model(config: Config, precision: Precision) -> Any:
         )
     from peft import PeftModel
 
-    from .modeling import load_model
+    from ..modeling import load_model
 
     base = load_model(
         config.model.name_or_path,
@@ -115,10 +115,11 @@ def pairs_dataset(split: PreferenceSplit) -> Any:
 def start_dpo_session(config: Config, run: RunFolder, extra_callbacks: tuple[Any, ...]) -> Session:
     from transformers import PrinterCallback, set_seed
 
+    from ..data import load_preference_splits
+    from ..modeling import load_tokenizer
     from .callbacks import Progress, StopOnRequest, StopRequest
-    from .data import load_preference_splits
-    from .modeling import load_tokenizer
-    from .train import check_quantization_backend, finish_session
+    from .model import check_quantization_backend
+    from .session import finish_session
 
     if config.data.packing or config.data.padding_free:
         raise UserError("train.method=dpo trains whole pairs: set data.packing=false and "

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from .errors import UserError
-from .runs import new_run_name
+from ..errors import UserError
+from ..runs import PROGRAM, new_run_name
 
 
 def launch_command(args: argparse.Namespace, cpu: bool) -> list[str]:
@@ -22,7 +22,7 @@ def launch_command(args: argparse.Namespace, cpu: bool) -> list[str]:
         # One process per rank through torchrun; the trainer's use_cpu then makes them a
         # gloo group. (`--cpu` would start a single process whatever --num_processes says.)
         command += ["--multi_gpu"]
-    command += ["-m", __package__, "train", "--config", args.config]
+    command += ["-m", PROGRAM, "train", "--config", args.config]
     if args.resume:
         command += ["--resume", args.resume]
     # Every process must write to the same run folder: fix its name here.
