@@ -19,6 +19,15 @@ from .protocol import JsonObjectFormat, JsonSchemaFormat, ResponseFormat
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher, LLTokenizer
+    from llguidance._lib import JsonCompileOptions
+
+
+# Compact JSON: with whitespace free between tokens, a model unsure how to go on can emit
+# newlines until max_tokens. The separators are json.dumps's own; a schema's "x-guidance"
+# key overrides these (llguidance's JSON options).
+JSON_OPTIONS: JsonCompileOptions = dict(
+    whitespace_flexible=False, item_separator=", ", key_separator=": "
+)
 
 
 class GrammarError(ValueError):
@@ -66,7 +75,7 @@ class Grammars:
         from llguidance import LLMatcher
 
         try:
-            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         except ValueError as error:
             raise GrammarError(f"{param} is not a JSON object: {error}", param) from None
         matcher = LLMatcher(self.tokenizer(), grammar, log_level=0)
