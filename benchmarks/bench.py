@@ -122,6 +122,7 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
             "serial_peer_levels_after_first": [1, 8, 32],
             "cold_start_repeats": repeats or 1,
             "level_time_limit_s": 120.0,
+            "structured": {"concurrency": 8, "requests": 8, "max_tokens": 8},
         }
     return {
         "repeats": repeats or 3,
