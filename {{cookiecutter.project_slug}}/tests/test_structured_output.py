@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from argparse import Namespace
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from {{ cookiecutter.package_name }}.inference import eos_token_ids
-from {{ cookiecutter.package_name }}.serving.batching import allowed_tokens, cb_config_for
+from {{ cookiecutter.package_name }}.serving.batching import Grammar, allowed_tokens, cb_config_for
 from {{ cookiecutter.package_name }}.serving.config import ServeConfig
 from {{ cookiecutter.package_name }}.serving.engine import Engine, SamplingParams
 from server_process import free_port, serve_command, serve_env, start_server
@@ -321,3 +322,15 @@ def test_a_finished_or_cancelled_request_frees_its_matcher(engine):
 
     asyncio.run(cancel_after_a_token())
     assert engine.loop.processors.grammars == {}
+
+
+def test_a_matcher_in_error_allows_only_eos(engine):
+    """Should a matcher ever refuse a token, the request ends rather than go on unmasked."""
+    grammar = Grammar(engine.grammars.matcher(COLOR_COUNT, "schema"), 512, engine.eos_ids)
+    state = Namespace(_true_initial_tokens=0, initial_tokens=[], generated_tokens=[])
+    state.generated_tokens = engine.tokenizer("plain text", add_special_tokens=False)["input_ids"]
+    bitmask = llguidance.numpy.allocate_token_bitmask(1, 512)
+    grammar.fill(state, bitmask, 0)
+    assert grammar.matcher.is_error()
+    allowed = allowed_tokens(torch.from_numpy(bitmask), 512)
+    assert allowed[0].nonzero().flatten().tolist() == engine.eos_ids

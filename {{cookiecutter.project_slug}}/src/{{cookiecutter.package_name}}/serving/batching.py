@@ -134,10 +134,11 @@ class Grammar:
         if len(tokens) > self.consumed:
             self.matcher.consume_tokens(tokens[self.consumed :])
             self.consumed = len(tokens)
-        if self.matcher.is_error():  # cannot happen with the mask applied; end the answer
-            bitmask[row] = 0
+        if self.matcher.is_error():  # not with the mask applied; if so, end the answer
+            words = bitmask[row].view("uint32")
+            words[:] = 0
             for token in self.eos_ids:
-                bitmask[row, token // 32] |= 1 << (token % 32)
+                words[token // 32] |= 1 << (token % 32)
             return
         llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask, row)
 

@@ -65,9 +65,15 @@ class Grammars:
                 # The model's output width, not len(tokenizer): the mask must cover every
                 # logit. Our EOS ids are the ones the grammar allows once it is complete.
                 width = int(self._model.get_output_embeddings().weight.shape[0])
-                self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=width, eos_token=list(self.eos_ids)
-                )
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(
+                        self._hf_tokenizer, n_vocab=width, eos_token=list(self.eos_ids)
+                    )
+                except ValueError as error:  # a slow (Python) tokenizer
+                    raise GrammarError(
+                        f"response_format needs a fast tokenizer for this model: {error}",
+                        "response_format",
+                    ) from None
             return self._tokenizer
 
     def matcher(self, schema: dict[str, Any], param: str) -> LLMatcher:
