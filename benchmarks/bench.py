@@ -43,8 +43,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PARTS = (
-    "serving", "serving_threads1", "cold_start", "meter", "training", "env_size", "image",
-    "image_vllm",
+    "serving", "serving_threads1", "cold_start", "meter", "training", "structured", "env_size",
+    "image", "image_vllm",
 )  # fmt: skip
 # The serving comparison twice: at the torch/OpenMP threads a user gets (the library's
 # default, one per core), and at one thread per process, where the load client has a core.
@@ -84,6 +84,26 @@ TARGETS = {
     "packing": (">=", 1.5),
     "env_size": ("<=", 0.7),
     "meter": ("<=", 0.10),
+    "structured_overhead": (">=", 0.9),
+}
+STORY = "Write a long, detailed story about {}, in at least five paragraphs."
+STORY_TOPICS = (
+    "a lighthouse keeper", "a lost parcel", "a mountain village", "a night train",
+    "an old clockmaker", "a river in spring", "a chess tournament", "a city garden",
+)  # fmt: skip
+# The constrained half of the structured part's batch: a JSON object whose one string is
+# longer than any answer's token budget, so every request, constrained or not, generates
+# exactly max_tokens tokens and the two arms decode the same number of tokens per request.
+STRUCTURED_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "ticket_summary",
+        "schema": {
+            "type": "object",
+            "properties": {"summary": {"type": "string", "minLength": 2000}},
+            "required": ["summary"],
+        },
+    },
 }
 
 
@@ -107,6 +127,7 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
             "serial_peer_levels_after_first": [1, 8, 32],
             "cold_start_repeats": repeats or 1,
             "level_time_limit_s": 120.0,
+            "structured": {"concurrency": 8, "requests": 8, "max_tokens": 8},
         }
     return {
         "repeats": repeats or 3,
@@ -140,6 +161,8 @@ def plan(quick: bool, repeats: int | None) -> dict[str, Any]:
         # A cold start costs 5-13 s an arm, and 3 of them spread by more than the 25% target.
         "cold_start_repeats": repeats or 5,
         "level_time_limit_s": 300.0,
+        # Three waves at concurrency 8, answers of 32 tokens, per arm and repetition.
+        "structured": {"concurrency": 8, "requests": 24, "max_tokens": 32},
     }
 
 
@@ -413,6 +436,80 @@ class Serving:
                         f"TTFT p50 {figures['ttft_p50_s']}, errors {figures['errors']}"
                     )
         return self.report(model, raw)
+
+    def structured(self, model: str, folder: Path) -> dict[str, Any]:
+        """Output tokens/s of our server at one concurrency, with half the requests carrying
+        a JSON schema against none: the two arms alternate on one server, each going first
+        in turn."""
+        sizing, plan_ = self.sizing, self.sizing["structured"]
+        # Asked for long answers, every request runs to max_tokens in both arms: the ticket
+        # prompts' short answers would end the plain arm's requests first (19 tokens of 32
+        # against 32), and a batch that empties early is no baseline.
+        prompts = [
+            self.load.Prompt(messages=[{"role": "user", "content": STORY.format(topic)}])
+            for topic in STORY_TOPICS
+        ]
+        handle, base_url, name = self.start("ours", folder, f"{model}-structured")
+        arms: dict[str, list[dict]] = {"plain": [], "half_json_schema": []}
+        try:
+            runners = {
+                arm: self.load.LevelRunner(
+                    half_constrained(self.load.Endpoint, arm != "plain")(
+                        base_url, name, max_tokens=plan_["max_tokens"]
+                    ),
+                    prompts,
+                    progress=False,
+                )
+                for arm in arms
+            }
+            width, limit = plan_["concurrency"], sizing["level_time_limit_s"]
+            for runner in runners.values():  # untimed: llguidance's first use, batch shapes
+                asyncio.run(runner.run_level("concurrency", width, width, limit))
+            for repeat in range(sizing["repeats"]):
+                order = list(arms) if repeat % 2 == 0 else list(arms)[::-1]
+                for arm in order:
+                    level = runners[arm].run_level("concurrency", width, plan_["requests"], limit)
+                    run = asyncio.run(level)
+                    arms[arm].append(self._structured_level(run))
+                    say(f"  structured {arm}: {arms[arm][-1]['output_tokens_per_s']:.1f} tok/s")
+        finally:
+            handle.stop()
+        return self._structured_report(arms, plan_)
+
+    def _structured_level(self, run: Any) -> dict[str, Any]:
+        level = self.summary.summarize_level(
+            run, ttft_slo_s=2.0, e2e_slo_s=30.0, attainment=0.9, gpu_hourly_usd=1.0,
+            split=self.money.Split(),
+        )  # fmt: skip
+        return {
+            "output_tokens_per_s": level.output_tokens_per_s,
+            "ok": level.requests.ok,
+            "errors": level.requests.errors,
+            "first_errors": level.requests.first_errors,
+            "output_tokens_per_request": level.output_tokens_per_request,
+            "duration_s": level.duration_s,
+        }
+
+    @staticmethod
+    def _structured_report(arms: dict[str, list[dict]], plan_: dict) -> dict[str, Any]:
+        rates = {arm: summarize([r["output_tokens_per_s"] for r in runs])
+                 for arm, runs in arms.items()}  # fmt: skip
+        ratio = _over(rates["half_json_schema"]["median"], rates["plain"]["median"])
+        errors = sum(r["errors"] for runs in arms.values() for r in runs)
+        lengths = {arm: [r["output_tokens_per_request"] for r in runs]
+                   for arm, runs in arms.items()}  # fmt: skip
+        report = {
+            **plan_, "schema": STRUCTURED_FORMAT, "prompt": STORY, "arms": arms,
+            "output_tokens_per_s": rates, "ratio": ratio,
+            "target": TARGETS["structured_overhead"],
+            "meets_target": verdict("structured_overhead", ratio),
+            # The comparison holds only where both arms decoded max_tokens per request.
+            "full_length": all(n == plan_["max_tokens"] for ns in lengths.values() for n in ns),
+        }  # fmt: skip
+        if errors:
+            first = [e for runs in arms.values() for r in runs for e in r["first_errors"]]
+            report["error"] = f"{errors} requests failed, e.g. {first[:2]}"
+        return report
 
     def report(self, model: str, raw: dict[str, dict[int, list[dict]]]) -> dict[str, Any]:
         rows = []
@@ -906,6 +1003,22 @@ def main() -> int:
     return 1 if failures else 0
 
 
+def half_constrained(endpoint: type, constrained: bool) -> type:
+    """The load client's endpoint, with STRUCTURED_FORMAT on every other request."""
+
+    class HalfConstrained(endpoint):  # type: ignore[misc, valid-type]
+        sent = 0
+
+        def body(self, prompt: Any) -> dict[str, Any]:
+            body: dict[str, Any] = super().body(prompt)
+            HalfConstrained.sent += 1
+            if constrained and HalfConstrained.sent % 2:
+                body["response_format"] = STRUCTURED_FORMAT
+            return body
+
+    return HalfConstrained
+
+
 @contextlib.contextmanager
 def torch_threads(count: int | None) -> Any:
     """OMP/MKL threads of the processes started inside (None: as they are)."""
@@ -930,6 +1043,8 @@ def run_part(part: str, project, serving, model, folder, sizing, scratch) -> dic
         return serving.cold_start(model, folder)
     if part == "training":
         return training(project, model, folder, sizing, scratch)
+    if part == "structured":
+        return serving.structured(model, folder)
     return meter(project, model, folder, sizing, scratch)
 
 

@@ -59,7 +59,7 @@ class ScriptedEngine(Engine):
     def start(self) -> None:
         pass
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Submission:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, matcher=None) -> Submission:
         if self.script.refuse:
             raise GenerationError("the engine is stopping and does not accept requests")
         self.submitted.append((list(prompt_ids), params))

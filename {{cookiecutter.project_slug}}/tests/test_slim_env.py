@@ -84,7 +84,8 @@ def recorded(tiny_model_dir, tmp_path_factory) -> Recorded:
         time.sleep(0.05)
     modules_at_ready = json.loads(at_ready.read_text())
     body = {"model": "tuned", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    for extra in ({"stream": True, "temperature": 0.8, "seed": 1}, {"temperature": 0}):
+    json_only = {"temperature": 0, "response_format": dict(type="json_object")}
+    for extra in ({"stream": True, "temperature": 0.8, "seed": 1}, {"temperature": 0}, json_only):
         answer = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **extra}, timeout=60)
         assert answer.status_code == 200, answer.text
     server.process.send_signal(signal.SIGTERM)

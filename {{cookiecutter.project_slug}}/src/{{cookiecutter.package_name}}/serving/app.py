@@ -91,10 +91,19 @@ STREAMED = (ChatCompletionChunk,)  # named by the event schemas only: added to t
 PROBE_503: dict[int | str, dict[str, Any]] = {503: {"description": "not ready or not healthy"}}
 
 
+def _location(loc: tuple[Any, ...]) -> str:
+    """The field's dotted path in the body. pydantic puts the tag of a tagged union in the
+    path too (response_format.json_schema.json_schema.schema): it is left out."""
+    parts = [str(part) for part in loc[1:]]
+    if len(parts) > 2 and parts[0] == "response_format":
+        del parts[1]
+    return ".".join(parts)
+
+
 def _message(item: dict[str, Any]) -> str:
     if item["type"] == "json_invalid":
         return f"the body is not valid JSON: {item.get('ctx', {}).get('error', item['msg'])}"
-    location = ".".join(str(part) for part in item["loc"][1:]) or "body"
+    location = _location(item["loc"]) or "body"
     if item["type"] == "model_attributes_type" and location == "body":
         return "the body must be a JSON object"
     return f"{location}: {item['msg']}"
@@ -103,7 +112,7 @@ def _message(item: dict[str, Any]) -> str:
 def _invalid_request(error: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400, naming the first field at fault."""
     items = list(error.errors())[:5]
-    param = next((".".join(map(str, i["loc"][1:])) for i in items if len(i["loc"]) > 1), None)
+    param = next((_location(i["loc"]) for i in items if len(i["loc"]) > 1), None)
     message = "; ".join(_message(item) for item in items)
     return error_json(error_response(message, "invalid_request_error", param, 400))
 

@@ -30,7 +30,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .structured import Grammars
+
 if TYPE_CHECKING:  # batching imports torch: not before the server listens (handlers use this)
+    from llguidance import LLMatcher
+
     from .batching import BatchingLoop, Output
 
 
@@ -116,6 +120,7 @@ class Engine:
         self.context_len, self.eos_ids = context_len, eos_ids
         self.cb_config, self.parent, self.source = cb_config, parent, source
         self.tokenizer_source = tokenizer_source or source
+        self.grammars = Grammars(tokenizer, model, eos_ids)
         self._loop: BatchingLoop | None = None
         self._lock = threading.Lock()
         # Requests not yet finished, with the event loop that reads them (for cut_off).
@@ -152,10 +157,22 @@ class Engine:
         except RuntimeError as error:
             raise RuntimeError(f"warm-up of {self.name!r} failed: {error}") from None
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Submission:
-        """Queue a request; must be called on the event loop that will read its tokens."""
+    def constraint_blocker(self) -> str | None:
+        """Why this engine cannot constrain an answer to a grammar, if it cannot."""
+        return self.loop.constraint_blocker()
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, matcher: LLMatcher | None = None
+    ) -> Submission:
+        """Queue a request, its tokens constrained by `matcher` (from `self.grammars`) when
+        given; must be called on the event loop that will read its tokens."""
+        from .batching import Grammar
+
         request_id = f"{self.name}-{next(self._ids)}"
         submission = Submission(request_id, len(prompt_ids))
+        grammar = None
+        if matcher is not None:
+            grammar = Grammar(matcher, self.grammars.tokenizer().vocab_size, self.eos_ids)
         added = self.loop.add(
             request_id,
             list(prompt_ids),
@@ -163,6 +180,7 @@ class Engine:
             self.eos_ids,
             submission._queue.put_nowait,
             params.processor_kwargs(),
+            grammar,
         )
         if not added:
             raise GenerationError("the engine is stopping and does not accept requests")

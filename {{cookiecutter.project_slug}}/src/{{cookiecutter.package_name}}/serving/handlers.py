@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,7 +47,11 @@ from .protocol import (
     error_response,
 )
 from .runtime import Runtime
+from .structured import GrammarError, schema_of
 from .text import TextStream
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # status recorded in metrics for requests whose client went away
@@ -85,7 +89,7 @@ class Answer:
 
     def __init__(
         self, engine: Engine, ids: list[int], params: SamplingParams, stops: list[str],
-        endpoint: str, metrics: Metrics, received: float,
+        endpoint: str, metrics: Metrics, received: float, matcher: LLMatcher | None = None,
     ) -> None:  # fmt: skip
         self.engine, self.ids, self.params = engine, ids, params
         self.endpoint, self.metrics, self.received = endpoint, metrics, received
@@ -95,7 +99,7 @@ class Answer:
         self._first_token: float | None = None
         metrics.in_flight.inc()
         try:
-            self.submission = engine.submit(ids, params)
+            self.submission = engine.submit(ids, params, matcher)
         except GenerationError as error:
             metrics.in_flight.dec()
             raise ApiError(
@@ -164,9 +168,11 @@ class Generation:
             engine = self._engine(body.model)
             ids = self.prompt_ids(engine, body)
             params = self._sampling(engine, body, len(ids))
+            matcher = await self._matcher(engine, body)
             answer = Answer(
-                engine, ids, params, body.stop_list(), self.endpoint, self.metrics, received
-            )
+                engine, ids, params, body.stop_list(), self.endpoint, self.metrics, received,
+                matcher,
+            )  # fmt: skip
         except ApiError as error:
             self.record(body.model, error.status)
             return error_json(error.body())
@@ -190,6 +196,21 @@ class Generation:
             message = f"the model {model!r} does not exist; served models: {served}"
             raise ApiError(404, message, "not_found_error", param="model")
         return engine
+
+    async def _matcher(self, engine: Engine, body: SamplingRequest) -> LLMatcher | None:
+        """The grammar of the answer's response_format, compiled off the event loop (a large
+        schema takes a while); None for free text."""
+        wanted = schema_of(body.response_format)
+        if wanted is None:
+            return None
+        blocker = engine.constraint_blocker()
+        if blocker is not None:
+            raise ApiError(400, f"response_format cannot be honoured: {blocker}",
+                           param="response_format")  # fmt: skip
+        try:
+            return await asyncio.to_thread(engine.grammars.matcher, *wanted)
+        except GrammarError as error:
+            raise ApiError(400, str(error), param=error.param) from None
 
     def _sampling(self, engine: Engine, body: SamplingRequest, prompt_len: int) -> SamplingParams:
         room = engine.context_len - prompt_len

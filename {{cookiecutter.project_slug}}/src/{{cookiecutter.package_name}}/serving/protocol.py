@@ -83,6 +83,38 @@ class StreamOptions(Lenient):
     include_usage: bool = False
 
 
+class TextFormat(Lenient):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Lenient):
+    """Any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchema(Lenient):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` is a BaseModel method name, hence the alias.
+    json_schema: dict[str, Any] = Field(
+        alias="schema", description="the JSON Schema the answer follows (llguidance's subset)"
+    )
+    strict: bool | None = Field(None, description="always enforced by this server")
+
+
+class JsonSchemaFormat(Lenient):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+
+
 class SamplingRequest(Lenient):
     model: str = Field(min_length=1, description="a served name (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="capped by the server's limit")
@@ -96,6 +128,9 @@ class SamplingRequest(Lenient):
     presence_penalty: Literal[0] | None = not_supported()
     frequency_penalty: Literal[0] | None = not_supported()
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="constrain the answer to JSON, or to a JSON Schema"
+    )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
