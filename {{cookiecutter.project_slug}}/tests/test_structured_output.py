@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
 from {{ cookiecutter.package_name }}.inference import eos_token_ids
 from {{ cookiecutter.package_name }}.serving.batching import Grammar, allowed_tokens, cb_config_for
 from {{ cookiecutter.package_name }}.serving.config import ServeConfig
 from {{ cookiecutter.package_name }}.serving.engine import Engine, SamplingParams
-from server_process import free_port, serve_command, serve_env, start_server
+from server_process import serve_command, serve_env, start_server
 
 KEY = "structured-key"
 

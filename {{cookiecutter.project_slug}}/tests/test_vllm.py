@@ -22,7 +22,8 @@ import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from lora_adapters import random_adapter
-from server_process import Server, free_port, serve_command, serve_env, start_server
+from {{ cookiecutter.package_name }}.cost.coldstart import free_port
+from server_process import Server, serve_command, serve_env, start_server
 from tickets import PROJECT, tiny_config, write_ticket_data
 
 pytestmark = pytest.mark.vllm

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from .config_docs import key_docs
+from .config_keys import key_docs
 from .errors import UserError
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)

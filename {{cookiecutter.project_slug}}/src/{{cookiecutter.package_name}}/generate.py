@@ -99,8 +99,9 @@ def generate_command(
 
 def load(model: str, adapter: str | None, precision: Precision, trust: bool) -> tuple[Any, Any]:
     """The model (with the adapter injected, if any) in eval mode, and its tokenizer."""
-    from .inference import attach_adapter, tokenizer_source
+    from .inference import attach_adapter
     from .modeling import load_model, load_tokenizer
+    from .runs import tokenizer_source
 
     tokenizer = load_tokenizer(tokenizer_source(model, adapter), trust_remote_code=trust)
     lm = load_model(model, dtype=precision.dtype, device=precision.device, trust_remote_code=trust)

@@ -37,16 +37,6 @@ def check_adapter_dir(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def has_tokenizer(path: str | Path) -> bool:
-    folder = Path(path)
-    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
-
-
-def tokenizer_source(model: str, adapter: str | Path | None) -> str:
-    """Where to load the tokenizer from: the adapter's own if it has one, else the model's."""
-    return str(adapter) if adapter is not None and has_tokenizer(adapter) else model
-
-
 def share_weights_clone(model: Any) -> Any:
     """A new module tree whose parameters and buffers ARE the model's (no weight copy).
 

@@ -23,8 +23,8 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
     from peft import PeftModel
 
     from .device import pick_precision
-    from .inference import tokenizer_source
     from .modeling import load_model, load_tokenizer
+    from .runs import tokenizer_source
 
     run = RunFolder(run_dir)
     adapter = run.finished_adapter()

@@ -41,6 +41,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """The folder holds a tokenizer: training saves one beside the adapter."""
+    folder = Path(path)
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def tokenizer_source(model: str, adapter: str | Path | None) -> str:
+    """Where to load the tokenizer from: the adapter's own if it has one, else the model's."""
+    return str(adapter) if adapter is not None and has_tokenizer(adapter) else model
+
+
 def new_run_name() -> str:
     """The folder name of a new run under output.dir: its start time."""
     return datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -13,7 +13,7 @@ import httpx
 from pydantic import ValidationError
 
 from ..errors import UserError
-from ..inference import has_tokenizer
+from ..runs import tokenizer_source
 from ..serving.protocol import ServerInfo
 from .coldstart import OwnServer
 from .config import TokenCostConfig
@@ -100,9 +100,8 @@ def resolve_target(config: TokenCostConfig, folder: Path) -> Target:
     server = OwnServer(srv.config, srv.overrides, srv.model, srv.adapters, folder / "server.log")
     serve_config = server.config
     model = ep.model or next(iter(serve_config.adapters), serve_config.base_name)
-    # The server's rule (runtime.py): an adapter saved with its tokenizer is served with it.
-    adapter = serve_config.adapters.get(model)
-    own = adapter if adapter and has_tokenizer(adapter) else None
+    # The server's rule: an adapter saved with its tokenizer is served with it.
+    tokenizer = tokenizer_source(serve_config.model.name_or_path, serve_config.adapters.get(model))
     served = MeteredModel(
         name_or_path=serve_config.model.name_or_path,
         served_name=serve_config.base_name,
@@ -115,7 +114,7 @@ def resolve_target(config: TokenCostConfig, folder: Path) -> Target:
         server.url + "/v1",
         model,
         ep.api_key_env or serve_config.server.api_key_env,
-        ep.tokenizer or own or serve_config.model.name_or_path,
+        ep.tokenizer or tokenizer,
         served,
         server,
     )

@@ -178,8 +178,9 @@ class Runtime:
     def _load_adapters(self, base: ServedModel) -> list[ServedModel]:
         """Each adapter on the base weights (shared, not copied), with its own tokenizer
         when its folder has one."""
-        from ..inference import attach_adapter, tokenizer_source
+        from ..inference import attach_adapter
         from ..modeling import load_tokenizer
+        from ..runs import tokenizer_source
 
         trust = self.config.model.trust_remote_code
         vocab = base.model.get_input_embeddings().num_embeddings
