@@ -94,6 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _serving(results)
     lines += _cold(results)
     lines += _training(results)
+    lines += _structured(results)
     lines += _env(results)
     lines += _meter(results)
     lines += _image(results)
@@ -132,6 +133,13 @@ def _summary_rows(results: dict) -> list[str]:
                     f"| [{what}](#training-{model}) | {label} | {_ratio(ratios.get(key))} | "
                     f"{_target(target)} | {_verdict(passed.get(key))} |"
                 )
+        structured = section.get("structured") or {}
+        if "ratio" in structured:
+            rows.append(
+                f"| [structured output: half the batch with a JSON schema](#structured-{model}) "
+                f"| {label} | {_ratio(structured['ratio'])} of the batch without | "
+                f"{_target('structured_overhead')} | {_verdict(structured['meets_target'])} |"
+            )
         meter = section.get("meter") or {}
         for key, figure in (meter.get("relative_differences") or {}).items():
             if figure:
@@ -504,6 +512,39 @@ def _training(results: dict) -> list[str]:
             unit = " (pairs/s)" if arm.startswith("dpo") else ""
             lines.append(f"| {arm}{unit} | {_spread(figure, 1)} |")
         lines.append("")
+    return lines
+
+
+def _structured(results: dict) -> list[str]:
+    """Constrained decoding's cost to a batch: tokens/s with half its requests under a JSON
+    schema against the same batch without any."""
+    lines: list[str] = []
+    for model, section in results.get("models", {}).items():
+        part = section.get("structured") or {}
+        if "ratio" not in part:
+            continue
+        rates = part["output_tokens_per_s"]
+        if not lines:
+            lines = ["## 3b. Structured output", ""]
+        lines += [
+            f"### <a id=\"structured-{model}\"></a>{MODEL_LABELS.get(model, model)}",
+            "",
+            f"Concurrency {part['concurrency']}, {part['requests']} requests per run, "
+            f"{part['max_tokens']} tokens each (prompt: \"{part['prompt']}\"). The constrained "
+            "half asks for a JSON object whose one string must be long enough that every "
+            "answer runs to max_tokens"
+            + ("" if part.get("full_length") else " (NOT every answer did: see results.json)")
+            + ".",
+            "",
+            "| batch | output tokens/s |",
+            "| --- | ---: |",
+            f"| no schema | {_spread(rates['plain'])} |",
+            f"| half with a JSON schema | {_spread(rates['half_json_schema'])} |",
+            "",
+            f"Ratio **{_ratio(part['ratio'])}**, target {_target('structured_overhead')}: "
+            f"{_verdict(part['meets_target'])}.",
+            "",
+        ]
     return lines
 
 
