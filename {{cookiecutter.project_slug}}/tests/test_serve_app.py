@@ -16,9 +16,10 @@ import httpx
 import pytest
 
 from conftest import build_tiny_tokenizer
+from {{ cookiecutter.package_name }}.inference import SamplingParams
 from {{ cookiecutter.package_name }}.serving.app import create_app
 from {{ cookiecutter.package_name }}.serving.config import ServeConfig
-from {{ cookiecutter.package_name }}.serving.engine import Engine, GenerationError, SamplingParams, Submission
+from {{ cookiecutter.package_name }}.serving.engine import Engine, GenerationError, Submission
 from {{ cookiecutter.package_name }}.serving.metrics import Metrics
 from {{ cookiecutter.package_name }}.serving.runtime import Runtime
 

@@ -182,7 +182,7 @@ def test_vllm_refuses_adapters_it_cannot_load_naming_each_the_reason_and_the_fix
     message = str(error.value)
     assert message.startswith("engine.kind=vllm cannot serve these adapters:")
     assert f"adapter 'dora' ({dora}): it is a DoRA adapter (lora.use_dora=true)" in message
-    assert f"`lora_chat merge {run}` and serve {run / 'merged'}" in message
+    assert f"`{{ cookiecutter.package_name }} merge {run}` and serve {run / 'merged'}" in message
     assert f"adapter 'head' ({head}): it trains lm_head in full (lora.modules_to_save)" in message
     assert "merge it into its base" in message  # not a run folder: the generic fix
     assert "engine.kind=transformers" in message
@@ -444,7 +444,7 @@ def test_row_top_p_filters_only_the_rows_that_ask_and_as_the_library_does():
 
 
 def test_greedy_requests_carry_no_seed_and_sampled_ones_always_do():
-    from {{ cookiecutter.package_name }}.serving.engine import SamplingParams
+    from {{ cookiecutter.package_name }}.inference import SamplingParams
 
     assert "seed" not in SamplingParams(8, temperature=0.0, seed=3).processor_kwargs()
     assert SamplingParams(8, temperature=0.7, seed=3).processor_kwargs()["seed"] == 3

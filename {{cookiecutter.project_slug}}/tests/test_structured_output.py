@@ -21,10 +21,10 @@ import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from {{ cookiecutter.package_name }}.cost.coldstart import free_port
-from {{ cookiecutter.package_name }}.inference import eos_token_ids
+from {{ cookiecutter.package_name }}.inference import SamplingParams, eos_token_ids
 from {{ cookiecutter.package_name }}.serving.batching import Grammar, allowed_tokens, cb_config_for
 from {{ cookiecutter.package_name }}.serving.config import ServeConfig
-from {{ cookiecutter.package_name }}.serving.engine import Engine, SamplingParams
+from {{ cookiecutter.package_name }}.serving.engine import Engine
 from server_process import serve_command, serve_env, start_server
 
 KEY = "structured-key"

@@ -22,6 +22,10 @@ from .errors import UserError
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
+# $ per GPU hour unless a config says otherwise: training's (cost.gpu_hourly_usd) and
+# serving's (token-cost's price.gpu_hourly_usd).
+GPU_HOURLY_USD = {{ cookiecutter.gpu_hourly_usd | float }}
+
 
 class Section(BaseModel):
     """The base of every config section (training, serving, token cost): unknown keys are
@@ -221,7 +225,9 @@ class OutputConfig(Section):
 
 class CostConfig(Section):
     gpu_hourly_usd: float = Field(
-        gt=0, description="$ per hour of the training machine, for the run's cost.json"
+        GPU_HOURLY_USD,
+        gt=0,
+        description="$ per hour of the training machine, for the run's cost.json",
     )
 
 

@@ -19,6 +19,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .device import Precision
+    from .inference import SamplingParams
 
 
 def read_messages(path: str) -> list[dict[str, str]]:
@@ -66,7 +67,7 @@ def generate_command(
         check_adapter_dir(adapter)
 
     from .device import pick_precision
-    from .inference import context_length, eos_token_ids
+    from .inference import SamplingParams, context_length, eos_token_ids
 
     precision = pick_precision(device, dtype)
     started = time.perf_counter()
@@ -83,7 +84,7 @@ def generate_command(
             f"the prompt is {len(ids)} tokens; the model's context is {context_length(lm)}"
         )
     eos = eos_token_ids(lm, tokenizer)
-    sampling = Sampling(min(max_tokens, room), temperature, top_p, seed)
+    sampling = SamplingParams(min(max_tokens, room), temperature, top_p, seed)
     generation = stream(lm, tokenizer, ids, eos, sampling, precision.device, out or sys.stdout)
     generated = generation.new_tokens(len(ids))
     stopped = "eos" if generated and generation.last_token in eos else "max_tokens"
@@ -130,20 +131,6 @@ def chat_prompt_ids(
         raise UserError(f"{error}; or pass --raw to complete plain text") from None
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float  # 0: greedy
-    top_p: float
-    seed: int | None
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature > 0:
-            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-        # Greedy: unset the model's own sampling defaults, or transformers warns.
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-
-
 @dataclass
 class GenerateResult:
     output: Any = None  # the generated ids, prompt included (1 x length)
@@ -164,7 +151,7 @@ def stream(
     tokenizer: Any,
     ids: list[int],
     eos: list[int],
-    sampling: Sampling,
+    sampling: SamplingParams,
     device: str,
     out: TextIO,
 ) -> GenerateResult:
@@ -178,7 +165,7 @@ def stream(
     kwargs = {
         "input_ids": torch.tensor([ids], device=device),
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
-        "max_new_tokens": sampling.max_new_tokens,
+        "max_new_tokens": sampling.max_tokens,
         "eos_token_id": eos,
         "pad_token_id": tokenizer.pad_token_id,
         **sampling.generate_kwargs(),

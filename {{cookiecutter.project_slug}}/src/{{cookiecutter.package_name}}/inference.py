@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,33 @@ from .errors import UserError
 from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one answer is sampled, for `generate` (transformers' generate) and the server
+    (continuous batching's per-request processors) alike."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """For `model.generate`: the sampling switches (the seed is set on torch's generator)."""
+        if self.temperature > 0:
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        # Greedy: unset the model's own sampling defaults, or transformers warns.
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """For the batching loop. Greedy: no seed (the loop's argmax decides). Sampled: a seed
+        always, a random one when the request gave none, since the seeded sampler picks every
+        sampled token."""
+        if self.temperature == 0.0:
+            return {"temperature": 1.0, "top_p": 1.0}
+        seed = random.getrandbits(63) if self.seed is None else int(self.seed)
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "seed": seed}
 
 
 def check_adapter_dir(path: str | Path) -> dict[str, Any]:

@@ -12,11 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Section, load_yaml_config
+from ..config import GPU_HOURLY_USD, Section, load_yaml_config
 from .money import Split
-
-# $ per hour of the machine that serves: the template's gpu_hourly_usd
-GPU_HOURLY_USD = {{ cookiecutter.gpu_hourly_usd | float }}
 
 
 class PriceSection(Section):

@@ -157,7 +157,7 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class RequestProcessors(ContinuousBatchingLogitsProcessorList):
     """Temperature and top-p per request, then SeededSampler; skipped for an all-greedy batch.
 
-    Every sampled request carries a seed (engine.SamplingParams), so the batch's requests say
+    Every sampled request carries a seed (inference.SamplingParams), so the batch's requests say
     on the host, while its arguments are prepared, whether any row samples. With none, the
     loop's argmax needs nothing more, and the vocabulary-wide processors are skipped (5-9% of
     the CPU time per token on a tiny model at concurrency 32; on a GPU a top-p sort per row).

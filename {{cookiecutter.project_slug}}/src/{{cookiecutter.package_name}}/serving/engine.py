@@ -24,34 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..inference import SamplingParams
 from .structured import Grammars
 
 if TYPE_CHECKING:  # batching imports torch: not before the server listens (handlers use this)
     from llguidance import LLMatcher
 
     from .batching import BatchingLoop, Output
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def processor_kwargs(self) -> dict[str, Any]:
-        """Greedy: no seed (the loop's argmax decides). Sampled: a seed always, a random one
-        when the request gave none, since the seeded sampler picks every sampled token."""
-        if self.temperature == 0.0:
-            return {"temperature": 1.0, "top_p": 1.0}
-        seed = random.getrandbits(63) if self.seed is None else int(self.seed)
-        return {"temperature": float(self.temperature), "top_p": float(self.top_p), "seed": seed}
 
 
 class GenerationError(RuntimeError):

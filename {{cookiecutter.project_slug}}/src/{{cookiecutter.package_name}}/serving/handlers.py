@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from ..chat import prompt_ids
+from ..inference import SamplingParams
 from .config import LimitsSection
-from .engine import CutOff, Engine, GenerationError, SamplingParams
+from .engine import CutOff, Engine, GenerationError
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (
     ApiError,
