@@ -164,7 +164,7 @@ EXPECTED_FILES = {
     "src/PKG/cost/quality.py",
     "src/PKG/cost/sweep.py",
     "src/PKG/cost/target.py",
-    "src/PKG/cost/training.py",
+    "src/PKG/cost/training_cost.py",
     "tests/test_cost_units.py",
     "tests/test_cost_mix_quality.py",
     "tests/test_layers.py",

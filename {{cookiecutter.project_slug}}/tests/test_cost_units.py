@@ -49,7 +49,7 @@ from {{ cookiecutter.package_name }}.cost.summary import (
     best_level,
     summarize_level,
 )
-from {{ cookiecutter.package_name }}.cost.training import peak_tflops, training_cost
+from {{ cookiecutter.package_name }}.cost.training_cost import peak_tflops, training_cost
 from {{ cookiecutter.package_name }}.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,7 +81,7 @@ def test_dpo_writes_the_run_folder_that_merge_and_cost_read(dpo_run, tiny_model_
 
 
 def test_push_and_the_cost_card_read_a_dpo_run(dpo_run):
-    from {{ cookiecutter.package_name }}.cost.training import training_cost
+    from {{ cookiecutter.package_name }}.cost.training_cost import training_cost
     from {{ cookiecutter.package_name }}.push import PushOptions, plan_push
 
     plan = plan_push(PushOptions(run=dpo_run, repo_id="me/tiny-dpo"))

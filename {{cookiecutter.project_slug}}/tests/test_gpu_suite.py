@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 from {{ cookiecutter.package_name }}.cost.coldstart import free_port
 from {{ cookiecutter.package_name }}.device import check_driver, pick_device
 from {{ cookiecutter.package_name }}.errors import UserError
-from {{ cookiecutter.package_name }}.training.launch import launch_command
+from {{ cookiecutter.package_name }}.training.launch import TrainOptions, launch_command
 from test_gpu import cached_model, exact_fp32_matmuls
 
 from tools import gpu_carry
@@ -211,9 +210,9 @@ def test_accelerate_launch_accepts_each_config(name, tmp_path):
     options = {action.dest for action in launch_command_parser()._actions}
     assert all(key in options or f"fsdp_{key}" in options for key in config.fsdp_config)
 
-    args = Namespace(
+    args = TrainOptions(
         accelerate_config=str(config_file), num_processes=2, config="configs/train.yaml",
-        resume=None, overrides=["output.run_name=probe"],
+        overrides=("output.run_name=probe",),
     )  # fmt: skip
     command = launch_command(args, cpu=False)
     probe = tmp_path / "probe.py"
@@ -238,9 +237,7 @@ def test_accelerate_launch_accepts_each_config(name, tmp_path):
 def test_cpu_launch_starts_one_process_per_rank():
     """`--cpu` makes accelerate start a single process whatever --num_processes says; on a
     CPU the launch goes through torchrun (--multi_gpu) and training's use_cpu picks gloo."""
-    args = Namespace(
-        accelerate_config=None, num_processes=2, config="c.yaml", resume=None, overrides=[]
-    )
+    args = TrainOptions(num_processes=2, config="c.yaml")
     command = launch_command(args, cpu=True)
     assert "--multi_gpu" in command and "--cpu" not in command
     assert command[command.index("--num_processes") + 1] == "2"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from {{ cookiecutter.package_name }}.config import load_config
-from {{ cookiecutter.package_name }}.cost.training import latest_run, training_cost
+from {{ cookiecutter.package_name }}.cost.training_cost import latest_run, training_cost
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.runs import (
     RunFolder,

@@ -52,23 +52,28 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.num_processes > 1:
-        from .training.launch import launch_distributed
-
-        return launch_distributed(args)
+    from .training.launch import TrainOptions
     from .training.run import train_command
 
-    return train_command(args.config, args.overrides, args.resume)
+    return train_command(
+        TrainOptions(
+            config=args.config,
+            overrides=tuple(args.overrides),
+            resume=args.resume,
+            num_processes=args.num_processes,
+            accelerate_config=args.accelerate_config,
+        )
+    )
 
 
 def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .merge import merge_run
+    from .merge import MergeOptions, merge_command
 
-    output = merge_run(Path(args.run_dir), Path(args.output) if args.output else None)
-    print(f"merged model: {output}")
-    return 0
+    return merge_command(
+        MergeOptions(run=Path(args.run_dir), output=Path(args.output) if args.output else None)
+    )
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
@@ -106,22 +111,24 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate_command
+    from .generate import GenerateOptions, generate_command
 
     return generate_command(
-        model=args.model,
-        adapter=args.adapter,
-        prompt=args.prompt,
-        chat_file=args.chat,
-        system=args.system,
-        raw=args.raw,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        GenerateOptions(
+            model=args.model,
+            adapter=args.adapter,
+            prompt=args.prompt,
+            chat_file=args.chat,
+            system=args.system,
+            raw=args.raw,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
     )
 
 
@@ -140,9 +147,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token_cost(args: argparse.Namespace) -> int:
-    from .cost.command import token_cost_command
+    from .cost.command import TokenCostOptions, token_cost_command
 
-    return token_cost_command(args)
+    return token_cost_command(
+        TokenCostOptions(
+            config=args.config,
+            overrides=tuple(args.overrides),
+            url=args.url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            gpu_hourly_usd=args.gpu_hourly_usd,
+            concurrency=args.concurrency,
+            rates=args.rates,
+            engines=args.engines,
+            requests=args.requests,
+            time_limit=args.time_limit,
+            runs=tuple(args.runs or ()),
+            training_only=args.training_only,
+            out=args.out,
+        )
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

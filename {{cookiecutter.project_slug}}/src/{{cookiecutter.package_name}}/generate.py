@@ -38,53 +38,61 @@ def read_messages(path: str) -> list[dict[str, str]]:
     return messages
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """`generate`'s command line."""
+
+    model: str  # hub id, local folder, or runs/<run>/merged
+    adapter: str | None = None  # a LoRA adapter folder injected into the model
+    prompt: str | None = None  # the user message ("-": stdin); or chat_file
+    chat_file: str | None = None  # a JSON conversation
+    system: str | None = None  # a system message before the prompt
+    raw: bool = False  # complete the prompt as plain text, no chat template
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
 def generate_command(
-    model: str,
-    adapter: str | None = None,
-    prompt: str | None = None,
-    chat_file: str | None = None,
-    system: str | None = None,
-    raw: bool = False,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
+    options: GenerateOptions, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    if (prompt is None) == (chat_file is None):
+    """Stream the answer to `out` (stdout), then its timing to `err` (stderr)."""
+    o = options
+    prompt = o.prompt
+    if (prompt is None) == (o.chat_file is None):
         raise UserError("give a prompt, or --chat FILE with a conversation (not both)")
-    if raw and chat_file is not None:
+    if o.raw and o.chat_file is not None:
         raise UserError("--raw completes plain text; it does not take a --chat file")
     if prompt == "-":
         prompt = sys.stdin.read()
-    if adapter is not None:
+    if o.adapter is not None:
         from .inference import check_adapter_dir
 
-        check_adapter_dir(adapter)
+        check_adapter_dir(o.adapter)
 
     from .device import pick_precision
     from .inference import SamplingParams, context_length, eos_token_ids
 
-    precision = pick_precision(device, dtype)
+    precision = pick_precision(o.device, o.dtype)
     started = time.perf_counter()
-    lm, tokenizer = load(model, adapter, precision, trust_remote_code)
+    lm, tokenizer = load(o.model, o.adapter, precision, o.trust_remote_code)
     loaded = time.perf_counter() - started
 
-    if raw:
+    if o.raw:
         ids: list[int] = tokenizer(prompt)["input_ids"]
     else:
-        ids = chat_prompt_ids(tokenizer, prompt, chat_file, system)
+        ids = chat_prompt_ids(tokenizer, prompt, o.chat_file, o.system)
     room = context_length(lm) - len(ids)
     if room < 1:
         raise UserError(
             f"the prompt is {len(ids)} tokens; the model's context is {context_length(lm)}"
         )
     eos = eos_token_ids(lm, tokenizer)
-    sampling = SamplingParams(min(max_tokens, room), temperature, top_p, seed)
+    sampling = SamplingParams(min(o.max_tokens, room), o.temperature, o.top_p, o.seed)
     generation = stream(lm, tokenizer, ids, eos, sampling, precision.device, out or sys.stdout)
     generated = generation.new_tokens(len(ids))
     stopped = "eos" if generated and generation.last_token in eos else "max_tokens"
@@ -92,7 +100,7 @@ def generate_command(
         f"[{generated} tokens, stop: {stopped}, load {loaded:.1f} s, "
         f"first token {generation.first_token_s or generation.seconds:.2f} s, "
         f"{generated / max(generation.seconds, 1e-9):.1f} tokens/s, "
-        f"{precision.device} {str(precision.dtype).removeprefix('torch.')}]",
+        f"{precision.device} {precision.dtype_name}]",
         file=err or sys.stderr,
     )
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import quantized_base
@@ -58,3 +59,17 @@ def merge_run(run_dir: Path, output: Path | None = None, dtype: str = "auto") ->
     shutil.rmtree(output, ignore_errors=True)
     partial.rename(output)
     return output
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """`merge`'s command line."""
+
+    run: Path  # the run folder
+    output: Path | None = None  # default: <run>/merged
+
+
+def merge_command(options: MergeOptions) -> int:
+    output = merge_run(options.run, options.output)
+    print(f"merged model: {output}")
+    return 0

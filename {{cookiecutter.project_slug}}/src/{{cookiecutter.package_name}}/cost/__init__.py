@@ -4,7 +4,7 @@
 the meter, or any OpenAI-compatible URL) and asks it what it runs on (GET /info); sweep.py
 times cold start (coldstart.py), runs the load sweep (load.py), each model's part of a
 traffic mix, and the quality scoring (quality.py); money.py turns the numbers into dollars,
-training.py reads training runs, and card.py writes a cost card made of the typed records
-of schema.py. money.py and training.py are pure Python, so the maths is tested without a
-model; nothing here imports torch on the way to metering a URL.
+training_cost.py reads training runs, and card.py writes a cost card made of the typed
+records of schema.py. money.py and training_cost.py are pure Python, so the maths is tested
+without a model; nothing here imports torch on the way to metering a URL.
 """

@@ -8,10 +8,10 @@ a partial card, and the command exits 1.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def build_card(
     hooks: Hooks | None = None,
 ) -> CostCard:
     from .card import environment
-    from .training import training_cost
+    from .training_cost import training_cost
 
     partial: list[str] = []
     notes: list[str] = []
@@ -156,7 +156,27 @@ def run_token_cost(
     return card, write_card(card, folder)
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TokenCostOptions:
+    """`token-cost`'s command line; each flag is a shorthand of a config key."""
+
+    config: str | None = None  # default: configs/token_cost.yaml if present
+    overrides: tuple[str, ...] = ()  # KEY=VALUE
+    url: str | None = None  # endpoint.url
+    model: str | None = None  # endpoint.model
+    api_key_env: str | None = None  # endpoint.api_key_env
+    gpu_hourly_usd: float | None = None  # price.gpu_hourly_usd, and the training runs' price
+    concurrency: str | None = None  # "1,2,4": load.mode=concurrency, load.concurrency
+    rates: str | None = None  # "0.5,2": load.mode=poisson, load.rates
+    engines: str | None = None  # "transformers,vllm": our server on each engine.kind
+    requests: int | None = None  # load.requests_per_level
+    time_limit: float | None = None  # load.level_time_limit_s
+    runs: tuple[str, ...] = ()  # training run folders (or "latest") to price
+    training_only: bool = False  # the training runs only, no serving
+    out: str | None = None  # report.dir
+
+
+def _flags(args: TokenCostOptions) -> dict[str, Any]:
     """The command-line options as config sections (those given)."""
     flags: dict[tuple[str, str], Any] = {
         ("endpoint", "url"): args.url,
@@ -183,7 +203,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return extra
 
 
-def _price_source(args: argparse.Namespace, path: str | None) -> str:
+def _price_source(args: TokenCostOptions, path: str | None) -> str:
     if args.gpu_hourly_usd is not None:
         return "--gpu-hourly-usd"
     if any(o.startswith("price.gpu_hourly_usd=") for o in args.overrides):
@@ -191,17 +211,17 @@ def _price_source(args: argparse.Namespace, path: str | None) -> str:
     return str(path) if path else "default"
 
 
-def token_cost_command(args: argparse.Namespace) -> int:
+def token_cost_command(args: TokenCostOptions) -> int:
     """Entry point of `<package> token-cost` (see cli.py for the flags)."""
-    from .training import latest_run
+    from .training_cost import latest_run
 
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
-    config = load_token_cost_config(path, args.overrides, _flags(args))
+    config = load_token_cost_config(path, list(args.overrides), _flags(args))
     if config.serverless.container_cold_start:  # a bad report fails now, not after the sweep
         ContainerColdStart.read(config.serverless.container_cold_start)
-    runs = [latest_run(Path("runs")) if run == "latest" else Path(run) for run in args.runs or []]
+    runs = [latest_run(Path("runs")) if run == "latest" else Path(run) for run in args.runs]
     measure = not args.training_only
     if not measure and not runs:
         raise UserError("--training-only needs at least one --run RUN_DIR (or --run latest)")

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, load_config
 from ..device import Precision
@@ -27,6 +27,9 @@ from ..runs import (
     replace_atomically,
 )
 from .session import Session, check_tracker
+
+if TYPE_CHECKING:
+    from .launch import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +249,18 @@ def write_cost(
     run.write_cost(cost)
 
 
-def train_command(config_path: str | None, overrides: list[str], resume: str | None) -> int:
+def train_command(options: TrainOptions) -> int:
     """Entry point of `<package> train`: load the config, train, report where things are."""
-    resume_dir = Path(resume) if resume else None
+    if options.num_processes > 1:
+        from .launch import launch_distributed
+
+        return launch_distributed(options)
+    overrides = list(options.overrides)
+    resume_dir = Path(options.resume) if options.resume else None
     if resume_dir is not None:
         config = RunFolder(resume_dir).read_config(overrides)
     else:
-        config = load_config(config_path, overrides)
+        config = load_config(options.config, overrides)
     result = run_training(config, resume_dir)
     if not result.completed:
         print(f"interrupted: checkpoint kept at {result.run.last_checkpoint()}")
