@@ -352,8 +352,8 @@ def _through_server(summary: dict[str, Any], scored: dict[str, Any]) -> list[str
     return [
         f"- through the server: accuracy {before['accuracy']:.0%} before -> "
         f"{after['accuracy']:.0%} after, "
-        f"${_fmt(before['usd_per_1k_correct'], '{:.4g}')} -> "
-        f"${_fmt(after['usd_per_1k_correct'], '{:.4g}')} per 1000 correct answers "
+        f"{_fmt(before['usd_per_1k_correct'], '${:.4g}')} -> "
+        f"{_fmt(after['usd_per_1k_correct'], '${:.4g}')} per 1000 correct answers "
         f"({'the same scores as in process' if same else 'NOT the scores in process'})"
     ]
 
