@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,32 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# The package's name (this file is copied into the project unrendered).
+PACKAGE = next(
+    folder.name
+    for folder in (Path(__file__).resolve().parents[1] / "src").iterdir()
+    if (folder / "__init__.py").is_file()
+)
+
+
+def cli_help(command: str) -> str:
+    """`<package> COMMAND --help` in a fresh process, which must import neither torch nor
+    fastapi to answer; its text."""
+    code = (
+        "import sys\n"
+        f"from {PACKAGE}.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'help imported torch'\n"
+        "assert 'fastapi' not in sys.modules, 'help imported fastapi'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def pytest_configure(config: pytest.Config) -> None:
