@@ -73,12 +73,11 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     return model
 
 
-# The package's name (this file is copied into the project unrendered).
-PACKAGE = next(
-    folder.name
-    for folder in (Path(__file__).resolve().parents[1] / "src").iterdir()
-    if (folder / "__init__.py").is_file()
-)
+def package_name() -> str:
+    """The project's package (this file is copied into the project unrendered, and also
+    runs where only tests/ is mounted, so it is looked up when asked)."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    return next(folder.name for folder in src.iterdir() if (folder / "__init__.py").is_file())
 
 
 def cli_help(command: str) -> str:
@@ -86,7 +85,7 @@ def cli_help(command: str) -> str:
     fastapi to answer; its text."""
     code = (
         "import sys\n"
-        f"from {PACKAGE}.cli import main\n"
+        f"from {package_name()}.cli import main\n"
         "try:\n"
         f"    main([{command!r}, '--help'])\n"
         "except SystemExit:\n"
