@@ -65,6 +65,19 @@ def eval_items(spec: QualitySection) -> list[EvalItem]:
     return items
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """The records to answer and the scorer that judges them, read once before any start."""
+
+    items: list[EvalItem]
+    scorer: Scorer
+
+
+def load_eval_set(spec: QualitySection) -> EvalSet:
+    """quality.scorer and quality.dataset, checked: a bad one fails before a server starts."""
+    return EvalSet(eval_items(spec), resolve_scorer(spec.scorer))
+
+
 def digest(items: list[EvalItem]) -> str:
     sent = [[item.prompt, item.reference] for item in items]
     return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
@@ -91,14 +104,14 @@ async def _answer_all(
 
 def score(
     spec: QualitySection,
+    eval_set: EvalSet,
     endpoint: Endpoint,
     models: list[str],
     prices: dict[str, Prices],
     folder: Path,
 ) -> Quality:
     """Answer, score and price the eval set for each model; every answer goes to a file."""
-    scorer = resolve_scorer(spec.scorer)
-    items = eval_items(spec)
+    items, scorer = eval_set.items, eval_set.scorer
     greedy = replace(endpoint, api="chat", max_tokens=spec.max_tokens, temperature=0.0,
                      ignore_eos=False)  # fmt: skip
     answers = asyncio.run(_answer_all(greedy, models, items, spec.concurrency))

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 
 from ..errors import UserError
-from ..scoring import resolve_scorer
 from ..serving.protocol import ServerInfo
 from .coldstart import (
     OwnServer,
@@ -36,8 +35,8 @@ from .container import serverless_cold_start
 from .floors import measure_floors
 from .load import Endpoint, LevelRunner, Prompt, RequestResult, stream_request, warm_prompt
 from .money import compare_with_apis, serverless_money
+from .quality import EvalSet, load_eval_set
 from .quality import Prices as QualityPrices
-from .quality import eval_items
 from .quality import score as score_quality
 from .schema import (
     ColdStart,
@@ -147,6 +146,7 @@ class Sweep:
     cold: ColdStart | None = None
     levels: list[LevelSummary] = field(default_factory=list)
     alone: list[ModelAlone] = field(default_factory=list)
+    eval_set: EvalSet | None = None
     quality: Quality | None = None
     partial: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -160,8 +160,7 @@ class Sweep:
     def run(self) -> None:
         ep, target = self.config.endpoint, self.target
         if self.config.quality.enabled:  # a bad scorer or eval set fails before any start
-            resolve_scorer(self.config.quality.scorer)
-            eval_items(self.config.quality)
+            self.eval_set = load_eval_set(self.config.quality)
         if target.server is not None:
             # Prompts first: the first request goes out the moment the server is ready.
             self.use_tokenizer(target.tokenizer_source)
@@ -192,10 +191,15 @@ class Sweep:
             for name in mix:
                 say(f"the mix's {name!r} alone")
                 self.alone.append(self.measure_alone(replace(endpoint, model=name)))
-        if self.config.quality.enabled:
+        if self.eval_set is not None:
             say("quality: the eval set through the endpoint")
             self.quality = score_quality(
-                self.config.quality, endpoint, self.quality_models(), self.prices(), self.folder
+                self.config.quality,
+                self.eval_set,
+                endpoint,
+                self.quality_models(),
+                self.prices(),
+                self.folder,
             )
 
     def quality_models(self) -> list[str]:
