@@ -41,7 +41,6 @@ EXPECTED_FILES = {
     "tools/locking.py",
     "tools/slim_env.py",
     "tools/image_build.py",
-    "tools/serving_modules.txt",
     "certs/README.md",
     "tests/test_slim_env.py",
     "tests/import_budget.json",

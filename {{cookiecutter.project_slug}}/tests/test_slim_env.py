@@ -8,9 +8,9 @@ records the modules it has imported twice: when /ready turns true, and at exit.
   before ready (the compiler, the training stack) stay out. Every module is time on every
   cold start. After a re-lock or a deliberate new import: UPDATE_IMPORT_BUDGET=1 pytest
   tests/test_slim_env.py
-- The image compiles bytecode only for tools/serving_modules.txt; a library module serving
-  imports and the list lacks would be compiled from source on every start of the image.
-  Refresh the list after a re-lock: UPDATE_SERVING_MODULES=1 pytest tests/test_slim_env.py
+- The image compiles bytecode only for what importing tools/slim_env.SERVING_IMPORTS
+  imports; a library module a request imports beyond that would be compiled from source on
+  every start of the image.
 """
 
 from __future__ import annotations
@@ -141,24 +141,15 @@ def test_imports_before_ready_stay_within_the_budget(recorded):
 
 
 def test_every_library_module_serving_imports_is_compiled(recorded):
-    served_modules = recorded.served
-    if os.environ.get("UPDATE_SERVING_MODULES"):
-        # Modules this environment does not have (the CUDA build's triton and cuda.*,
-        # recorded on that build) stay listed.
-        site_packages = Path(sysconfig.get_paths()["purelib"])
-        elsewhere = [
-            name
-            for name in slim_env.MODULES.read_text().split()
-            if not slim_env.module_files(site_packages, [name])
-        ]
-        slim_env.MODULES.write_text("\n".join(sorted({*served_modules, *elsewhere})) + "\n")
-    listed = set(slim_env.MODULES.read_text().split())
-    missing = sorted(set(served_modules) - listed)
+    compiled = set(slim_env.serving_modules(Path(sys.executable)))
+    missing = sorted(set(recorded.served) - compiled)
     assert not missing, (
-        f"serving imports {len(missing)} modules that tools/serving_modules.txt lacks "
-        f"(e.g. {missing[:5]}); refresh it: UPDATE_SERVING_MODULES=1 pytest {__file__}"
+        f"a served request imported {len(missing)} library modules that importing "
+        f"SERVING_IMPORTS does not (e.g. {missing[:5]} of {missing}), so the image would compile them at "
+        "every start; add them, or the module that imports them, to SERVING_IMPORTS in "
+        "tools/slim_env.py"
     )
-    assert "torch" in listed and "transformers.generation.continuous_batching" in listed
+    assert {"torch", "transformers.generation.continuous_batching"} <= compiled
 
 
 def test_slim_compiles_only_the_listed_modules(tmp_path):
@@ -171,13 +162,7 @@ def test_slim_compiles_only_the_listed_modules(tmp_path):
     (site_packages / "served" / "stub.pyi").write_text("X: int\n")
     (site_packages / "torch" / "test").mkdir(parents=True)
     (site_packages / "torch" / "test" / "test_ops").write_bytes(b"\0" * 4096)
-    modules = slim_env.MODULES
-    slim_env.MODULES = tmp_path / "modules.txt"
-    try:
-        slim_env.MODULES.write_text("served\nabsent.module\n")
-        report = slim_env.slim(tmp_path)
-    finally:
-        slim_env.MODULES = modules
+    report = slim_env.slim(tmp_path, modules=["served", "absent.module"])
     assert report["compiled_files"] == 1
     assert list((site_packages / "served" / "__pycache__").glob("__init__.*.pyc"))
     assert not (site_packages / "__pycache__").exists(), "an unlisted module was compiled"

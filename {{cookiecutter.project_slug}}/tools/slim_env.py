@@ -12,10 +12,12 @@ What each removal saves with torch 2.13.0 on Python 3.11, CPU build / CUDA 13.0 
 - torch's C++ headers (`torch/include`): only compiling an extension or a torch.compile
   kernel reads them, and serving on a CPU does neither: 37 MiB / kept. Whether serving on a
   GPU compiles anything waits for a GPU run (README "The serving image").
-- Bytecode: compiling every module would write 216 MiB of .pyc; only the 3,181 modules a
-  served request imports are compiled (77 MiB): `tools/serving_modules.txt`, recorded from a
-  served request and checked by tests/test_slim_env.py. A module outside it is compiled in
-  memory on the rare import (the image runs with PYTHONDONTWRITEBYTECODE).
+- Bytecode: compiling every module would write 216 MiB of .pyc; only what a served request
+  imports is compiled (77 MiB): the modules that importing SERVING_IMPORTS pulls in, found
+  by importing them in the environment being slimmed, so they follow its locked versions
+  and torch build. tests/test_slim_env.py serves a request and checks that it imports
+  nothing beyond them. A module outside them is compiled in memory on the rare import (the
+  image runs with PYTHONDONTWRITEBYTECODE).
 Standard library only.
 """
 
@@ -23,15 +25,74 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
+import os
 import py_compile
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Relative to site-packages. Nothing here is imported or executed by serving.
 PRUNE = ("torch/test", "torch/bin/*Test", "torch/bin/test_*")  # native test executables
 PRUNE_CPU_BUILD = ("torch/include",)
-MODULES = Path(__file__).with_name("serving_modules.txt")
+# The library modules serving imports, by name or on a request's first use: importing
+# these imports every library module a served request does (tests/test_slim_env.py checks).
+SERVING_IMPORTS = (
+    # the model: torch, continuous batching, the tokenizer, the default base's architecture
+    "torch",
+    "transformers.generation.continuous_batching",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama",
+    # the HTTP server and its metrics
+    "fastapi",
+    "uvicorn.loops.auto",
+    "uvicorn.loops.asyncio",
+    "uvicorn.protocols.http.auto",
+    "uvicorn.protocols.websockets.auto",
+    "uvicorn.lifespan.on",
+    "prometheus_client",
+    # first used by a request: starlette's worker threads, fastapi's telemetry, and its
+    # check of a response for pydantic.v1 models
+    "anyio._backends._asyncio",
+    "fastapi.telemetry._runtime",
+    "pydantic.v1",
+    "pydantic.functional_serializers",
+    # adapters, also on 4-bit bases
+    "peft",
+    "peft.tuners.lora.bnb",
+    "peft.utils.transformers_weight_conversion",
+    # structured output
+    "llguidance.hf",
+    "llguidance.numpy",
+)
+# Imports SERVING_IMPORTS in a fresh interpreter and writes the names of every module it
+# then holds to the file named first.
+_RECORD = """
+import importlib, json, sys
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+open(sys.argv[1], "w").write(json.dumps(sorted(sys.modules)))
+"""
+
+
+def serving_modules(python: Path) -> list[str]:
+    """Every module that importing SERVING_IMPORTS imports, with `python`'s environment."""
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "modules.json"
+        done = subprocess.run(
+            [str(python), "-c", _RECORD, str(record), *SERVING_IMPORTS],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        if done.returncode:
+            raise SystemExit(
+                f"slim_env: {python} cannot import what serving imports "
+                f"(exit {done.returncode}):\n{done.stderr[-3000:]}"
+            )
+        return list(json.loads(record.read_text()))
 
 
 def _size(path: Path) -> int:
@@ -97,11 +158,13 @@ def torch_is_cpu_build(site_packages: Path) -> bool:
     return version.endswith("+cpu")
 
 
-def slim(prefix: Path, dry_run: bool = False) -> dict[str, float]:
-    """Slim every site-packages under prefix; return what was done, in MiB and files."""
+def slim(prefix: Path, dry_run: bool = False, modules: list[str] | None = None) -> dict[str, float]:
+    """Slim every site-packages under prefix, compiling `modules` (by default what serving
+    imports there); return what was done, in MiB and files."""
     report = {"tests_mib": 0.0, "headers_mib": 0.0, "stubs_mib": 0.0, "compiled_files": 0,
               "bytecode_mib": 0.0}  # fmt: skip
-    modules = MODULES.read_text().split()
+    if modules is None:
+        modules = serving_modules(prefix / "bin" / "python")
     for site_packages in prefix.glob("lib/python*/site-packages"):
         suites = unimported_test_suites(site_packages, modules)
         report["tests_mib"] += (
