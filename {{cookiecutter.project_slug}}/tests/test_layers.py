@@ -41,3 +41,27 @@ def test_importing_the_launcher_imports_no_torch():
     code = f"import sys, {PACKAGE}.training.launch; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's package map ("in the order data flows") has a line for every module:
+    its path, or its name on a line of the same folder."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("The package in the order data flows", 1)[1].split("```")[1]
+    lines = [line.split() for line in block.splitlines() if line.strip()]
+    package = ROOT / "src" / PACKAGE
+    unnamed = []
+    for module in sorted(package.rglob("*.py")):
+        relative = module.relative_to(package)
+        if relative.name in ("__init__.py", "__main__.py"):
+            continue
+        folder = "" if len(relative.parts) == 1 else f"{relative.parent.as_posix()}/"
+        named = any(
+            words[0] == relative.as_posix()
+            or (words[0].startswith(folder) and ("/" in words[0]) == bool(folder)
+                and any(word.strip(",;:()") == relative.name for word in words))
+            for words in lines
+        )  # fmt: skip
+        if not named:
+            unnamed.append(relative.as_posix())
+    assert not unnamed, f"README.md's layout lacks a line for {unnamed}"

@@ -68,11 +68,17 @@ SERVING_IMPORTS = (
     "llguidance.numpy",
 )
 # Imports SERVING_IMPORTS in a fresh interpreter and writes the names of every module it
-# then holds to the file named first.
+# then holds to the file named first. A name whose optional dependency this environment
+# lacks is passed over (peft's 4-bit layers without bitsandbytes: serving never imports
+# them there either); a name that does not exist is an error.
 _RECORD = """
 import importlib, json, sys
 for name in sys.argv[2:]:
-    importlib.import_module(name)
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name is None or name == error.name or name.startswith(error.name + "."):
+            raise
 open(sys.argv[1], "w").write(json.dumps(sorted(sys.modules)))
 """
 
