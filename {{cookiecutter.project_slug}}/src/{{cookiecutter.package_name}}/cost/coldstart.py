@@ -368,20 +368,13 @@ def cold_start_section(
 def reported_cold_start(metrics: dict[str, float] | None) -> ColdStart:
     """An endpoint the meter did not start: only the phases its /metrics reports, if any."""
     phases = server_phases(metrics)
+    unknown = ColdStart.model_fields.keys() - {"measured", "source", "server_phases_s", "floors"}
     return ColdStart(
         measured=False,
         source="the endpoint's /metrics (the meter did not start it)"
         if phases
         else "not measured: the meter did not start the endpoint",
-        command=None,
-        listening_s=None,
-        ready_s=None,
-        first_token_s=None,
-        first_request_ttft_s=None,
-        warm_request_ttft_s=None,
         server_phases_s=phases,
         floors=[],
-        outside_server_s=None,
-        first_request_error=None,
-        note=None,
+        **dict.fromkeys(unknown),  # every timing: null
     )

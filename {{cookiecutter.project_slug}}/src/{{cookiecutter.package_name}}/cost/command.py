@@ -75,19 +75,22 @@ def card_kind(serving: bool, training: bool) -> CardKind:
     return "serving" if serving else "training"
 
 
-def build_card(
+def run_token_cost(
     config: TokenCostConfig,
     *,
-    measure: bool,
-    runs: list[Path],
-    price_source: str,
-    training_price: float | None,
-    folder: Path,
+    measure: bool = True,
+    runs: list[Path] | None = None,
+    price_source: str = "config",
+    training_price: float | None = None,
     hooks: Hooks | None = None,
-) -> CostCard:
-    from .card import environment
+) -> tuple[CostCard, dict[str, Path]]:
+    """Measure and price into a new report folder; returns the card and its files."""
+    from .card import environment, report_dir, write_card
     from .training_cost import training_cost
 
+    runs = runs or []
+    kind = card_kind(measure, bool(runs))
+    folder = report_dir(Path(config.report.dir), kind)
     partial: list[str] = []
     notes: list[str] = []
     serving = None
@@ -112,9 +115,9 @@ def build_card(
 
         here = describe()
         device, dtype = here["device"], here["dtype"]
-    return CostCard(
+    card = CostCard(
         schema_version=SCHEMA_VERSION,
-        kind=card_kind(measure, bool(runs)),
+        kind=kind,
         created=dt.datetime.now(UTC).replace(microsecond=0),
         partial=bool(partial),
         partial_reasons=partial,
@@ -128,30 +131,6 @@ def build_card(
         serving=serving,
         engines=engines,
         training=training,
-    )
-
-
-def run_token_cost(
-    config: TokenCostConfig,
-    *,
-    measure: bool = True,
-    runs: list[Path] | None = None,
-    price_source: str = "config",
-    training_price: float | None = None,
-    hooks: Hooks | None = None,
-) -> tuple[CostCard, dict[str, Path]]:
-    from .card import report_dir, write_card
-
-    runs = runs or []
-    folder = report_dir(Path(config.report.dir), card_kind(measure, bool(runs)))
-    card = build_card(
-        config,
-        measure=measure,
-        runs=runs,
-        price_source=price_source,
-        training_price=training_price,
-        folder=folder,
-        hooks=hooks,
     )
     return card, write_card(card, folder)
 

@@ -72,6 +72,13 @@ def usd_per_million(usd: float, tokens: float) -> float | None:
     return usd / tokens * MILLION if tokens > 0 else None
 
 
+def usd_for_tokens(
+    input_tokens: float, output_tokens: float, usd_per_1m_input: float, usd_per_1m_output: float
+) -> float:
+    """What these tokens cost at these prices per 1M tokens."""
+    return (input_tokens * usd_per_1m_input + output_tokens * usd_per_1m_output) / MILLION
+
+
 def split_usd(
     usd: float, input_tokens: float, output_tokens: float, split: Split
 ) -> tuple[float | None, float | None]:
@@ -224,10 +231,8 @@ def api_cost_per_1k_requests(
     output_tokens_per_request: float,
 ) -> float:
     """What a hosted API charges for 1000 requests of this shape (list prices, no caching)."""
-    per_request = (
-        input_tokens_per_request * usd_per_1m_input + output_tokens_per_request * usd_per_1m_output
-    ) / MILLION
-    return per_request * 1000
+    tokens = (input_tokens_per_request, output_tokens_per_request)
+    return usd_for_tokens(*tokens, usd_per_1m_input, usd_per_1m_output) * 1000
 
 
 def compare_with_apis(

@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..scoring import Scorer, resolve_scorer
 from .config import QualitySection
 from .load import Endpoint, Prompt, RequestResult, stream_request
+from .money import usd_for_tokens
 from .schema import ModelQuality, Money, Quality
 
 ANSWERS_FILE = "quality_answers.jsonl"
@@ -160,7 +161,7 @@ def _priced(
     per_out = money.usd_per_1m_output_tokens if money else None
     usd = None
     if per_out is not None:
-        usd = (input_tokens * (per_in or 0.0) + output_tokens * per_out) / 1e6
+        usd = usd_for_tokens(input_tokens, output_tokens, per_in or 0.0, per_out)
     correct = sum(scores)
     return ModelQuality(
         model=model, examples=len(answers), correct=correct,
