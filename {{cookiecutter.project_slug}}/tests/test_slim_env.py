@@ -145,9 +145,9 @@ def test_every_library_module_serving_imports_is_compiled(recorded):
     missing = sorted(set(recorded.served) - compiled)
     assert not missing, (
         f"a served request imported {len(missing)} library modules that importing "
-        f"SERVING_IMPORTS does not (e.g. {missing[:5]} of {missing}), so the image would compile them at "
-        "every start; add them, or the module that imports them, to SERVING_IMPORTS in "
-        "tools/slim_env.py"
+        f"SERVING_IMPORTS does not (e.g. {missing[:5]} of {missing}), so the image would "
+        "compile them at every start; add them, or the module that imports them, to "
+        "SERVING_IMPORTS in tools/slim_env.py"
     )
     assert {"torch", "transformers.generation.continuous_batching"} <= compiled
 
