@@ -320,11 +320,9 @@ def cold_start_section(
     timings = dict(server.timings)
     if first is not None and first.ok:
         reference = first.first_token if first.first_token is not None else first.end
-    else:
-        reference = None
-    if first is not None and reference is not None:
-        timings["first_token_s"] = first.start + reference
-        timings["first_request_ttft_s"] = reference
+        if reference is not None:
+            timings["first_token_s"] = first.start + reference
+            timings["first_request_ttft_s"] = reference
     if warm is not None and warm.ok and warm.first_token is not None:
         timings["warm_request_ttft_s"] = warm.first_token
     phases = server_phases(metrics)

@@ -69,12 +69,6 @@ def measure_engines(
     return arms
 
 
-def card_kind(serving: bool, training: bool) -> CardKind:
-    if serving and training:
-        return "serving-training"
-    return "serving" if serving else "training"
-
-
 def run_token_cost(
     config: TokenCostConfig,
     *,
@@ -89,7 +83,9 @@ def run_token_cost(
     from .training_cost import training_cost
 
     runs = runs or []
-    kind = card_kind(measure, bool(runs))
+    kind: CardKind = (
+        "serving-training" if measure and runs else "serving" if measure else "training"
+    )
     folder = report_dir(Path(config.report.dir), kind)
     partial: list[str] = []
     notes: list[str] = []
@@ -192,7 +188,7 @@ def _price_source(args: TokenCostOptions, path: str | None) -> str:
 
 def token_cost_command(args: TokenCostOptions) -> int:
     """Entry point of `<package> token-cost` (see cli.py for the flags)."""
-    from .training_cost import latest_run
+    from ..runs import RunFolder
 
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
@@ -200,7 +196,9 @@ def token_cost_command(args: TokenCostOptions) -> int:
     config = load_token_cost_config(path, list(args.overrides), _flags(args))
     if config.serverless.container_cold_start:  # a bad report fails now, not after the sweep
         ContainerColdStart.read(config.serverless.container_cold_start)
-    runs = [latest_run(Path("runs")) if run == "latest" else Path(run) for run in args.runs]
+    runs = [
+        RunFolder.latest(Path("runs")).path if run == "latest" else Path(run) for run in args.runs
+    ]
     measure = not args.training_only
     if not measure and not runs:
         raise UserError("--training-only needs at least one --run RUN_DIR (or --run latest)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 from .config import TokenCostConfig
 from .money import serverless_money
@@ -23,6 +22,7 @@ from .schema import (
     EngineArm,
     EngineChoice,
     EngineComparison,
+    EngineReason,
     LevelSummary,
     Serverless,
     ServerlessProfile,
@@ -174,9 +174,6 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
     return choices
 
 
-Reason = Literal["throughput", "cold start", "idle time"]
-
-
 def _output_tokens(arm: EngineArm) -> float:
     serverless = _section(arm).serverless
     return (serverless.output_tokens_per_request if serverless else None) or 1.0
@@ -185,13 +182,13 @@ def _output_tokens(arm: EngineArm) -> float:
 def _bursty_reason(
     cheaper: ServerlessProfile, runner: ServerlessProfile, cheaper_tokens: float,
     runner_tokens: float,
-) -> Reason:  # fmt: skip
+) -> EngineReason:  # fmt: skip
     """Which part of the billed hour, per output token, the cheaper engine saves most on
     (per token: an engine whose answers are longer spreads the same seconds wider)."""
     if cheaper.regime == runner.regime == "always-on":
         return "throughput"  # both never scale down: fewer instances, or the same bill
 
-    def per_token(profile: ServerlessProfile, tokens: float) -> dict[Reason, float]:
+    def per_token(profile: ServerlessProfile, tokens: float) -> dict[EngineReason, float]:
         return {
             "throughput": profile.busy_seconds_per_hour / tokens,
             "cold start": profile.cold_start_seconds_per_hour / tokens,

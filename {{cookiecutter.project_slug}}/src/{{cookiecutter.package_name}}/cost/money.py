@@ -21,14 +21,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
-from .schema import ComparisonRow, Money, Percentiles, ServerlessProfile, SplitRule
+from .schema import (
+    ComparisonRow,
+    Money,
+    Percentiles,
+    Regime,
+    ServerlessProfile,
+    SplitMethod,
+    SplitRule,
+)
 
 if TYPE_CHECKING:
     from .config import ReferencePrice
 
-SplitMethod = Literal["output-only", "by-tokens", "weighted"]
 MILLION = 1_000_000
 
 
@@ -38,7 +45,7 @@ class Split:
     input_weight: float = 0.25  # used by "weighted" only
 
     def __post_init__(self) -> None:
-        if self.method not in ("output-only", "by-tokens", "weighted"):
+        if self.method not in get_args(SplitMethod):
             raise ValueError(f"unknown split method {self.method!r}")
         if self.method == "weighted" and not (
             self.input_weight >= 0 and math.isfinite(self.input_weight)
@@ -187,7 +194,7 @@ def serverless_money(
 
 @dataclass(frozen=True)
 class _BilledHour:
-    regime: Literal["scale-to-zero", "always-on"]
+    regime: Regime
     instances: int
     billed: float  # seconds
     busy: float
