@@ -101,14 +101,11 @@ def counter_delta(
 
 
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
-    if not metrics:
-        return {}
-    phases = {}
-    for phase in metric_names.COLD_START_PHASES:
-        value = metrics.get(metric_names.COLD_START + '{phase="' + phase + '"}')
-        if value is not None:
-            phases[phase] = value
-    return phases
+    """The phases the server reports of its own cold start, in their order."""
+    names = {
+        p: metric_names.COLD_START + '{phase="' + p + '"}' for p in metric_names.COLD_START_PHASES
+    }
+    return {phase: metrics[name] for phase, name in names.items() if metrics and name in metrics}
 
 
 def free_port() -> int:
