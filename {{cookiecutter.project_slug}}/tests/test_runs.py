@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from {{ cookiecutter.package_name }}.config import load_config
-from {{ cookiecutter.package_name }}.cost.training_cost import latest_run, training_cost
+from {{ cookiecutter.package_name }}.cost.training_cost import training_cost
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.runs import (
     RunFolder,
@@ -132,7 +132,7 @@ def test_training_cost_and_latest_run_read_through_the_folder(tmp_path):
         run.write_metrics(METRICS)
         run.write_cost(cost)
     os.utime(tmp_path / "old" / "cost.json", (1e9, 1e9))  # finished long before "new"
-    assert latest_run(tmp_path) == tmp_path / "new"
+    assert RunFolder.latest(tmp_path).path == tmp_path / "new"
     card = training_cost(tmp_path / "new")
     assert card.trained_tokens == 12_345 and card.global_step == 10
     assert card.device == COST.device and card.dtype == "bfloat16"
@@ -143,4 +143,4 @@ def test_training_cost_and_latest_run_read_through_the_folder(tmp_path):
     with pytest.raises(UserError, match=r"metrics\.json is malformed \(global_step: Field"):
         training_cost(tmp_path / "new")
     with pytest.raises(UserError, match=r"no finished training run in .*empty"):
-        latest_run(tmp_path / "empty")
+        RunFolder.latest(tmp_path / "empty")

@@ -27,6 +27,7 @@ from .schema import (
     LockFile,
     LockInfo,
     MetricDefinitions,
+    Percentiles,
     Quality,
     ServingSection,
     TrainingSection,
@@ -132,6 +133,13 @@ def _usd(value: float | None) -> str:
     return f"${value:.3g}" if value < 1 else f"${value:.2f}"
 
 
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown table and the blank line after it; `align` has one letter per column:
+    l (text, left) or r (numbers, right)."""
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)] + [""]
+
+
 def markdown(card: CostCard) -> str:
     created = card.created.strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [f"# Cost card: {card.kind} ({created})", ""]
@@ -169,8 +177,7 @@ def markdown(card: CostCard) -> str:
 
 
 def _training_markdown(training: TrainingSection) -> list[str]:
-    lines = ["## Training", "", "| run | tokens | tokens/s | $ | $/1M tokens | MFU |"]
-    lines.append("| --- | ---: | ---: | ---: | ---: | --- |")
+    rows = []
     for run in training.runs:
         mfu = run.mfu
         mfu_text = (
@@ -178,11 +185,10 @@ def _training_markdown(training: TrainingSection) -> list[str]:
             if mfu.value is not None
             else (mfu.note or "unknown")
         )
-        lines.append(
-            f"| {run.run} | {run.trained_tokens:,} | {_f(run.tokens_per_second)} | "
-            f"{_usd(run.usd)} | {_usd(run.usd_per_1m_tokens)} | {mfu_text} |"
-        )
-    return [*lines, ""]
+        rows.append([run.run, f"{run.trained_tokens:,}", _f(run.tokens_per_second),
+                     _usd(run.usd), _usd(run.usd_per_1m_tokens), mfu_text])  # fmt: skip
+    header = ["run", "tokens", "tokens/s", "$", "$/1M tokens", "MFU"]
+    return ["## Training", "", *_table(header, "lrrrrl", rows)]
 
 
 def _engines_markdown(engines: EngineComparison) -> list[str]:
@@ -203,35 +209,29 @@ def _engines_markdown(engines: EngineComparison) -> list[str]:
         lines += ["> **Not a like-for-like comparison:**", *[f"> - {u}" for u in engines.unfair]]
         lines += ["> - some cells have no comparison (below)"] if not engines.unfair else []
         lines.append("")
-    lines += [
-        "| traffic | cell | "
-        + " | ".join(f"{n} $/1M out" for n in names)
-        + " | cheaper | by | why |",
-        "| --- | --- | " + " | ".join("---:" for _ in names) + " | --- | ---: | --- |",
-    ]
+    rows = []
     for choice in engines.choices:
-        prices = " | ".join(_usd(choice.usd_per_1m_output_tokens.get(n)) for n in names)
+        prices = [_usd(choice.usd_per_1m_output_tokens.get(n)) for n in names]
         cheaper = f"**{choice.cheaper}**" if choice.cheaper else "n/a"
         ratio = f"{choice.ratio:.2f}x" if choice.ratio else "n/a"
         why = choice.reason or choice.note or ""
         kind = "steady (dedicated)" if choice.traffic == "steady" else "bursty (scale to zero)"
-        lines.append(f"| {kind} | {choice.cell} | {prices} | {cheaper} | {ratio} | {why} |")
-    lines.append("")
+        rows.append([kind, choice.cell, *prices, cheaper, ratio, why])
+    header = ["traffic", "cell", *[f"{n} $/1M out" for n in names], "cheaper", "by", "why"]
+    lines += _table(header, "ll" + "r" * len(names) + "lrl", rows)
     if engines.crossovers:
         lines += [f"- **Crossover** ({c.traffic}): {c.reason}." for c in engines.crossovers]
         lines.append("")
-    lines += [
-        "| engine | spawn to ready s | to first token s | phases (s) |",
-        "| --- | ---: | ---: | --- |",
-    ]
+    rows = []
     for arm in engines.arms:
         cold = arm.serving.cold_start if arm.serving else None
         if cold is None:
-            lines.append(f"| {arm.name} | n/a | n/a | not measured |")
+            rows.append([arm.name, "n/a", "n/a", "not measured"])
             continue
         phases = ", ".join(f"{k} {v:.2f}" for k, v in cold.server_phases_s.items()) or "n/a"
-        lines.append(f"| {arm.name} | {_f(cold.ready_s)} | {_f(cold.first_token_s)} | {phases} |")
-    return [*lines, ""]
+        rows.append([arm.name, _f(cold.ready_s), _f(cold.first_token_s), phases])
+    header = ["engine", "spawn to ready s", "to first token s", "phases (s)"]
+    return [*lines, *_table(header, "lrrl", rows)]
 
 
 def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[str]:
@@ -246,12 +246,13 @@ def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[s
         f"SLO: TTFT <= {slo.ttft_s:g} s and e2e <= {slo.e2e_s:g} s{tpot} for "
         f"{slo.attainment:.0%} of requests.",
         "",
-        "| level | status | ok/err | req/s | in tok/s | out tok/s | TTFT p50/p90/p99 s | "
-        "ITL p50 s | e2e p50/p90/p99 s | goodput req/s | SLO | $/1M in | $/1M out |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |",
-        *[_level_row(level) for level in serving.levels],
-        "",
-    ]
+        *_table(
+            ["level", "status", "ok/err", "req/s", "in tok/s", "out tok/s", "TTFT p50/p90/p99 s",
+             "ITL p50 s", "e2e p50/p90/p99 s", "goodput req/s", "SLO", "$/1M in", "$/1M out"],
+            "lllrrrlrlrlrr",
+            [_level_row(level) for level in serving.levels],
+        ),
+    ]  # fmt: skip
     lines += _best_markdown(serving)
     lines += _mix_markdown(serving)
     lines += _quality_markdown(serving)
@@ -263,17 +264,20 @@ def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[s
     return lines
 
 
-def _level_row(level: LevelSummary) -> str:
-    ttft, e2e, money = level.ttft_s, level.e2e_s, level.money
-    return (
-        f"| {level.label} | {level.status} | {level.requests.ok}/{level.requests.errors} | "
-        f"{_f(level.request_rate)} | {_f(level.input_tokens_per_s)} | "
-        f"{_f(level.output_tokens_per_s)} | "
-        f"{_f(ttft.p50)}/{_f(ttft.p90)}/{_f(ttft.p99)} | {_f(level.itl_s.p50)} | "
-        f"{_f(e2e.p50)}/{_f(e2e.p90)}/{_f(e2e.p99)} | "
-        f"{_f(level.goodput.requests_per_s)} | {'yes' if level.goodput.meets_slo else 'no'} | "
-        f"{_usd(money.usd_per_1m_input_tokens)} | {_usd(money.usd_per_1m_output_tokens)} |"
-    )
+def _level_row(level: LevelSummary) -> list[str]:
+    money = level.money
+    return [
+        level.label, level.status, f"{level.requests.ok}/{level.requests.errors}",
+        _f(level.request_rate), _f(level.input_tokens_per_s), _f(level.output_tokens_per_s),
+        _points(level.ttft_s), _f(level.itl_s.p50), _points(level.e2e_s),
+        _f(level.goodput.requests_per_s), "yes" if level.goodput.meets_slo else "no",
+        _usd(money.usd_per_1m_input_tokens), _usd(money.usd_per_1m_output_tokens),
+    ]  # fmt: skip
+
+
+def _points(stats: Percentiles, points: tuple[str, ...] = ("p50", "p90", "p99")) -> str:
+    """Percentiles as "p50/p90/p99"."""
+    return "/".join(_f(getattr(stats, point)) for point in points)
 
 
 def _best_markdown(serving: ServingSection) -> list[str]:
@@ -310,13 +314,7 @@ def _mix_markdown(serving: ServingSection) -> list[str]:
     if level is None or not level.models:
         return []
     alone = {entry.model: find_level(entry.levels, entry.best) for entry in serving.alone}
-    lines = [
-        f"### Per model under the mix ({level.label})",
-        "",
-        "| model | share | requests | in tokens | out tokens | $ | $/1M in | $/1M out | "
-        "alone: $/1M out | server counters |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    rows = []
     for share in level.models:
         own = alone.get(share.model)
         alone_cell = (
@@ -324,39 +322,41 @@ def _mix_markdown(serving: ServingSection) -> list[str]:
         )
         counters = share.server_counters
         agree = "n/a" if counters is None else ("equal" if counters.match else "**DIFFER**")
-        lines.append(
-            f"| {share.model} | {share.weight:.0%} | {share.requests} | {share.input_tokens} | "
-            f"{share.output_tokens} | {_usd(share.usd)} | "
-            f"{_usd(share.usd_per_1m_input_tokens)} | {_usd(share.usd_per_1m_output_tokens)} | "
-            f"{alone_cell} | {agree} |"
-        )
-    lines += [
+        rows.append([
+            share.model, f"{share.weight:.0%}", str(share.requests), str(share.input_tokens),
+            str(share.output_tokens), _usd(share.usd), _usd(share.usd_per_1m_input_tokens),
+            _usd(share.usd_per_1m_output_tokens), alone_cell, agree,
+        ])  # fmt: skip
+    header = ["model", "share", "requests", "in tokens", "out tokens", "$", "$/1M in",
+              "$/1M out", "alone: $/1M out", "server counters"]  # fmt: skip
+    return [
+        f"### Per model under the mix ({level.label})",
         "",
+        *_table(header, "lrrrrrrrrl", rows),
         "Under the mix every model's tokens are priced alike (one machine, one bill, split "
         "by tokens); the alone column is what a model costs on a machine of its own.",
         "",
     ]
-    return lines
 
 
 def _quality_markdown(serving: ServingSection) -> list[str]:
     quality = serving.quality
     if quality is None:
         return []
-    lines = [
+    rows = [
+        [entry.model, f"{entry.accuracy:.1%}", str(entry.output_tokens), _usd(entry.usd),
+         _usd(entry.usd_per_1k_correct), entry.prices_from]
+        for entry in quality.models
+    ]  # fmt: skip
+    header = ["model", "accuracy", "out tokens", "$ for the set", "$ per 1000 correct", "priced at"]
+    return [
         f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
         f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})",
         "",
-        "| model | accuracy | out tokens | $ for the set | $ per 1000 correct | priced at |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *_table(header, "lrrrrl", rows),
+        f"Every answer and its score: `{quality.answers_file}`.",
+        "",
     ]
-    for entry in quality.models:
-        lines.append(
-            f"| {entry.model} | {entry.accuracy:.1%} | {entry.output_tokens} | "
-            f"{_usd(entry.usd)} | {_usd(entry.usd_per_1k_correct)} | {entry.prices_from} |"
-        )
-    lines += ["", f"Every answer and its score: `{quality.answers_file}`.", ""]
-    return lines
 
 
 def _tokens_markdown(levels: list[LevelSummary]) -> list[str]:
@@ -390,16 +390,13 @@ def _cold_start_markdown(serving: ServingSection) -> list[str]:
             "",
         ]
     if cold.floors:
-        lines += [
-            "| phase | measured s | floor s | measured / floor | the floor |",
-            "| --- | ---: | ---: | ---: | --- |",
-        ]
-        lines += [
-            f"| {row.phase} | {row.measured_s:.3f} | {row.floor_s:.3f} | "
-            f"{_f(row.ratio, 3, 'x')} | {row.floor} |"
+        rows = [
+            [row.phase, f"{row.measured_s:.3f}", f"{row.floor_s:.3f}", _f(row.ratio, 3, "x"),
+             row.floor]
             for row in cold.floors
-        ]
-        lines.append("")
+        ]  # fmt: skip
+        header = ["phase", "measured s", "floor s", "measured / floor", "the floor"]
+        lines += _table(header, "lrrrl", rows)
     return lines
 
 
@@ -415,19 +412,17 @@ def _serverless_markdown(serving: ServingSection) -> list[str]:
         f"idle timeout {serverless.idle_timeout_s:g} s, service time "
         f"{serverless.service_s:.3g} s per request.",
         "",
-        "| requests/hour | regime | billed s/hour | cold starts/hour | $/hour | $/1k req "
-        "| $/1M in | $/1M out | always-on $/1M out |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in serverless.profiles:
-        lines.append(
-            f"| {row.requests_per_hour:g} | {row.regime} | {row.billed_seconds_per_hour:.0f} | "
-            f"{row.cold_starts_per_hour:.2f} | {_usd(row.usd_per_hour)} | "
-            f"{_usd(row.usd_per_1k_requests)} | {_usd(row.usd_per_1m_input_tokens)} | "
-            f"{_usd(row.usd_per_1m_output_tokens)} | "
-            f"{_usd(row.always_on_usd_per_1m_output_tokens)} |"
-        )
-    return [*lines, ""]
+    rows = [
+        [f"{row.requests_per_hour:g}", row.regime, f"{row.billed_seconds_per_hour:.0f}",
+         f"{row.cold_starts_per_hour:.2f}", _usd(row.usd_per_hour),
+         _usd(row.usd_per_1k_requests), _usd(row.usd_per_1m_input_tokens),
+         _usd(row.usd_per_1m_output_tokens), _usd(row.always_on_usd_per_1m_output_tokens)]
+        for row in serverless.profiles
+    ]  # fmt: skip
+    header = ["requests/hour", "regime", "billed s/hour", "cold starts/hour", "$/hour",
+              "$/1k req", "$/1M in", "$/1M out", "always-on $/1M out"]  # fmt: skip
+    return [*lines, *_table(header, "rlrrrrrrr", rows)]
 
 
 def _comparison_markdown(serving: ServingSection) -> list[str]:
@@ -441,16 +436,16 @@ def _comparison_markdown(serving: ServingSection) -> list[str]:
         f"({_f(comparison.input_tokens_per_request)} input, "
         f"{_f(comparison.output_tokens_per_request)} output tokens per request).",
         "",
-        "| provider | model | $/1M in | $/1M out | $/1k req | ours $/1k req | ours / theirs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in comparison.rows:
-        lines.append(
-            f"| {row.provider} | {row.model} | {_usd(row.usd_per_1m_input)} | "
-            f"{_usd(row.usd_per_1m_output)} | {_usd(row.usd_per_1k_requests)} | "
-            f"{_usd(row.ours_usd_per_1k_requests)} | {_f(row.ours_over_theirs)} |"
-        )
-    return [*lines, "", *_price_sources_markdown(comparison.rows)]
+    rows = [
+        [row.provider, row.model, _usd(row.usd_per_1m_input), _usd(row.usd_per_1m_output),
+         _usd(row.usd_per_1k_requests), _usd(row.ours_usd_per_1k_requests),
+         _f(row.ours_over_theirs)]
+        for row in comparison.rows
+    ]  # fmt: skip
+    header = ["provider", "model", "$/1M in", "$/1M out", "$/1k req", "ours $/1k req",
+              "ours / theirs"]  # fmt: skip
+    return [*lines, *_table(header, "llrrrrr", rows), *_price_sources_markdown(comparison.rows)]
 
 
 def _price_sources_markdown(rows: list[ComparisonRow]) -> list[str]:
@@ -465,19 +460,13 @@ def _price_sources_markdown(rows: list[ComparisonRow]) -> list[str]:
 def _metrics_markdown(levels: list[LevelSummary], definitions: MetricDefinitions) -> list[str]:
     """TPOT per level and what every metric means; the JSON has each level under
     `vllm bench serve`'s names too (levels[].vllm_bench)."""
-    lines = [
-        "### Metrics as defined here",
-        "",
-        "| level | TPOT p50/p90/p99 s | ITL p50/p99 s | TTFT mean s | e2e mean s |",
-        "| --- | --- | --- | ---: | ---: |",
-    ]
-    for level in levels:
-        tpot, itl = level.tpot_s, level.itl_s
-        lines.append(
-            f"| {level.label} | {_f(tpot.p50)}/{_f(tpot.p90)}/{_f(tpot.p99)} | "
-            f"{_f(itl.p50)}/{_f(itl.p99)} | {_f(level.ttft_s.mean)} | {_f(level.e2e_s.mean)} |"
-        )
-    lines.append("")
+    rows = [
+        [level.label, _points(level.tpot_s), _points(level.itl_s, ("p50", "p99")),
+         _f(level.ttft_s.mean), _f(level.e2e_s.mean)]
+        for level in levels
+    ]  # fmt: skip
+    header = ["level", "TPOT p50/p90/p99 s", "ITL p50/p99 s", "TTFT mean s", "e2e mean s"]
+    lines = ["### Metrics as defined here", "", *_table(header, "lllrr", rows)]
     lines += [f"- **{name}**: {text}" for name, text in definitions]
     lines += [
         "- The JSON repeats each level under the field names of `vllm bench serve` "

@@ -101,14 +101,11 @@ def counter_delta(
 
 
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
-    if not metrics:
-        return {}
-    phases = {}
-    for phase in metric_names.COLD_START_PHASES:
-        value = metrics.get(metric_names.COLD_START + '{phase="' + phase + '"}')
-        if value is not None:
-            phases[phase] = value
-    return phases
+    """The phases the server reports of its own cold start, in their order."""
+    names = {
+        p: metric_names.COLD_START + '{phase="' + p + '"}' for p in metric_names.COLD_START_PHASES
+    }
+    return {phase: metrics[name] for phase, name in names.items() if metrics and name in metrics}
 
 
 def free_port() -> int:
@@ -320,11 +317,9 @@ def cold_start_section(
     timings = dict(server.timings)
     if first is not None and first.ok:
         reference = first.first_token if first.first_token is not None else first.end
-    else:
-        reference = None
-    if first is not None and reference is not None:
-        timings["first_token_s"] = first.start + reference
-        timings["first_request_ttft_s"] = reference
+        if reference is not None:
+            timings["first_token_s"] = first.start + reference
+            timings["first_request_ttft_s"] = reference
     if warm is not None and warm.ok and warm.first_token is not None:
         timings["warm_request_ttft_s"] = warm.first_token
     phases = server_phases(metrics)
@@ -368,20 +363,13 @@ def cold_start_section(
 def reported_cold_start(metrics: dict[str, float] | None) -> ColdStart:
     """An endpoint the meter did not start: only the phases its /metrics reports, if any."""
     phases = server_phases(metrics)
+    unknown = ColdStart.model_fields.keys() - {"measured", "source", "server_phases_s", "floors"}
     return ColdStart(
         measured=False,
         source="the endpoint's /metrics (the meter did not start it)"
         if phases
         else "not measured: the meter did not start the endpoint",
-        command=None,
-        listening_s=None,
-        ready_s=None,
-        first_token_s=None,
-        first_request_ttft_s=None,
-        warm_request_ttft_s=None,
         server_phases_s=phases,
         floors=[],
-        outside_server_s=None,
-        first_request_error=None,
-        note=None,
+        **dict.fromkeys(unknown),  # every timing: null
     )

@@ -69,25 +69,24 @@ def measure_engines(
     return arms
 
 
-def card_kind(serving: bool, training: bool) -> CardKind:
-    if serving and training:
-        return "serving-training"
-    return "serving" if serving else "training"
-
-
-def build_card(
+def run_token_cost(
     config: TokenCostConfig,
     *,
-    measure: bool,
-    runs: list[Path],
-    price_source: str,
-    training_price: float | None,
-    folder: Path,
+    measure: bool = True,
+    runs: list[Path] | None = None,
+    price_source: str = "config",
+    training_price: float | None = None,
     hooks: Hooks | None = None,
-) -> CostCard:
-    from .card import environment
+) -> tuple[CostCard, dict[str, Path]]:
+    """Measure and price into a new report folder; returns the card and its files."""
+    from .card import environment, report_dir, write_card
     from .training_cost import training_cost
 
+    runs = runs or []
+    kind: CardKind = (
+        "serving-training" if measure and runs else "serving" if measure else "training"
+    )
+    folder = report_dir(Path(config.report.dir), kind)
     partial: list[str] = []
     notes: list[str] = []
     serving = None
@@ -112,9 +111,9 @@ def build_card(
 
         here = describe()
         device, dtype = here["device"], here["dtype"]
-    return CostCard(
+    card = CostCard(
         schema_version=SCHEMA_VERSION,
-        kind=card_kind(measure, bool(runs)),
+        kind=kind,
         created=dt.datetime.now(UTC).replace(microsecond=0),
         partial=bool(partial),
         partial_reasons=partial,
@@ -128,30 +127,6 @@ def build_card(
         serving=serving,
         engines=engines,
         training=training,
-    )
-
-
-def run_token_cost(
-    config: TokenCostConfig,
-    *,
-    measure: bool = True,
-    runs: list[Path] | None = None,
-    price_source: str = "config",
-    training_price: float | None = None,
-    hooks: Hooks | None = None,
-) -> tuple[CostCard, dict[str, Path]]:
-    from .card import report_dir, write_card
-
-    runs = runs or []
-    folder = report_dir(Path(config.report.dir), card_kind(measure, bool(runs)))
-    card = build_card(
-        config,
-        measure=measure,
-        runs=runs,
-        price_source=price_source,
-        training_price=training_price,
-        folder=folder,
-        hooks=hooks,
     )
     return card, write_card(card, folder)
 
@@ -213,7 +188,7 @@ def _price_source(args: TokenCostOptions, path: str | None) -> str:
 
 def token_cost_command(args: TokenCostOptions) -> int:
     """Entry point of `<package> token-cost` (see cli.py for the flags)."""
-    from .training_cost import latest_run
+    from ..runs import RunFolder
 
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
@@ -221,7 +196,9 @@ def token_cost_command(args: TokenCostOptions) -> int:
     config = load_token_cost_config(path, list(args.overrides), _flags(args))
     if config.serverless.container_cold_start:  # a bad report fails now, not after the sweep
         ContainerColdStart.read(config.serverless.container_cold_start)
-    runs = [latest_run(Path("runs")) if run == "latest" else Path(run) for run in args.runs]
+    runs = [
+        RunFolder.latest(Path("runs")).path if run == "latest" else Path(run) for run in args.runs
+    ]
     measure = not args.training_only
     if not measure and not runs:
         raise UserError("--training-only needs at least one --run RUN_DIR (or --run latest)")

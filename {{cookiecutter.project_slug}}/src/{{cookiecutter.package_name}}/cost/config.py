@@ -14,15 +14,14 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import GPU_HOURLY_USD, Section, load_yaml_config
 from .money import Split
+from .schema import SplitMethod
 
 
 class PriceSection(Section):
     gpu_hourly_usd: float = Field(
         GPU_HOURLY_USD, gt=0, description="$ per hour of the machine that serves (all its GPUs)"
     )
-    split: Literal["output-only", "by-tokens", "weighted"] = Field(
-        "weighted", description="how input and output tokens share the bill"
-    )
+    split: SplitMethod = Field("weighted", description="how input and output tokens share the bill")
     input_weight: float = Field(
         0.25, ge=0, description="weighted: one input token costs this many output tokens"
     )

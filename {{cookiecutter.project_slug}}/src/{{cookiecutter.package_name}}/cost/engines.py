@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 from .config import TokenCostConfig
 from .money import serverless_money
@@ -23,6 +22,7 @@ from .schema import (
     EngineArm,
     EngineChoice,
     EngineComparison,
+    EngineReason,
     LevelSummary,
     Serverless,
     ServerlessProfile,
@@ -71,7 +71,7 @@ def _differences(arms: list[EngineArm]) -> list[str]:
     same("dtypes", lambda a: a.dtype, "set model.dtype (both engines read it)")
     same(
         "cold start sources",
-        lambda a: getattr(_serverless(a), "cold_start_source", None),
+        lambda a: getattr(_section(a).serverless, "cold_start_source", None),
         "measure every engine's cold start the same way (process, or container report)",
     )
     lengths = {
@@ -95,39 +95,31 @@ def _section(arm: EngineArm) -> ServingSection:
     return arm.serving
 
 
-def _serverless(arm: EngineArm) -> Serverless | None:
-    return _section(arm).serverless
-
-
 def _first_complete(arm: EngineArm) -> LevelSummary | None:
     return next((lv for lv in _section(arm).levels if lv.status != "partial"), None)
 
 
 def _choice(
-    traffic: str, cell: str, prices: dict[str, float | None], missing: list[str]
+    traffic: str, cell: str, cells: dict[str, float | str | None]
 ) -> tuple[EngineChoice, str | None, str | None]:
-    """The cell with its cheaper engine (None where fewer than two engines have a price)."""
+    """The cell with its cheaper engine (None where fewer than two engines have a price).
+    `cells`: each engine's $ per 1M output tokens in the cell, or why it has none (a str)."""
+    prices = {name: None if isinstance(usd, str) else usd for name, usd in cells.items()}
+    missing = [f"{name} ({why})" for name, why in cells.items() if isinstance(why, str)]
     priced = sorted((usd, name) for name, usd in prices.items() if usd is not None)
+    choice = EngineChoice(
+        traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=None,
+        ratio=None, reason=None, note=None,
+    )  # fmt: skip
     if len(priced) < 2 or missing:
         lacking = missing or [name for name, usd in prices.items() if usd is None]
-        note = "no comparison: no price for " + ", ".join(lacking)
-        choice = EngineChoice(
-            traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=None,
-            ratio=None, reason=None, note=note,
-        )  # fmt: skip
+        choice.note = "no comparison: no price for " + ", ".join(lacking)
         return choice, None, None
     (low, cheaper), (runner_usd, runner) = priced[0], priced[1]
     if math.isclose(low, runner_usd, rel_tol=TIE):
-        note = f"the same price for {cheaper} and {runner}"
-        choice = EngineChoice(
-            traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=None,
-            ratio=1.0, reason=None, note=note,
-        )  # fmt: skip
+        choice.ratio, choice.note = 1.0, f"the same price for {cheaper} and {runner}"
         return choice, None, None
-    choice = EngineChoice(
-        traffic=traffic, cell=cell, usd_per_1m_output_tokens=prices, cheaper=cheaper,
-        ratio=runner_usd / low if low else None, reason=None, note=None,
-    )  # fmt: skip
+    choice.cheaper, choice.ratio = cheaper, runner_usd / low if low else None
     return choice, cheaper, runner
 
 
@@ -138,17 +130,14 @@ def _steady(arms: list[EngineArm]) -> list[EngineChoice]:
         labels += [lv.label for lv in _section(arm).levels if lv.label not in labels]
     choices = []
     for label in labels:
-        prices: dict[str, float | None] = {}
-        missing = []
+        cells: dict[str, float | str | None] = {}
         for arm in arms:
             level = next((lv for lv in _section(arm).levels if lv.label == label), None)
             if level is None or level.status == "partial":
-                why = "not run" if level is None else "partial"
-                missing.append(f"{arm.name} ({label} {why})")
-                prices[arm.name] = None
+                cells[arm.name] = f"{label} {'not run' if level is None else 'partial'}"
             else:
-                prices[arm.name] = level.money.usd_per_1m_output_tokens
-        choice, cheaper, _ = _choice("steady", label, prices, missing)
+                cells[arm.name] = level.money.usd_per_1m_output_tokens
+        choice, cheaper, _ = _choice("steady", label, cells)
         if cheaper:
             choice.reason = "throughput"  # same $/hour: the price is 1 / output tokens/s
         choices.append(choice)
@@ -161,21 +150,21 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
         return []
     choices = []
     for rate in config.serverless.requests_per_hour:
-        prices: dict[str, float | None] = {}
         profiles: dict[str, ServerlessProfile] = {}
-        missing = []
+        cells: dict[str, float | str | None] = {}
         for arm in arms:
-            serverless = _serverless(arm)
-            profile = next(
-                (p for p in serverless.profiles if p.requests_per_hour == rate), None
-            ) if serverless else None  # fmt: skip
-            if profile is None:
-                missing.append(f"{arm.name} (no serverless profile: see the notes)")
-                prices[arm.name] = None
+            serverless = _section(arm).serverless
+            found = (
+                [p for p in serverless.profiles if p.requests_per_hour == rate]
+                if serverless
+                else []
+            )
+            if found:
+                profiles[arm.name] = found[0]
+                cells[arm.name] = found[0].usd_per_1m_output_tokens
             else:
-                profiles[arm.name] = profile
-                prices[arm.name] = profile.usd_per_1m_output_tokens
-        choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", prices, missing)
+                cells[arm.name] = "no serverless profile: see the notes"
+        choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", cells)
         if cheaper and runner:
             tokens = {arm.name: _output_tokens(arm) for arm in arms}
             choice.reason = _bursty_reason(
@@ -185,24 +174,21 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
     return choices
 
 
-Reason = Literal["throughput", "cold start", "idle time"]
-
-
 def _output_tokens(arm: EngineArm) -> float:
-    serverless = _serverless(arm)
+    serverless = _section(arm).serverless
     return (serverless.output_tokens_per_request if serverless else None) or 1.0
 
 
 def _bursty_reason(
     cheaper: ServerlessProfile, runner: ServerlessProfile, cheaper_tokens: float,
     runner_tokens: float,
-) -> Reason:  # fmt: skip
+) -> EngineReason:  # fmt: skip
     """Which part of the billed hour, per output token, the cheaper engine saves most on
     (per token: an engine whose answers are longer spreads the same seconds wider)."""
     if cheaper.regime == runner.regime == "always-on":
         return "throughput"  # both never scale down: fewer instances, or the same bill
 
-    def per_token(profile: ServerlessProfile, tokens: float) -> dict[Reason, float]:
+    def per_token(profile: ServerlessProfile, tokens: float) -> dict[EngineReason, float]:
         return {
             "throughput": profile.busy_seconds_per_hour / tokens,
             "cold start": profile.cold_start_seconds_per_hour / tokens,
@@ -225,10 +211,10 @@ def _crossovers(
             assert left.cheaper and right.cheaper
             at = None
             if traffic == "bursty":
+                by_name = {arm.name: _section(arm).serverless for arm in arms}
                 at = _equal_bill_rate(
-                    _by_name(arms, left.cheaper), _by_name(arms, right.cheaper), left, right, config
+                    by_name[left.cheaper], by_name[right.cheaper], left, right, config
                 )
-            if traffic == "bursty":
                 where = f"; they first cost the same at about {at:.3g} requests/hour" if at else ""
                 reason = (
                     f"{left.cheaper} is cheaper at {left.cell} ({left.reason} decides), "
@@ -252,20 +238,15 @@ def _crossovers(
     return found
 
 
-def _by_name(arms: list[EngineArm], name: str) -> EngineArm:
-    return next(arm for arm in arms if arm.name == name)
-
-
 def _equal_bill_rate(
-    first: EngineArm,
-    second: EngineArm,
+    a: Serverless | None,
+    b: Serverless | None,
     left: EngineChoice,
     right: EngineChoice,
     config: TokenCostConfig,
 ) -> float | None:
     """The requests/hour between two cells where the two engines' $ per 1M output tokens
     are equal: bisection on the same billing model the cells come from."""
-    a, b = _serverless(first), _serverless(second)
     if a is None or b is None:
         return None
     low = float(left.cell.split()[0])

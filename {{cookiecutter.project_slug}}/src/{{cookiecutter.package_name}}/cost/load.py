@@ -62,6 +62,17 @@ class Endpoint:
     def path(self) -> str:
         return "/chat/completions" if self.api == "chat" else "/completions"
 
+    def client(
+        self, connections: int, transport: httpx.AsyncBaseTransport | None = None
+    ) -> httpx.AsyncClient:
+        """A pool of `connections` to the endpoint, with its timeouts (and no proxy taken
+        from the environment). `transport`: tests pass an httpx.MockTransport."""
+        timeout = httpx.Timeout(self.request_timeout_s, connect=self.connect_timeout_s)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(
+            timeout=timeout, limits=limits, trust_env=False, transport=transport
+        )
+
     def headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
@@ -289,16 +300,6 @@ class LevelRunner:
         self._next_prompt += 1
         return prompt
 
-    def client(self, max_connections: int) -> httpx.AsyncClient:
-        ep = self.endpoint
-        timeout = httpx.Timeout(ep.request_timeout_s, connect=ep.connect_timeout_s)
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        return httpx.AsyncClient(
-            timeout=timeout, limits=limits, trust_env=False, transport=self.transport
-        )
-
     def _seen(self, result: RequestResult) -> None:
         if result.cancelled:
             return
@@ -323,7 +324,7 @@ class LevelRunner:
     async def warmup(self, count: int) -> list[RequestResult]:
         """Requests before the sweep, one at a time, not counted in any level."""
         results = []
-        async with self.client(2) as client:
+        async with self.endpoint.client(2, self.transport) as client:
             t0 = time.perf_counter()
             for index in range(count):
                 try:
@@ -341,7 +342,7 @@ class LevelRunner:
         pool = concurrency or self.max_concurrency or 1024
         if self.mix is not None:  # each level starts the mix afresh: its shares are its own
             self.mix = MixSchedule(self.mix.shares)
-        async with self.client(pool) as client:
+        async with self.endpoint.client(pool, self.transport) as client:
             label = f"concurrency {concurrency}" if concurrency else f"{level:g} req/s (Poisson)"
             active = _ActiveLevel(self, client, requests, concurrency, label)
             try:

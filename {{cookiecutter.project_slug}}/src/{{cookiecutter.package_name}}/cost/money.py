@@ -21,14 +21,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 
-from .schema import ComparisonRow, Money, Percentiles, ServerlessProfile, SplitRule
+from .schema import (
+    ComparisonRow,
+    Money,
+    Percentiles,
+    Regime,
+    ServerlessProfile,
+    SplitMethod,
+    SplitRule,
+)
 
 if TYPE_CHECKING:
     from .config import ReferencePrice
 
-SplitMethod = Literal["output-only", "by-tokens", "weighted"]
 MILLION = 1_000_000
 
 
@@ -38,7 +45,7 @@ class Split:
     input_weight: float = 0.25  # used by "weighted" only
 
     def __post_init__(self) -> None:
-        if self.method not in ("output-only", "by-tokens", "weighted"):
+        if self.method not in get_args(SplitMethod):
             raise ValueError(f"unknown split method {self.method!r}")
         if self.method == "weighted" and not (
             self.input_weight >= 0 and math.isfinite(self.input_weight)
@@ -70,6 +77,13 @@ def usd_for_seconds(gpu_hourly_usd: float, seconds: float) -> float:
 
 def usd_per_million(usd: float, tokens: float) -> float | None:
     return usd / tokens * MILLION if tokens > 0 else None
+
+
+def usd_for_tokens(
+    input_tokens: float, output_tokens: float, usd_per_1m_input: float, usd_per_1m_output: float
+) -> float:
+    """What these tokens cost at these prices per 1M tokens."""
+    return (input_tokens * usd_per_1m_input + output_tokens * usd_per_1m_output) / MILLION
 
 
 def split_usd(
@@ -149,24 +163,33 @@ def serverless_money(
     """
     if requests_per_hour <= 0:
         raise ValueError("requests_per_hour must be > 0")
-    hour = _billed_hour(requests_per_hour, service_s, cold_start_s, idle_timeout_s, capacity_rps)
-    usd_hour = usd_for_seconds(gpu_hourly_usd, hour.billed)
+    rate = requests_per_hour / 3600.0
+    p_cold = math.exp(-rate * idle_timeout_s)
+    billed_per_request = service_s + (1.0 - p_cold) / rate + cold_start_s * p_cold
+    instances = math.ceil(rate / capacity_rps) if capacity_rps and rate > capacity_rps else 1
+    regime: Regime = "scale-to-zero"
+    billed, busy = requests_per_hour * billed_per_request, requests_per_hour * service_s
+    if instances > 1 or billed >= 3600.0:
+        regime, billed, p_cold = "always-on", 3600.0 * instances, 0.0
+        busy = min(busy, billed)
+    cold_starts = requests_per_hour * p_cold
+    usd_hour = usd_for_seconds(gpu_hourly_usd, billed)
     tokens_in = requests_per_hour * input_tokens_per_request
     tokens_out = requests_per_hour * output_tokens_per_request
     usd_in, usd_out = split_usd(usd_hour, tokens_in, tokens_out, split)
-    always_on_usd = gpu_hourly_usd * hour.instances
+    always_on_usd = gpu_hourly_usd * instances
     always_in, always_out = split_usd(always_on_usd, tokens_in, tokens_out, split)
     return ServerlessProfile(
         requests_per_hour=requests_per_hour,
-        regime=hour.regime,
-        instances=hour.instances,
-        billed_seconds_per_hour=hour.billed,
-        busy_seconds_per_hour=hour.busy,
-        idle_seconds_per_hour=max(hour.billed - hour.busy - hour.cold, 0.0),
-        cold_start_seconds_per_hour=hour.cold,
-        cold_starts_per_hour=hour.cold_starts,
-        cold_request_fraction=hour.p_cold,
-        utilization=hour.busy / hour.billed if hour.billed else None,
+        regime=regime,
+        instances=instances,
+        billed_seconds_per_hour=billed,
+        busy_seconds_per_hour=busy,
+        idle_seconds_per_hour=max(billed - busy - cold_starts * cold_start_s, 0.0),
+        cold_start_seconds_per_hour=cold_starts * cold_start_s,
+        cold_starts_per_hour=cold_starts,
+        cold_request_fraction=p_cold,
+        utilization=busy / billed if billed else None,
         usd_per_hour=usd_hour,
         usd_per_1k_requests=usd_hour / requests_per_hour * 1000,
         usd_per_1m_input_tokens=usd_in,
@@ -178,45 +201,6 @@ def serverless_money(
     )
 
 
-@dataclass(frozen=True)
-class _BilledHour:
-    regime: Literal["scale-to-zero", "always-on"]
-    instances: int
-    billed: float  # seconds
-    busy: float
-    cold: float
-    cold_starts: float
-    p_cold: float
-
-
-def _billed_hour(
-    requests_per_hour: float,
-    service_s: float,
-    cold_start_s: float,
-    idle_timeout_s: float,
-    capacity_rps: float | None,
-) -> _BilledHour:
-    """The seconds one hour bills under the model of `serverless_money`."""
-    rate = requests_per_hour / 3600.0
-    p_cold = math.exp(-rate * idle_timeout_s)
-    billed_per_request = service_s + (1.0 - p_cold) / rate + cold_start_s * p_cold
-    instances = math.ceil(rate / capacity_rps) if capacity_rps and rate > capacity_rps else 1
-    if instances > 1 or requests_per_hour * billed_per_request >= 3600.0:
-        billed = 3600.0 * instances
-        busy = min(requests_per_hour * service_s, billed)
-        return _BilledHour("always-on", instances, billed, busy, 0.0, 0.0, 0.0)
-    cold_starts = requests_per_hour * p_cold
-    return _BilledHour(
-        "scale-to-zero",
-        instances,
-        billed=requests_per_hour * billed_per_request,
-        busy=requests_per_hour * service_s,
-        cold=cold_starts * cold_start_s,
-        cold_starts=cold_starts,
-        p_cold=p_cold,
-    )
-
-
 def api_cost_per_1k_requests(
     usd_per_1m_input: float,
     usd_per_1m_output: float,
@@ -224,10 +208,8 @@ def api_cost_per_1k_requests(
     output_tokens_per_request: float,
 ) -> float:
     """What a hosted API charges for 1000 requests of this shape (list prices, no caching)."""
-    per_request = (
-        input_tokens_per_request * usd_per_1m_input + output_tokens_per_request * usd_per_1m_output
-    ) / MILLION
-    return per_request * 1000
+    tokens = (input_tokens_per_request, output_tokens_per_request)
+    return usd_for_tokens(*tokens, usd_per_1m_input, usd_per_1m_output) * 1000
 
 
 def compare_with_apis(

@@ -9,7 +9,6 @@ correct answers divides the set's cost by the score it earned.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,8 @@ from ..errors import UserError
 from ..scoring import Scorer, resolve_scorer
 from .config import QualitySection
 from .load import Endpoint, Prompt, RequestResult, stream_request
-from .schema import ModelQuality, Money, Quality
+from .money import usd_for_tokens
+from .schema import ModelQuality, Money, Quality, sha256_json
 
 ANSWERS_FILE = "quality_answers.jsonl"
 
@@ -78,23 +78,17 @@ def load_eval_set(spec: QualitySection) -> EvalSet:
     return EvalSet(eval_items(spec), resolve_scorer(spec.scorer))
 
 
-def digest(items: list[EvalItem]) -> str:
-    sent = [[item.prompt, item.reference] for item in items]
-    return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
-
-
 async def _answer_all(
     endpoint: Endpoint, models: list[str], items: list[EvalItem], concurrency: int
 ) -> dict[str, list[RequestResult]]:
     slots = asyncio.Semaphore(concurrency)
-    timeout = httpx.Timeout(endpoint.request_timeout_s, connect=endpoint.connect_timeout_s)
 
     async def one(client: httpx.AsyncClient, model: str, index: int) -> RequestResult:
         async with slots:
             prompt = Prompt(messages=items[index].prompt)
             return await stream_request(client, replace(endpoint, model=model), prompt, index, 0)
 
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+    async with endpoint.client(concurrency) as client:
         answers = {}
         for model in models:
             jobs = [one(client, model, index) for index in range(len(items))]
@@ -126,8 +120,9 @@ def score(
                        "finish_reason": answer.finish_reason}  # fmt: skip
                 out.write(json.dumps(row) + "\n")
             results.append(_priced(model, answers[model], scores, prices[model]))
+    sent = [[item.prompt, item.reference] for item in items]
     return Quality(
-        dataset=spec.dataset, examples=len(items), sha256=digest(items), scorer=spec.scorer,
+        dataset=spec.dataset, examples=len(items), sha256=sha256_json(sent), scorer=spec.scorer,
         max_tokens=spec.max_tokens, answers_file=str(path), models=results,
     )  # fmt: skip
 
@@ -160,7 +155,7 @@ def _priced(
     per_out = money.usd_per_1m_output_tokens if money else None
     usd = None
     if per_out is not None:
-        usd = (input_tokens * (per_in or 0.0) + output_tokens * per_out) / 1e6
+        usd = usd_for_tokens(input_tokens, output_tokens, per_in or 0.0, per_out)
     correct = sum(scores)
     return ModelQuality(
         model=model, examples=len(answers), correct=correct,

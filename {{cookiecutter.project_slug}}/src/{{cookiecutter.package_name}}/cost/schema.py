@@ -12,6 +12,7 @@ tests/test_cost_schema.py fails when the committed file and the models disagree.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,8 +43,11 @@ class Percentiles(CardSection):
     mean: Amount | None
 
 
+SplitMethod = Literal["output-only", "by-tokens", "weighted"]
+
+
 class SplitRule(CardSection):
-    method: Literal["output-only", "by-tokens", "weighted"]
+    method: SplitMethod
     input_weight: Amount
     description: str
 
@@ -278,9 +282,12 @@ class ColdStart(CardSection):
     note: str | None
 
 
+Regime = Literal["scale-to-zero", "always-on"]
+
+
 class ServerlessProfile(CardSection):
     requests_per_hour: Positive
-    regime: Literal["scale-to-zero", "always-on"]
+    regime: Regime
     instances: Annotated[int, Field(ge=1)]
     billed_seconds_per_hour: Amount
     busy_seconds_per_hour: Amount
@@ -418,7 +425,15 @@ def find_level(levels: list[LevelSummary], best: BestLevel) -> LevelSummary | No
     return next((level for level in levels if level.label == best.label), None)
 
 
+def sha256_json(sent: Any) -> str:
+    """The card's digest of what was sent (prompts, answers): equal digests, equal requests."""
+    return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------- engines
+EngineReason = Literal["throughput", "cold start", "idle time"]
+
+
 class EngineArm(CardSection):
     """One engine of a comparison, measured on the same prompts and load as the others."""
 
@@ -438,7 +453,7 @@ class EngineChoice(CardSection):
     usd_per_1m_output_tokens: dict[str, Amount | None] = Field(description="per engine name")
     cheaper: str | None = Field(description="null: no fair comparison in this cell (see note)")
     ratio: Amount | None = Field(description="the other engine's price over the cheaper one's")
-    reason: Literal["throughput", "cold start", "idle time"] | None
+    reason: EngineReason | None
     note: str | None
 
 

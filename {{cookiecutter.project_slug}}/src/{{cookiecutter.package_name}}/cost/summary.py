@@ -10,13 +10,13 @@ at the level's time limit are left out of everything; failed requests count as m
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .load import LevelRun, RequestResult
-from .money import Split, percentiles, window_money
+from .money import Split, percentiles, usd_for_tokens, window_money
 from .schema import (
     BestLevel,
     Goodput,
@@ -175,8 +175,7 @@ def summarize_level(
     failed = [r for r in counted if not r.ok]
     good = [r for r in ok if slo.met_by(r)]
     duration = run.duration_s
-    input_tokens = sum(r.prompt_tokens or 0 for r in ok)
-    output_tokens = sum(_output_tokens(r) for r in ok)
+    input_tokens, output_tokens = _tokens(ok)
     samples = Samples.of(ok)
     status = _status(run)
     fraction = len(good) / len(counted) if counted else None
@@ -225,14 +224,11 @@ def model_shares(
     """Each model's part of the level: its tokens at the level's prices, so the parts add
     up to the level's bill, and the server's own counters of it beside the meter's count."""
     shares = []
+    prices = money.usd_per_1m_input_tokens or 0.0, money.usd_per_1m_output_tokens or 0.0
     for model, weight in mix.items():
         mine = [r for r in ok if r.model == model]
-        input_tokens = sum(r.prompt_tokens or 0 for r in mine)
-        output_tokens = sum(_output_tokens(r) for r in mine)
-        usd = (
-            input_tokens * (money.usd_per_1m_input_tokens or 0.0)
-            + output_tokens * (money.usd_per_1m_output_tokens or 0.0)
-        ) / 1e6
+        input_tokens, output_tokens = _tokens(mine)
+        usd = usd_for_tokens(input_tokens, output_tokens, *prices)
         server = None
         if counters is not None:
             mine_counters = {
@@ -271,6 +267,11 @@ def _output_tokens(r: RequestResult) -> int:
     return r.completion_tokens if r.completion_tokens is not None else r.content_chunks
 
 
+def _tokens(results: list[RequestResult]) -> tuple[int, int]:
+    """(input, output) tokens of these requests: their usage, else their text events."""
+    return sum(r.prompt_tokens or 0 for r in results), sum(map(_output_tokens, results))
+
+
 def request_tpot(r: RequestResult) -> float | None:
     """(e2e - TTFT) / (output tokens - 1), as `vllm bench serve`; None below two tokens."""
     tokens = _output_tokens(r)
@@ -305,19 +306,13 @@ def vllm_bench_fields(
     for name, values in (
         ("ttft", samples.ttft), ("tpot", samples.tpot), ("itl", samples.itl), ("e2el", samples.e2e),
     ):  # fmt: skip
-        stats = percentiles(values)
-        ms = {key: None if v is None else v * 1000 for key, v in stats if key != "count"}
-        fields[f"mean_{name}_ms"] = ms["mean"]
-        fields[f"median_{name}_ms"] = ms["p50"]
-        fields[f"std_{name}_ms"] = _std(values) * 1000 if values else None
-        for point in ("p50", "p90", "p99"):
-            fields[f"{point}_{name}_ms"] = ms[point]
+        ms = {
+            key: None if v is None else v * 1000 for key, v in percentiles(values) if key != "count"
+        }
+        ms["median"] = ms["p50"]
+        ms["std"] = statistics.pstdev(values) * 1000 if values else None
+        fields.update({f"{key}_{name}_ms": value for key, value in ms.items()})
     return VllmBench.model_validate(fields)
-
-
-def _std(values: Sequence[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
 def best_level(levels: list[LevelSummary]) -> BestLevel:

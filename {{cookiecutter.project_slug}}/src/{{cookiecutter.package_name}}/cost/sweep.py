@@ -8,8 +8,6 @@ measured is kept, the interrupted level is marked partial.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -17,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from ..errors import UserError
 from ..serving.protocol import ServerInfo
@@ -51,6 +47,7 @@ from .schema import (
     ServingSection,
     Slo,
     find_level,
+    sha256_json,
 )
 from .summary import METRIC_DEFINITIONS, best_level, summarize_level
 from .target import (
@@ -119,7 +116,6 @@ def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list[Prompt], Pro
         exact = "exactly" if tokenizer is not None else "about"
         description = f"{count} synthetic prompts of {exact} {spec.input_tokens} user tokens"
     sent = [prompt.messages if prompt.messages is not None else prompt.text for prompt in prompts]
-    digest = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     info = PromptSet(
         source=spec.source,
         dataset=spec.dataset if spec.source == "dataset" else None,
@@ -127,7 +123,7 @@ def _prompts(config: TokenCostConfig, tokenizer: Any) -> tuple[list[Prompt], Pro
         input_tokens=spec.input_tokens if spec.source == "synthetic" else None,
         output_tokens=spec.output_tokens,
         description=description + f", max_tokens {spec.output_tokens}",
-        sha256=digest,
+        sha256=sha256_json(sent),
     )
     return prompts, info
 
@@ -241,8 +237,7 @@ class Sweep:
         """The first request, sent the moment the server is ready, timed from the spawn."""
 
         async def first_requests() -> tuple[RequestResult, RequestResult]:
-            timeout = self.config.endpoint.request_timeout_s
-            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            async with endpoint.client(1) as client:
                 prompt = self.prompts[0]
                 first = await stream_request(client, endpoint, prompt, -1, server.spawned_at)
                 # A request like it once more: what the first would cost on a warm server.
@@ -393,16 +388,10 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
         ),
         model=target.served,
         load=LoadPlan(
-            mode=load.mode,
+            **load.model_dump(include=set(LoadPlan.model_fields)),  # the keys of the same name
+            **config.prompts.model_dump(include={"temperature", "ignore_eos"}),
             levels=load.levels(),
-            requests_per_level=load.requests_per_level,
-            level_time_limit_s=load.level_time_limit_s,
-            warmup_requests=load.warmup_requests,
-            max_concurrency=load.max_concurrency,
             max_tokens=config.prompts.output_tokens,
-            temperature=config.prompts.temperature,
-            ignore_eos=config.prompts.ignore_eos,
-            seed=load.seed,
             prompts=sweep.prompt_set or _prompts(config, None)[1],
         ),
         slo=Slo.model_validate(config.slo.model_dump()),

@@ -61,10 +61,6 @@ def flops_per_token(parameters: int, trainable_parameters: int) -> float:
     return 4.0 * parameters + 2.0 * trainable_parameters
 
 
-def latest_run(runs_dir: Path) -> Path:
-    return RunFolder.latest(runs_dir).path
-
-
 def training_cost(run_dir: Path, gpu_hourly_usd: float | None = None) -> TrainingRun:
     """One run's cost section of the card; `gpu_hourly_usd` re-prices it (else the run's)."""
     run = RunFolder(run_dir)
