@@ -464,12 +464,12 @@ def _training(results: dict) -> list[str]:
     lines = [
         "## 3. Training throughput",
         "",
-        "`benchmarks/train_throughput.py` of the baked project: non-pad tokens/s of our",
-        "`train` (its `run_training`) against plain TRL `SFTTrainer` + peft with the same",
-        "model, data and hyperparameters (fp32, as ours picks on a CPU; `reference_defaults`",
-        "keeps TRL's own precision default), and packing against no packing on conversations",
-        "of 1 to 8 tickets (lengths vary about tenfold), packed rows sized to the same token",
-        "budget per step. Arms interleaved, every repetition.",
+        "`benchmarks/train_throughput.py`, run against the baked project: non-pad tokens/s",
+        "of our `train` (its `run_training`) against plain TRL `SFTTrainer` + peft with the",
+        "same model, data and hyperparameters (fp32, as ours picks on a CPU;",
+        "`reference_defaults` keeps TRL's own precision default), and packing against no",
+        "packing on conversations of 1 to 8 tickets (lengths vary about tenfold), packed rows",
+        "sized to the same token budget per step. Arms interleaved, every repetition.",
         "",
     ]
     for model, section in results.get("models", {}).items():
@@ -527,10 +527,10 @@ def _structured(results: dict) -> list[str]:
         if not lines:
             lines = ["## 3b. Structured output", ""]
         lines += [
-            f"### <a id=\"structured-{model}\"></a>{MODEL_LABELS.get(model, model)}",
+            f'### <a id="structured-{model}"></a>{MODEL_LABELS.get(model, model)}',
             "",
             f"Concurrency {part['concurrency']}, {part['requests']} requests per run, "
-            f"{part['max_tokens']} tokens each (prompt: \"{part['prompt']}\"). The constrained "
+            f'{part["max_tokens"]} tokens each (prompt: "{part["prompt"]}"). The constrained '
             "half asks for a JSON object whose one string must be long enough that every "
             "answer runs to max_tokens"
             + ("" if part.get("full_length") else " (NOT every answer did: see results.json)")
@@ -555,10 +555,11 @@ def _env(results: dict) -> list[str]:
     lines = [
         f"## 4. {_anchor('env-size')}Environment size",
         "",
-        "`benchmarks/env_size.py` of the baked project: two fresh venvs from the locks, built",
-        "as they are for real: serving (`requirements/serve.txt`, no pip, `tools/slim_env.py`,",
-        "as the image's builder stage) and dev (`requirements/dev.txt`, as `nox -s env`), CPU",
-        "torch wheels. Sizes on disk are deterministic, so this one is measured once.",
+        "`benchmarks/env_size.py`, run against the baked project: two fresh venvs from its",
+        "locks, built as they are for real: serving (`requirements/serve.txt`, no pip,",
+        "`tools/slim_env.py`, as the image's builder stage) and dev (`requirements/dev.txt`,",
+        "as `nox -s env`), CPU torch wheels. Sizes on disk are deterministic, so this one is",
+        "measured once.",
         *_error(env),
     ]
     if "ratio" not in env:
@@ -585,12 +586,12 @@ def _meter(results: dict) -> list[str]:
     lines = [
         "## 5. Meter accuracy",
         "",
-        "`benchmarks/meter_accuracy.py` of the baked project: the meter (`<pkg> token-cost`'s",
-        "client) against observers that share no code or clock with it. On the same requests:",
-        "its TTFT against the server's own TTFT histogram, its output tokens/s against a",
-        "thread polling `/metrics`. In the next run: an independent client (the `openai`",
-        "package) sending the same requests at the same concurrency, which also carries the",
-        "drift between two runs. Relative differences per round.",
+        "`benchmarks/meter_accuracy.py`, run against the baked project: the meter",
+        "(`<pkg> token-cost`'s client) against observers that share no code or clock with it.",
+        "On the same requests: its TTFT against the server's own TTFT histogram, its output",
+        "tokens/s against a thread polling `/metrics`. In the next run: an independent client",
+        "(the `openai` package) sending the same requests at the same concurrency, which also",
+        "carries the drift between two runs. Relative differences per round.",
         "",
     ]
     for model, section in results.get("models", {}).items():
@@ -783,7 +784,7 @@ def _image(results: dict) -> list[str]:
     base = host["base_image"].strip('[]"')  # older reports wrote the tag list as JSON
     mb = 1e6
     lines += [
-        "The baked project's `nox -s docker -- --cold-start --code-change` (tools/image_report.py)",
+        "The baked project's `nox -s docker -- --cold-start` (tools/image_report.py)",
         "on the CPU variant, serving SmolLM2-135M-Instruct from a folder mounted read-only.",
         f"Measured {image['measured_at']} on a {host['cpus']}-CPU {host['machine']} host (no GPU),",
         f"Docker {host['docker']} with the legacy builder, on a **stand-in base image**",
@@ -840,7 +841,8 @@ def _image(results: dict) -> list[str]:
         f"Projected transfer of the {cold['compressed_bytes'] / mb:.0f} MB compressed image "
         f"(a projection, not measured): {projection['1_gbit']} s at 1 Gbit/s, "
         f"{projection['10_gbit']} s at 10 Gbit/s, before the extraction measured above.",
-        f"A one-line change to `{change['changed_file']}`, rebuilt and pushed: "
+        f"A one-line change to `{change['changed_file']}`, rebuilt and pushed before the "
+        "cold start (`benchmarks/code_change.py`): "
         f"{change['new_layers']} new layer, {change['new_compressed_bytes'] / mb:.2f} MB "
         "compressed to pull.",
         "",

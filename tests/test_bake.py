@@ -29,7 +29,6 @@ EXPECTED_FILES = {
     ".gitignore",
     "Dockerfile",
     "Dockerfile.vllm",
-    "benchmarks/env_size.py",
     "LICENSE",
     "environment.yml",
     "requirements/constraints.txt",
@@ -101,7 +100,6 @@ EXPECTED_FILES = {
     "src/PKG/scoring.py",
     "src/PKG/merge.py",
     "src/PKG/modeling.py",
-    "benchmarks/train_throughput.py",
     "configs/serve.yaml",
     "configs/kustomization.yaml",  # serve.yaml as the ConfigMap of deploy/k8s
     "src/PKG/generate.py",
@@ -169,7 +167,6 @@ EXPECTED_FILES = {
     "tests/test_layers.py",
     "tests/test_cost_engines.py",
     "tests/test_cost_serve.py",
-    "benchmarks/meter_accuracy.py",
     "deploy/k8s/base/kustomization.yaml",
     "deploy/k8s/base/deployment.yaml",
     "deploy/k8s/base/service.yaml",

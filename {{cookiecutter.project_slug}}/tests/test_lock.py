@@ -127,5 +127,5 @@ def test_dockerignore_keeps_tests_and_docs_out():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*") + 1 :]  # allow-list: everything is ignored first
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert not {"tests", "docs", "data", "benchmarks", "tools"} & allowed
+    assert not {"tests", "docs", "data", "tools"} & allowed
     assert "requirements/serve.txt" in allowed

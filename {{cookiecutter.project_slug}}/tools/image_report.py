@@ -2,7 +2,7 @@
 
     python tools/image_report.py build  --tag IMAGE [docker build args...]
     python tools/image_report.py measure --tag IMAGE [--cold-start] [--registry HOST:PORT]
-                                        [--model-dir DIR] [--runs 3] [--code-change]
+                                        [--model-dir DIR] [--runs 3]
                                         [--engine vllm [--compile-cache]]
 
 `measure` writes the image's size by layer and its 10 largest packages. --cold-start pushes the
@@ -10,8 +10,7 @@ image to a registry on this machine (Debian's `docker-registry` is started on 12
 when none is given), removes it locally, and times each start by phase, with the page
 cache dropped: pull, create and start, the server's own phases (imports, weights, warm-up)
 and the first streamed token; then the same with the image already pulled. It also projects
-the pull at 1 and 10 Gbit/s from the compressed layer sizes, and with --code-change rebuilds
-after a one-line source change to count the bytes a redeploy pulls. With --engine vllm
+the pull at 1 and 10 Gbit/s from the compressed layer sizes. With --engine vllm
 (the image of Dockerfile.vllm) a start is ready when /health says 200, and --compile-cache
 times two more starts with torch.compile on (engine.vllm_compile=true), the first with an
 empty compile cache volume and the second with what the first left in it. Results go to
@@ -491,36 +490,12 @@ def base_image(engine: str) -> str:
     return "unknown"
 
 
-def code_change(tag: str, build_args: list[str], registry: Registry, base: dict) -> dict[str, Any]:
-    """Rebuild after appending a comment to one source file (in a copy of the build context),
-    push, and count the compressed bytes of the layers the registry did not have."""
-    with tempfile.TemporaryDirectory() as scratch:
-        context = Path(scratch) / "context"
-        ignore = shutil.ignore_patterns(".venv", ".nox", "reports", "runs", ".git")
-        shutil.copytree(ROOT, context, ignore=ignore)
-        changed = next((context / "src").glob("*/__init__.py"))
-        changed.write_text(changed.read_text() + "# a one-line code change\n")
-        repository, _ = split(tag)
-        target = f"{registry.address}/{repository}:code-change"
-        docker("build", "-q", "-t", target, *build_args, str(context))
-        docker("push", "-q", target)
-    after = registry.manifest(repository, "code-change")
-    known = {layer["digest"] for layer in base["layers"]}
-    new = [layer for layer in after["layers"] if layer["digest"] not in known]
-    docker("rmi", target, check=False)
-    return {
-        "changed_file": str(changed.relative_to(context)),
-        "new_layers": len(new),
-        "new_compressed_bytes": sum(layer["size"] for layer in new),
-    }
-
-
 def split(tag: str) -> tuple[str, str]:
     repository, _, version = tag.rpartition(":")
     return (repository, version) if repository else (tag, "latest")
 
 
-def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any]:
+def cold_start(args: argparse.Namespace) -> dict[str, Any]:
     repository, version = split(args.tag)
     mounts, serve_args, model = [], [], None  # None: the image's own command and model
     if args.model_dir:
@@ -542,9 +517,6 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
         docker("push", "-q", remote)
         manifest = registry.manifest(repository, version)
         codecs = layer_codecs(registry, repository, manifest)
-        # Before the starts: they remove the image to pull it, and with it the build cache of
-        # the final stage, so a rebuild after them would remake every layer of that stage.
-        change = code_change(args.tag, build_args, registry, manifest) if args.code_change else None
         starts = []
         try:
             for pull in (True, False):
@@ -585,7 +557,6 @@ def cold_start(args: argparse.Namespace, build_args: list[str]) -> dict[str, Any
         "runs": [asdict(start) for start in starts],
         "from_registry": phases_summary([s for s in starts if s.pulled]),
         "already_pulled": phases_summary([s for s in starts if not s.pulled]),
-        "code_change": change,
     }
 
 
@@ -696,12 +667,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"{projection['1_gbit']} s at 1 Gbit/s, {projection['10_gbit']} s at 10 Gbit/s.",
         ]
         lines += codec_markdown(cold)
-        if cold["code_change"]:
-            change = cold["code_change"]
-            lines.append(
-                f"A one-line change to {change['changed_file']}: {change['new_layers']} new "
-                f"layer(s), {change['new_compressed_bytes'] / mb:.3f} MB to pull."
-            )
     compiled = report.get("compile_cache")
     if compiled:
         empty, warm = compiled["empty_cache"], compiled["warm_cache"]
@@ -786,7 +751,7 @@ def write(report: dict[str, Any], out: Path) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
-def measure(args: argparse.Namespace, build_args: list[str]) -> None:
+def measure(args: argparse.Namespace) -> None:
     size = size_report(args.tag)
     report: dict[str, Any] = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -795,7 +760,7 @@ def measure(args: argparse.Namespace, build_args: list[str]) -> None:
         "size": asdict(size),
     }
     if args.cold_start:
-        cold = cold_start(args, build_args)
+        cold = cold_start(args)
         report["cold_start"] = cold
         if len(cold["compressed_layers"]) == len(size.layers):  # pair them bottom-up
             for layer, packed in zip(
@@ -816,7 +781,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", help="a model folder to serve, mounted read-only")
     parser.add_argument("--served-name", default="served")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--code-change", action="store_true", help="count a redeploy's bytes")
     parser.add_argument("--engine", choices=list(READY), default="transformers")
     parser.add_argument(
         "--compile-cache", action="store_true", help="vllm: torch.compile starts, cold and warm"
@@ -828,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "build":
             build(args.tag, build_args)
         else:
-            measure(args, build_args)
+            measure(args)
     except ImageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -5,8 +5,8 @@ when its bytes arrive, see the HTTP status and error body of a failed request as
 and never retry (a retry with back-off would hide an error inside a latency). The openai
 client retries by default, parses every chunk into pydantic objects before handing it
 over, and wraps transport errors; here each `data:` line is timestamped the moment httpx
-yields it and parsed after. The independent check (benchmarks/meter_accuracy.py) uses the
-openai client, so the two do not share a code path.
+yields it and parsed after. Its timings are checked against the openai client timing the
+same requests, so the check and the meter share no code path.
 
 A level is one concurrency (N requests in flight, each replaced when it finishes) or one
 Poisson arrival rate (exponential gaps from a seeded generator). Every level stops at its

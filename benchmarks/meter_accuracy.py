@@ -1,9 +1,12 @@
 """Is the token-cost meter right? Its throughput and TTFT against two independent timings.
 
-    python benchmarks/meter_accuracy.py                      # tiny random Llama built in code
-    python benchmarks/meter_accuracy.py --model runs/<run>/merged --concurrency 8 --requests 128
+Runs with the baked project's own interpreter, against its package (see baked.py):
 
-Starts our server once, runs one untimed level at the benchmark's concurrency (the first
+    P=build/bench/lora-chat; PY=$P/.venv/bin/python
+    $PY benchmarks/meter_accuracy.py --project $P       # tiny random Llama built in code
+    $PY benchmarks/meter_accuracy.py --project $P --model DIR --concurrency 8 --requests 128
+
+Starts the project's server once, runs one untimed level at the benchmark's concurrency (the first
 real load after a start is slower: allocations, first batch shapes), then `--repeats` rounds,
 alternating which goes first:
   - the meter (token_cost's httpx client) runs a load level; over these very requests two
@@ -17,7 +20,8 @@ alternating which goes first:
 Compared, on the same requests: the meter's TTFT against the server's, its output tokens/s
 against the polling observer's (target: within 10%). Between runs: both against the
 independent client, means over the rounds; on a machine shared with other work the load
-drifts between runs, which this number includes. Writes reports/meter_accuracy.json.
+drifts between runs, which this number includes. Writes the project's
+reports/meter_accuracy.json (or --out).
 """
 
 from __future__ import annotations
@@ -32,18 +36,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builder the test suite uses
+import baked
+
 TARGET = 0.10
-
-
-def tiny_model(folder: Path) -> Path:
-    from conftest import build_tiny_model, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(folder)
-    build_tiny_model(tokenizer, hidden_size=256, layers=4).save_pretrained(folder)
-    return folder
 
 
 def server_ttft(metrics: dict[str, float]) -> tuple[float, float]:
@@ -122,33 +117,39 @@ async def independent(base_url, api_key, model, prompts, concurrency, max_tokens
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    baked.add_project_argument(parser)
     parser.add_argument("--model", help="model folder or hub id (default: a tiny random Llama)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "reports" / "meter_accuracy.json"))
+    parser.add_argument(
+        "--out", help="the JSON report (default: reports/meter_accuracy.json of the project)"
+    )
     args = parser.parse_args()
+    project = args.project
+    out = Path(args.out or project / "reports" / "meter_accuracy.json")
+    baked.check_installed(project)
 
-    from {{ cookiecutter.package_name }}.config import DataConfig
-    from {{ cookiecutter.package_name }}.cost.coldstart import OwnServer, scrape
-    from {{ cookiecutter.package_name }}.cost.load import Endpoint, LevelRunner, dataset_prompts
-    from {{ cookiecutter.package_name }}.cost.money import percentiles
-    from {{ cookiecutter.package_name }}.data import load_records
-    from {{ cookiecutter.package_name }}.modeling import load_tokenizer
+    # The project's own server, load client and data pipeline.
+    config, data_module = baked.module(project, "config"), baked.module(project, "data")
+    modeling, money = baked.module(project, "modeling"), baked.module(project, "cost.money")
+    coldstart, load = baked.module(project, "cost.coldstart"), baked.module(project, "cost.load")
+    scrape = coldstart.scrape
 
     with tempfile.TemporaryDirectory() as scratch:
-        model = args.model or str(tiny_model(Path(scratch) / "tiny"))
-        server = OwnServer(None, [], model, {}, Path(scratch) / "server.log")
+        model = args.model or str(baked.tiny_model(project, Path(scratch) / "tiny"))
+        server = coldstart.OwnServer(None, [], model, {}, Path(scratch) / "server.log")
         server.start(900, print)
         try:
             base_url = server.url + "/v1"
-            data = str(ROOT / "data" / "tickets_eval.jsonl")
-            records = load_records(data, DataConfig(train=data, eval=None))
-            prompts = dataset_prompts([r.messages for r in records], "chat", load_tokenizer(model))
+            data = str(project / "data" / "tickets_eval.jsonl")
+            records = data_module.load_records(data, config.DataConfig(train=data, eval=None))
+            tokenizer = modeling.load_tokenizer(model)
+            prompts = load.dataset_prompts([r.messages for r in records], "chat", tokenizer)
             prompts = (prompts * (args.requests // len(prompts) + 1))[: args.requests]
-            endpoint = Endpoint(base_url, server.config.base_name, max_tokens=args.max_tokens)
-            runner = LevelRunner(endpoint, prompts, progress=False)
+            endpoint = load.Endpoint(base_url, server.config.base_name, max_tokens=args.max_tokens)
+            runner = load.LevelRunner(endpoint, prompts, progress=False)
             asyncio.run(runner.warmup(2))
             asyncio.run(runner.run_level("concurrency", args.concurrency, args.requests, 600.0))
             same = (base_url, None, endpoint.model, prompts, args.concurrency, args.max_tokens)
@@ -169,7 +170,7 @@ def main() -> int:
                 observer.join()
                 after = scrape(server.url)
                 ok = [r for r in run.results if r.ok]
-                ttft = percentiles([r.first_token for r in ok if r.first_token is not None])
+                ttft = money.percentiles([r.first_token for r in ok if r.first_token is not None])
                 (s0, c0), (s1, c1) = server_ttft(before), server_ttft(after)
                 meter = {
                     "ttft_mean_s": ttft.mean,
@@ -195,7 +196,7 @@ def main() -> int:
         return statistics.mean(r[path[0]][path[1]] for r in rounds)
 
     result = {
-        "model": args.model or "tiny random Llama (hidden 256, 4 layers)",
+        "model": args.model or baked.TINY_MODEL,
         "concurrency": args.concurrency,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
@@ -218,11 +219,11 @@ def main() -> int:
     same_run = [k for k in keys if k.endswith("same_requests")]
     result["within_target"] = all(result[k] <= TARGET for k in same_run)
     result["between_runs_within_target"] = all(result[k] <= TARGET for k in keys)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for key in keys:
         print(f"{key}: {result[key]:.1%}")
-    print(f"same requests within {TARGET:.0%}: {result['within_target']} -> {args.out}")
+    print(f"same requests within {TARGET:.0%}: {result['within_target']} -> {out}")
     return 0 if result["within_target"] else 1
 
 

@@ -1,15 +1,17 @@
 """Serving environment vs full dev environment: size on disk, measured in one run.
 
-    python benchmarks/env_size.py                 # CPU torch wheels (the default index)
-    python benchmarks/env_size.py --torch-index https://download.pytorch.org/whl/cu128
+    P=build/bench/lora-chat; PY=$P/.venv/bin/python
+    $PY benchmarks/env_size.py --project $P     # CPU torch wheels (the default index)
+    $PY benchmarks/env_size.py --project $P --torch-index https://download.pytorch.org/whl/cu128
 
-Builds two fresh venvs from the locks with the running interpreter, the way each is built
+Builds two fresh venvs from the baked project's locks with the running interpreter (any
+Python of the locks' version; the project's own is one), the way each is built
 for real: the serving one as the image's builder stage does (requirements/serve.txt, no pip
 in the venv, torch's test executables removed by tools/slim_env.py), the dev one as
 `nox -s env` does (requirements/dev.txt, a plain venv). Installs the project into each
-with --no-deps and writes reports/env_size.json: bytes on disk (also before slimming),
-distribution counts, the ratio, and whether the serving environment holds anything that
-serving never needs. Standard library only.
+with --no-deps and writes the project's reports/env_size.json (or --out): bytes on disk
+(also before slimming), distribution counts, the ratio, and whether the serving environment
+holds anything that serving never needs. Standard library only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import baked
+
 TARGET_RATIO = 0.7  # serving env / dev env, on CPU wheels
 NEVER_IN_SERVING = ("trl", "datasets", "pytest", "nox", "ruff", "matplotlib")
 
@@ -74,7 +77,7 @@ def lock_python(lock: Path) -> str:
     return found.group(1)
 
 
-def build(name: str, workdir: Path, torch_index: str) -> dict:
+def build(project: Path, name: str, workdir: Path, torch_index: str) -> dict:
     """A fresh venv from requirements/<name>.txt plus the project; its size and contents."""
     venv = workdir / name
     shutil.rmtree(venv, ignore_errors=True)
@@ -89,18 +92,20 @@ def build(name: str, workdir: Path, torch_index: str) -> dict:
     pip = [*installer, "install", "--quiet", "--disable-pip-version-check"]
     index = ["--extra-index-url", torch_index] if torch_index else []
     started = time.perf_counter()
-    subprocess.run([*pip, *index, "-r", str(ROOT / "requirements" / f"{name}.txt")], check=True)
-    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
+    lock = project / "requirements" / f"{name}.txt"
+    subprocess.run([*pip, *index, "-r", str(lock)], check=True)
+    subprocess.run([*pip, "--no-deps", str(project)], check=True)
     seconds = time.perf_counter() - started
-    project = re.search(r'^name = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    named = re.search(r'^name = "([^"]+)"', (project / "pyproject.toml").read_text(), re.M)
     reach = subprocess.run(
-        [python, "-c", REACH, project.group(1)], check=True, capture_output=True, text=True
+        [python, "-c", REACH, named.group(1)], check=True, capture_output=True, text=True
     )
     contents = json.loads(reach.stdout)
     bootstrap = {"pip", "setuptools", "wheel"}  # what `python -m venv` puts in every venv
     unslimmed = disk_usage(venv)
     if serving:  # as the image's build runs it
-        subprocess.run([sys.executable, str(ROOT / "tools" / "slim_env.py"), str(venv)], check=True)
+        slim_env = project / "tools" / "slim_env.py"
+        subprocess.run([sys.executable, str(slim_env), str(venv)], check=True)
     return {
         "recipe": "image builder: no pip, slim_env" if serving else "nox -s env: plain venv",
         "bytes": disk_usage(venv),
@@ -116,23 +121,32 @@ def build(name: str, workdir: Path, torch_index: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    baked.add_project_argument(parser, own_python=False)
     parser.add_argument(
         "--torch-index",
         default=os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu"),
         help="wheel index for torch (default: $TORCH_INDEX_URL or the CPU index; '' for none)",
     )
-    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "env-size")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "env_size.json")
+    parser.add_argument(
+        "--workdir", type=Path, help="where the two venvs are built (default: the project's "
+        "build/env-size)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, help="the JSON report (default: reports/env_size.json of the project)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the two venvs")
     args = parser.parse_args()
+    project = args.project
+    args.workdir = args.workdir or project / "build" / "env-size"
+    args.out = args.out or project / "reports" / "env_size.json"
 
-    wanted = lock_python(ROOT / "requirements" / "dev.txt")
+    wanted = lock_python(project / "requirements" / "dev.txt")
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
     if running != wanted:
         sys.exit(f"the locks are for Python {wanted}; run this with python{wanted}, not {running}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    serve = build("serve", args.workdir, args.torch_index)
-    dev = build("dev", args.workdir, args.torch_index)
+    serve = build(project, "serve", args.workdir, args.torch_index)
+    dev = build(project, "dev", args.workdir, args.torch_index)
     ratio = serve["bytes"] / dev["bytes"]
     same_recipe = serve["bytes_before_slim_env"] / dev["bytes"]
     result = {

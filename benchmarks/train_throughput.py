@@ -8,12 +8,15 @@
    pairs, in pairs per second (both arms train the same pairs; TRL tokenizes them itself).
 
 Each arm runs --repeats times, interleaved so machine noise hits both alike; the
-median, min and max of non-pad tokens/s are written to reports/bench_train.json.
+median, min and max of non-pad tokens/s are written to the project's
+reports/bench_train.json (or --output). Runs with the baked project's own interpreter
+(`nox -s bench` runs it through bench.py; see baked.py):
 
-    python benchmarks/train_throughput.py                 # tiny random Llama built in code
-    python benchmarks/train_throughput.py --model DIR     # any local model folder
-    python benchmarks/train_throughput.py --arms ours,reference   # a subset of the arms
-    python benchmarks/train_throughput.py --arms dpo,dpo_reference   # DPO against TRL's
+    P=build/bench/lora-chat; PY=$P/.venv/bin/python
+    $PY benchmarks/train_throughput.py --project $P                # tiny random Llama
+    $PY benchmarks/train_throughput.py --project $P --model DIR    # any local model folder
+    $PY benchmarks/train_throughput.py --project $P --arms ours,reference   # some arms
+    $PY benchmarks/train_throughput.py --project $P --arms dpo,dpo_reference   # DPO vs TRL's
 """
 
 from __future__ import annotations
@@ -22,31 +25,19 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny model builder the test suite uses
+import baked
 
 
-def tiny_model(folder: Path) -> Path:
-    from conftest import build_tiny_model, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(folder)
-    # About 3M parameters: wide enough that compute, not Python overhead, dominates.
-    build_tiny_model(tokenizer, hidden_size=256, layers=4).save_pretrained(folder)
-    return folder
-
-
-def variable_length_data(path: Path, count: int, seed: int) -> Path:
+def variable_length_data(project: Path, path: Path, count: int, seed: int) -> Path:
     """Conversations of 1 to 8 ticket turns: lengths vary about tenfold."""
     tickets = [
         json.loads(line)["messages"][1:]
-        for line in (ROOT / "data" / "tickets_train.jsonl").read_text().splitlines()
+        for line in (project / "data" / "tickets_train.jsonl").read_text().splitlines()
     ]
     rng = random.Random(seed)
     with path.open("w") as handle:
@@ -56,23 +47,30 @@ def variable_length_data(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def mean_length(model: Path, data: Path) -> float:
+def mean_length(project: Path, model: Path, data: Path) -> float:
     """Mean example length in tokens, as the training pipeline encodes it."""
-    from {{ cookiecutter.package_name }}.config import DataConfig
-    from {{ cookiecutter.package_name }}.data import encode_records, load_records
-    from {{ cookiecutter.package_name }}.modeling import load_tokenizer
-
-    config = DataConfig()
-    split = encode_records(load_records(str(data), config), load_tokenizer(str(model)), config)
+    data_module = baked.module(project, "data")
+    config = baked.module(project, "config").DataConfig()
+    records = data_module.load_records(str(data), config)
+    tokenizer = baked.module(project, "modeling").load_tokenizer(str(model))
+    split = data_module.encode_records(records, tokenizer, config)
     return split.tokens / len(split.examples)
 
 
-def ours(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool) -> float:
-    from {{ cookiecutter.package_name }}.config import load_config
-    from {{ cookiecutter.package_name }}.training.run import run_training
+def run_training(project: Path, overrides: list[str]) -> dict[str, Any]:
+    """The project's `train` with configs/train.yaml and these overrides; its cost.json."""
+    config = baked.module(project, "config").load_config(
+        project / "configs" / "train.yaml", overrides
+    )
+    run = baked.module(project, "training.run").run_training(config)
+    return json.loads((run.run_dir / "cost.json").read_text())
 
-    config = load_config(
-        ROOT / "configs" / "train.yaml",
+
+def ours(
+    project: Path, model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool
+) -> float:
+    cost = run_training(
+        project,
         [
             f"model.name_or_path={model}", f"data.train={data}", "data.eval=null",
             f"data.packing={str(packing).lower()}", f"train.max_steps={steps}",
@@ -80,8 +78,6 @@ def ours(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bo
             f"output.dir={out}", f"output.run_name=ours-{time.monotonic_ns()}",
         ],
     )  # fmt: skip
-    run = run_training(config)
-    cost = json.loads((run.run_dir / "cost.json").read_text())
     return cost["trained_tokens"] / cost["wall_seconds"]
 
 
@@ -127,28 +123,25 @@ def reference(model: Path, data: Path, out: Path, steps: int, batch: int, fp32: 
     return trainer.state.num_input_tokens_seen / (time.perf_counter() - started)
 
 
-PAIRS = ROOT / "data" / "preferences_train.jsonl"
+def pairs(project: Path) -> Path:
+    """The bundled preference pairs, which both DPO arms train on."""
+    return project / "data" / "preferences_train.jsonl"
 
 
-def dpo_ours(model: Path, out: Path, steps: int, batch: int) -> float:
-    from {{ cookiecutter.package_name }}.config import load_config
-    from {{ cookiecutter.package_name }}.training.run import run_training
-
-    config = load_config(
-        ROOT / "configs" / "train.yaml",
+def dpo_ours(project: Path, model: Path, out: Path, steps: int, batch: int) -> float:
+    cost = run_training(
+        project,
         [
-            f"model.name_or_path={model}", "train.method=dpo", f"data.train={PAIRS}",
+            f"model.name_or_path={model}", "train.method=dpo", f"data.train={pairs(project)}",
             "data.eval=null", f"train.max_steps={steps}", f"train.batch_size={batch}",
             "train.save_steps=100000", f"output.dir={out}",
             f"output.run_name=dpo-{time.monotonic_ns()}",
         ],
     )  # fmt: skip
-    run = run_training(config)
-    cost = json.loads((run.run_dir / "cost.json").read_text())
     return steps * batch / cost["wall_seconds"]
 
 
-def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
+def dpo_reference(project: Path, model: Path, out: Path, steps: int, batch: int) -> float:
     """What a user would write by hand: DPOTrainer + peft on the same pairs, in float32
     (the precision our run picks on a CPU), the same LoRA and DPO settings, and without
     gradient checkpointing (TRL's DPOConfig turns it on by default; our config does not)."""
@@ -166,7 +159,7 @@ def dpo_reference(model: Path, out: Path, steps: int, batch: int) -> float:
             save_strategy="no", report_to="none", disable_tqdm=True, bf16=False, fp16=False,
             gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), seed=42,
         ),
-        train_dataset=load_dataset("json", data_files=str(PAIRS), split="train"),
+        train_dataset=load_dataset("json", data_files=str(pairs(project)), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model),
         peft_config=reference_lora(),
     )  # fmt: skip
@@ -196,11 +189,13 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    baked.add_project_argument(parser)
     parser.add_argument("--model", help="local model folder (default: a tiny random Llama)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(ROOT / "reports" / "bench_train.json"))
+    parser.add_argument("--output", help="the JSON report (default: reports/bench_train.json "
+                        "of the project)")  # fmt: skip
     parser.add_argument(
         "--arms",
         default=",".join(DEFAULT_ARMS),
@@ -211,24 +206,26 @@ def main() -> int:
     wanted = args.arms.split(",")
     if not set(wanted) <= set(ARMS):
         parser.error(f"--arms: choose from {','.join(ARMS)}")
+    project = args.project
+    baked.check_installed(project)
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        model = Path(args.model) if args.model else tiny_model(scratch / "tiny")
-        data = ROOT / "data" / "tickets_train.jsonl"
-        varied = variable_length_data(scratch / "varied.jsonl", 400, seed=0)
+        model = Path(args.model) if args.model else baked.tiny_model(project, scratch / "tiny")
+        data = project / "data" / "tickets_train.jsonl"
+        varied = variable_length_data(project, scratch / "varied.jsonl", 400, seed=0)
         # Packed rows hold data.max_length (512) tokens: give packing as many real tokens
         # per step as the unpacked batch holds, so both arms train on the same budget.
-        packed_batch = max(1, round(args.batch_size * mean_length(model, varied) / 512))
+        packed_batch = max(1, round(args.batch_size * mean_length(project, model, varied) / 512))
         steps, batch = args.steps, args.batch_size
         arms = {
-            "ours": lambda: ours(model, data, scratch, steps, batch, False),
+            "ours": lambda: ours(project, model, data, scratch, steps, batch, False),
             "reference": lambda: reference(model, data, scratch, steps, batch, fp32=True),
             "reference_defaults": lambda: reference(model, data, scratch, steps, batch, False),
-            "no_packing": lambda: ours(model, varied, scratch, steps, batch, False),
-            "packing": lambda: ours(model, varied, scratch, steps, packed_batch, True),
-            "dpo": lambda: dpo_ours(model, scratch, steps, batch),
-            "dpo_reference": lambda: dpo_reference(model, scratch, steps, batch),
+            "no_packing": lambda: ours(project, model, varied, scratch, steps, batch, False),
+            "packing": lambda: ours(project, model, varied, scratch, steps, packed_batch, True),
+            "dpo": lambda: dpo_ours(project, model, scratch, steps, batch),
+            "dpo_reference": lambda: dpo_reference(project, model, scratch, steps, batch),
         }
         arms = {name: arm for name, arm in arms.items() if name in wanted}
         results: dict[str, list[float]] = {name: [] for name in arms}
@@ -236,13 +233,11 @@ def main() -> int:
             for name, arm in arms.items():
                 results[name].append(arm())
 
-    from {{ cookiecutter.package_name }}.info import describe
-
     figures = {name: summarize(values) for name, values in results.items()}
     median = {name: figure["median"] for name, figure in figures.items()}
     report = {
         "benchmark": "training non-pad tokens/s (dpo arms: preference pairs/s)",
-        "model": args.model or "tiny random Llama (hidden 256, 4 layers)",
+        "model": args.model or baked.TINY_MODEL,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
@@ -259,10 +254,10 @@ def main() -> int:
             "packing_vs_no_packing": 1.5,
             "dpo_vs_reference": 1.0,
         },
-        "environment": describe(),
+        "environment": baked.module(project, "info").describe(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    output = Path(args.output)
+    output = Path(args.output or project / "reports" / "bench_train.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     for name, ratio in report["ratios"].items():

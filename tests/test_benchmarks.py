@@ -1,0 +1,94 @@
+"""The template's benchmark scripts (benchmarks/) against a baked project: found by --project,
+with the project's own helpers loaded from their files. What needs torch or Docker is run by
+`nox -s bench` and tests/test_image.py; here only what the template's test tools can check."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TEMPLATE, bake
+
+BENCHMARKS = TEMPLATE / "benchmarks"
+SCRIPTS = ("train_throughput.py", "meter_accuracy.py", "env_size.py", "code_change.py")
+
+
+@pytest.fixture(scope="module")
+def benchmarks():
+    """baked.py and code_change.py, imported as the scripts import them (their folder on
+    sys.path, as when one of them runs)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("baked"), importlib.import_module("code_change")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def baked(benchmarks):
+    return benchmarks[0]
+
+
+@pytest.fixture(scope="module")
+def code_change(benchmarks):
+    return benchmarks[1]
+
+
+@pytest.fixture(scope="module")
+def other_project(tmp_path_factory) -> Path:
+    """A bake whose package is not the default's."""
+    return bake(tmp_path_factory.mktemp("other"), project_name="Ticket Bot")
+
+
+def test_the_scripts_are_not_baked(default_project: Path):
+    assert not (default_project / "benchmarks").exists()
+    for script in SCRIPTS:
+        assert (BENCHMARKS / script).is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_takes_the_project_folder(script: str, default_project: Path, tmp_path):
+    run = [sys.executable, str(BENCHMARKS / script)]
+    done = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--project PROJECT" in done.stdout
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--project" in done.stderr
+    done = subprocess.run([*run, "--project", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "is not a baked project" in done.stderr
+
+
+def test_the_package_is_found_per_bake(baked, default_project: Path, other_project: Path):
+    assert baked.package_name(default_project) == "lora_chat"
+    assert baked.package_name(other_project) == "ticket_bot"
+    assert baked.project_folder(str(other_project)) == other_project.resolve()
+
+
+def test_the_projects_helpers_load_from_their_files(baked, other_project: Path):
+    path = list(sys.path)
+    helpers = baked.project_conftest(other_project)
+    assert callable(helpers.build_tiny_model) and callable(helpers.build_tiny_tokenizer)
+    assert Path(helpers.__file__) == other_project / "tests" / "conftest.py"
+    tools = baked.image_tools(other_project)
+    assert tools.PACKAGE == "ticket_bot"
+    assert tools.split("ticket-bot:local") == ("ticket-bot", "local")
+    assert sys.path == path  # nothing of the project's is put on the import path
+
+
+def test_the_code_change_is_one_comment_line_in_a_copy(code_change, other_project: Path, tmp_path):
+    (other_project / ".venv" / "lib").mkdir(parents=True)  # an environment is not copied
+    copy = tmp_path / "context"
+    changed = code_change.changed_copy(other_project, copy)
+    assert changed == Path("src/ticket_bot/__init__.py")
+    before = (other_project / changed).read_text()
+    assert (copy / changed).read_text() == before + code_change.CHANGE
+    assert not (copy / ".venv").exists() and (copy / "Dockerfile").is_file()
+
+
+def test_only_the_layers_the_registry_lacks_are_counted(code_change):
+    before = {"layers": [{"digest": "a", "size": 900}, {"digest": "b", "size": 50}]}
+    after = {"layers": [{"digest": "a", "size": 900}, {"digest": "c", "size": 7}]}
+    assert code_change.new_layers(before, after) == [{"digest": "c", "size": 7}]
