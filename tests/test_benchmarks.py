@@ -7,13 +7,16 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import TEMPLATE, bake
 
 BENCHMARKS = TEMPLATE / "benchmarks"
-SCRIPTS = ("train_throughput.py", "meter_accuracy.py", "env_size.py", "code_change.py")
+SCRIPTS = (
+    "train_throughput.py", "meter_accuracy.py", "env_size.py", "code_change.py", "gpu_carry.py",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,11 @@ def benchmarks():
     sys.path, as when one of them runs)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("baked"), importlib.import_module("code_change")
+        yield (
+            importlib.import_module("baked"),
+            importlib.import_module("code_change"),
+            importlib.import_module("gpu_carry"),
+        )
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -35,6 +42,11 @@ def baked(benchmarks):
 @pytest.fixture(scope="module")
 def code_change(benchmarks):
     return benchmarks[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_carry(benchmarks):
+    return benchmarks[2]
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +104,35 @@ def test_only_the_layers_the_registry_lacks_are_counted(code_change):
     before = {"layers": [{"digest": "a", "size": 900}, {"digest": "b", "size": 50}]}
     after = {"layers": [{"digest": "a", "size": 900}, {"digest": "c", "size": 7}]}
     assert code_change.new_layers(before, after) == [{"digest": "c", "size": 7}]
+
+
+def test_carry_set_takes_its_versions_from_the_lock(gpu_carry, default_project: Path):
+    lock = default_project / "requirements" / "dev.txt"
+    locking = default_project / "tools" / "locking.py"
+    pins = dict(line.split("==") for line in gpu_carry.carry_pins(lock, locking))
+    locked = {line.split("==")[0]: line.split("==")[1] for line in lock.read_text().splitlines()
+              if "==" in line and not line.startswith("#")}  # fmt: skip
+    assert pins == {name: locked[name] for name in gpu_carry.CARRY}
+    assert "torch" not in pins  # the machine's own CUDA build stays
+
+
+def test_carry_wheel_repack_drops_members_and_their_record_rows(gpu_carry, tmp_path):
+    wheel, slim = tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "slim.whl"
+    rows = ["pkg/__init__.py,sha256=a,1", "pkg/tests/x.py,sha256=b,1", "pkg-1.0.dist-info/RECORD,,"]
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("pkg/__init__.py", "x = 1\n")
+        out.writestr("pkg/tests/x.py", "")
+        out.writestr("pkg-1.0.dist-info/RECORD", "".join(f"{row}\n" for row in rows))
+    assert gpu_carry.repack(wheel, slim, ("pkg/tests/*",)) == 1
+    with zipfile.ZipFile(slim) as repacked:
+        assert repacked.namelist() == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
+        assert {i.compress_type for i in repacked.infolist()} == {zipfile.ZIP_STORED}
+        record = repacked.read("pkg-1.0.dist-info/RECORD").decode().splitlines()
+    assert record == [rows[0], rows[2]]
+
+
+def test_the_gpu_run_script_wants_a_project(tmp_path):
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_run.sh"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "usage:" in done.stdout

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from {{ cookiecutter.package_name }}.device import check_driver, pick_device
 from {{ cookiecutter.package_name }}.errors import UserError
 from {{ cookiecutter.package_name }}.training.launch import TrainOptions, launch_command
 from test_gpu import cached_model, exact_fp32_matmuls
-
-from tools import gpu_carry
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -149,30 +146,6 @@ def test_gpu_probes_refuse_without_cuda(tmp_path):
         "error: no CUDA device visible; the GPU probes need one"
     )
     assert not out.exists()
-
-
-def test_carry_set_takes_its_versions_from_the_lock():
-    lock = PROJECT / "requirements" / "dev.txt"
-    pins = dict(line.split("==") for line in gpu_carry.carry_pins(lock))
-    locked = {line.split("==")[0]: line.split("==")[1] for line in lock.read_text().splitlines()
-              if "==" in line and not line.startswith("#")}  # fmt: skip
-    assert pins == {name: locked[name] for name in gpu_carry.CARRY}
-    assert "torch" not in pins  # the machine's own CUDA build stays
-
-
-def test_carry_wheel_repack_drops_members_and_their_record_rows(tmp_path):
-    wheel, slim = tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "slim.whl"
-    rows = ["pkg/__init__.py,sha256=a,1", "pkg/tests/x.py,sha256=b,1", "pkg-1.0.dist-info/RECORD,,"]
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
-        out.writestr("pkg/__init__.py", "x = 1\n")
-        out.writestr("pkg/tests/x.py", "")
-        out.writestr("pkg-1.0.dist-info/RECORD", "".join(f"{row}\n" for row in rows))
-    assert gpu_carry.repack(wheel, slim, ("pkg/tests/*",)) == 1
-    with zipfile.ZipFile(slim) as repacked:
-        assert repacked.namelist() == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
-        assert {i.compress_type for i in repacked.infolist()} == {zipfile.ZIP_STORED}
-        record = repacked.read("pkg-1.0.dist-info/RECORD").decode().splitlines()
-    assert record == [rows[0], rows[2]]
 
 
 def test_auto_device_is_the_process_own_gpu_under_accelerate(monkeypatch):

@@ -1,7 +1,7 @@
-"""Build the wheels an offline GPU machine needs to run the GPU suite: build/gpu_carry/.
+"""Build the wheels an offline GPU machine needs to run a baked project's GPU suite.
 
-    python -m tools.gpu_carry                  # cp312, for a machine with torch preinstalled
-    python -m tools.gpu_carry --python 3.11 --limit-mib 0
+    python benchmarks/gpu_carry.py --project DIR      # cp312, for a machine with torch
+    python benchmarks/gpu_carry.py --project DIR --python 3.11 --limit-mib 0
 
 The machine this is for has Python, a CUDA build of torch and an older transformers
 preinstalled, no network, and a cap on the files that travel with a call. Everything else
@@ -9,9 +9,10 @@ the suite imports is taken from requirements/dev.txt at its locked version, down
 that Python and manylinux x86_64 (`pip download --no-deps`, so it needs PyPI), stripped of
 what nothing imports (PRUNE), and packed as one solid xz archive of uncompressed wheels,
 which compresses far better than the wheels one by one. That archive,
-build/gpu_carry/carry_wheels.tar.xz, is what tools/gpu_run.sh installs (`pip install
---no-deps --no-index`: torch and its CUDA stack stay the machine's). xz at level 9 takes
-about 8 minutes of one core.
+DIR/build/gpu_carry/carry_wheels.tar.xz, is what benchmarks/gpu_run.sh installs there (`pip
+install --no-deps --no-index`: torch and its CUDA stack stay the machine's). xz at level 9
+takes about 8 minutes of one core. The template's own GPU check, for the borrowed machine
+its sessions get; the lock is read with the project's tools/locking.py.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from baked import add_project_argument, load_file
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-from tools import locking
-
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 # What the GPU suite needs beyond torch and what comes with torch and transformers (numpy,
 # tokenizers, safetensors, pyyaml, jinja2), and transformers itself, newer than such a machine
@@ -81,9 +80,10 @@ PLATFORMS = [
 ]  # fmt: skip
 
 
-def carry_pins(lock: Path) -> list[str]:
-    """name==version for every CARRY name, versions from the lock."""
-    pins = locking.pins(lock)
+def carry_pins(lock: Path, locking: Path) -> list[str]:
+    """name==version for every CARRY name, versions from the lock (read by the project's
+    tools/locking.py, at `locking`)."""
+    pins = load_file(locking, "project_locking").pins(lock)
     missing = [name for name in CARRY if canonicalize_name(name) not in pins]
     if missing:
         sys.exit(f"error: {lock} does not pin {', '.join(missing)}; re-lock with `nox -s lock`")
@@ -116,10 +116,10 @@ def repack(wheel: Path, dest: Path, drop: tuple[str, ...]) -> int:
     return len(dropped)
 
 
-def build(lock: Path, python: str, out: Path) -> Path:
+def build(project: Path, lock: Path, python: str, out: Path) -> Path:
     raw, wheels = out / "downloads", out / "wheels"
     raw.mkdir(parents=True, exist_ok=True)
-    pins = carry_pins(lock)
+    pins = carry_pins(lock, project / "tools" / "locking.py")
     download(pins, python, raw)
     wanted = {(canonicalize_name(n), Version(v)) for n, v in (p.split("==") for p in pins)}
     wheels.mkdir(exist_ok=True)
@@ -133,7 +133,7 @@ def build(lock: Path, python: str, out: Path) -> Path:
         if dropped:
             print(f"{wheel.name}: {dropped} members dropped")
     archive = out / "carry_wheels.tar.xz"
-    print(f"packing {archive.relative_to(ROOT) if archive.is_relative_to(ROOT) else archive}")
+    print(f"packing {archive}")
     with tarfile.open(archive, "w:xz", preset=9) as tar:
         tar.add(wheels, arcname="wheels")
     return archive
@@ -141,16 +141,19 @@ def build(lock: Path, python: str, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lock", type=Path, default=ROOT / locking.LOCK_DIR / "dev.txt")
+    add_project_argument(parser, own_python=False)
+    parser.add_argument("--lock", type=Path, help="default: DIR/requirements/dev.txt")
     parser.add_argument("--python", default="3.12", help="the machine's Python (default 3.12)")
-    parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu_carry")
+    parser.add_argument("--out", type=Path, help="default: DIR/build/gpu_carry")
     parser.add_argument(
         "--limit-mib", type=float, default=64, help="fail above this size (0: no limit)"
     )
     args = parser.parse_args(argv)
-    archive = build(args.lock, args.python, args.out)
+    out = args.out or args.project / "build" / "gpu_carry"
+    lock = args.lock or args.project / "requirements" / "dev.txt"
+    archive = build(args.project, lock, args.python, out)
     size = archive.stat().st_size / MIB
-    count = len(list((args.out / "wheels").glob("*.whl")))
+    count = len(list((out / "wheels").glob("*.whl")))
     print(f"{archive}: {count} wheels, {size:.1f} MiB")
     if args.limit_mib and size > args.limit_mib:
         print(f"error: {size:.1f} MiB is over the {args.limit_mib:g} MiB limit", file=sys.stderr)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU suite in one call on a machine that has Python, a CUDA build of torch and no network:
-#   bash tools/gpu_run.sh [ARCHIVE]      # default build/gpu_carry/carry_wheels.tar.xz
+# A baked project's GPU suite in one call on a machine that has Python, a CUDA build of torch
+# and no network (the template's GPU check):
+#   bash benchmarks/gpu_run.sh PROJECT [ARCHIVE]   # default PROJECT/build/gpu_carry/carry_wheels.tar.xz
 # 1. prints the device and saves the preinstalled packages;
-# 2. installs the wheels of ARCHIVE (tools/gpu_carry.py) with pip --no-deps --no-index, so
+# 2. installs the wheels of ARCHIVE (benchmarks/gpu_carry.py) with pip --no-deps --no-index, so
 #    torch and its CUDA libraries stay the machine's;
 # 3. takes the base model from the Hugging Face cache, or else writes the random-weight
 #    stand-in of tools/stand_in_base.py (GPU_TESTS_BASE_MODEL set beforehand wins);
@@ -13,8 +14,9 @@
 # (seconds, default 330 and 150) bound steps 4 and 5, so that the whole run fits in ten
 # minutes. Exits non-zero if a step failed.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 2
-archive="${1:-build/gpu_carry/carry_wheels.tar.xz}"
+[[ $# -ge 1 && -f "$1/pyproject.toml" ]] || { echo "usage: $0 PROJECT [ARCHIVE]"; exit 2; }
+cd "$1" || exit 2
+archive="${2:-build/gpu_carry/carry_wheels.tar.xz}"
 out="${OUT:-reports/gpu_run}"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -30,7 +32,7 @@ python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', t
 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 step "install $archive"
-[[ -f "$archive" ]] || { echo "error: no $archive: build it with python -m tools.gpu_carry"; exit 2; }
+[[ -f "$archive" ]] || { echo "error: no $archive: build it with benchmarks/gpu_carry.py"; exit 2; }
 tar -xJf "$archive" -C "$work"
 pip_install=(python -m pip install --no-deps --no-index --quiet --disable-pip-version-check)
 "${pip_install[@]}" "$work"/wheels/*.whl || "${pip_install[@]}" --break-system-packages "$work"/wheels/*.whl || exit 2
@@ -41,14 +43,14 @@ python -c "import importlib.metadata as m; print({n: m.version(n) for n in \
 
 step "base model"
 if [[ -z "${GPU_TESTS_BASE_MODEL:-}" ]] && ! python - <<'EOF'
-import sys
+import importlib, sys
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from {{ cookiecutter.package_name }}.config import load_config
-
-name = load_config(Path("configs/train.yaml")).model.name_or_path
+package = next(Path("src").glob("*/__init__.py")).parent.name
+config = importlib.import_module(f"{package}.config").load_config(Path("configs/train.yaml"))
+name = config.model.name_or_path
 if not Path(name).expanduser().is_dir():
     try:
         snapshot_download(name, local_files_only=True)
