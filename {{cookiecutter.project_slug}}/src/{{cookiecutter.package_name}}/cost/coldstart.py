@@ -102,10 +102,13 @@ def counter_delta(
 
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
     """The phases the server reports of its own cold start, in their order."""
-    names = {
-        p: metric_names.COLD_START + '{phase="' + p + '"}' for p in metric_names.COLD_START_PHASES
-    }
-    return {phase: metrics[name] for phase, name in names.items() if metrics and name in metrics}
+    metrics = metrics or {}
+    phases = {}
+    for phase in metric_names.COLD_START_PHASES:
+        name = metric_names.COLD_START + '{phase="' + phase + '"}'
+        if name in metrics:
+            phases[phase] = metrics[name]
+    return phases
 
 
 def free_port() -> int:

@@ -208,8 +208,10 @@ def api_cost_per_1k_requests(
     output_tokens_per_request: float,
 ) -> float:
     """What a hosted API charges for 1000 requests of this shape (list prices, no caching)."""
-    tokens = (input_tokens_per_request, output_tokens_per_request)
-    return usd_for_tokens(*tokens, usd_per_1m_input, usd_per_1m_output) * 1000
+    per_request = usd_for_tokens(
+        input_tokens_per_request, output_tokens_per_request, usd_per_1m_input, usd_per_1m_output
+    )
+    return per_request * 1000
 
 
 def compare_with_apis(
