@@ -450,13 +450,11 @@ def compile_cache(args: argparse.Namespace) -> dict[str, Any]:
     volume = f"{split(args.tag)[0].replace('/', '-')}-compile-cache-{os.getpid()}"
     command, mounts, model = serving(args, "engine.vllm_compile=true")
     mounts = ["-v", f"{volume}:/cache", *mounts]
-    torch_cuda = docker(
-        "run", "--rm", "--entrypoint", "python", args.tag, "-c",
-        "import torch; print(torch.version.cuda)",
-    ).strip()  # fmt: skip
-    compiler = docker(
-        "run", "--rm", "--entrypoint", "sh", args.tag, "-c", "command -v c++ g++ || true"
-    ).strip()  # fmt: skip
+    # torch's CUDA version ("None": a CPU build), then the C++ compilers on the PATH, if any.
+    probe = "python -c 'import torch; print(torch.version.cuda)' && { command -v c++ g++ || :; }"
+    torch_cuda, *compiler = docker(
+        "run", "--rm", "--entrypoint", "sh", args.tag, "-c", probe
+    ).split()
     if torch_cuda == "None" and not compiler:
         raise ImageError(
             "--compile-cache: this is a CPU image without a C++ compiler, which torch.compile "

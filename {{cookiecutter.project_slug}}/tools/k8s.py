@@ -157,8 +157,7 @@ def validate(manifests: Manifests) -> list[Problem]:
 def check(variant: Variant, root: Path = ROOT) -> tuple[Manifests, list[Problem]]:
     """Render, validate and check one variant against the image and the server."""
     manifests = render(variant, root)
-    image, server, name = read_image(root), read_server(), expected_image(root)
-    checker = Checker(manifests.documents, manifests.where, image, server, name)
+    checker = Checker(manifests, read_image(root), read_server(), expected_image(root))
     return manifests, validate(manifests) + checker.run()
 
 
