@@ -51,24 +51,17 @@ def probe(index: str, project: str, arg: str, ca_bundle: str | None = None) -> N
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as answer:
             answer.read(1)
+        return
     except urllib.error.HTTPError as error:
+        failed = f"answered {error.code} for {url}"
         if error.code == 404:
-            raise BuildError(
-                f"the index {index} has no {project!r} project ({url}: 404); " + FIX.format(arg=arg)
-            ) from None
-        raise BuildError(
-            f"the index {index} answered {error.code} for {url}; " + FIX.format(arg=arg)
-        ) from None
+            failed = f"has no {project!r} project ({url}: 404)"
     except (OSError, ValueError) as error:  # DNS, refused, timeout, TLS, malformed URL
         reason = getattr(error, "reason", error)
-        hint = (
-            " (a TLS-intercepting proxy? see --build-arg CA_BUNDLE)"
-            if "CERT" in str(reason)
-            else ""
-        )
-        raise BuildError(
-            f"the index {index} cannot be reached ({reason}){hint}; " + FIX.format(arg=arg)
-        ) from None
+        failed = f"cannot be reached ({reason})"
+        if "CERT" in str(reason):
+            failed += " (a TLS-intercepting proxy? see --build-arg CA_BUNDLE)"
+    raise BuildError(f"the index {index} {failed}; " + FIX.format(arg=arg))
 
 
 def pip(venv: Path, *args: str, ca_bundle: str | None = None, **run: Any) -> str:

@@ -122,14 +122,6 @@ class Layer:
     digest: str | None = None
 
 
-@dataclass
-class SizeReport:
-    image: str
-    bytes: int
-    layers: list[Layer]
-    largest_packages: list[tuple[str, int]]
-
-
 def layers(tag: str) -> list[Layer]:
     """The image's layers bottom-up (steps that only set metadata are left out)."""
     history = docker("history", "--no-trunc", "--human=false", "--format", "{{json .}}", tag)
@@ -153,9 +145,11 @@ def package_sizes(tag: str, top: int = 10) -> list[tuple[str, int]]:
     return sorted(sizes.items(), key=lambda item: -item[1])[:top]
 
 
-def size_report(tag: str) -> SizeReport:
+def size_report(tag: str) -> dict[str, Any]:
+    """The image's bytes, its layers and its largest packages."""
     total = int(docker("image", "inspect", "-f", "{{.Size}}", tag).strip())
-    return SizeReport(tag, total, layers(tag), package_sizes(tag))
+    found = [asdict(layer) for layer in layers(tag)]
+    return {"image": tag, "bytes": total, "layers": found, "largest_packages": package_sizes(tag)}
 
 
 # --------------------------------------------------------------------------- registry
@@ -581,15 +575,13 @@ def measure(args: argparse.Namespace) -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": host(args.engine),
         "engine": args.engine,
-        "size": asdict(size),
+        "size": size,
     }
     if args.cold_start:
         cold = cold_start(args)
         report["cold_start"] = cold
-        if len(cold["compressed_layers"]) == len(size.layers):  # pair them bottom-up
-            for layer, packed in zip(
-                report["size"]["layers"], cold["compressed_layers"], strict=True
-            ):
+        if len(cold["compressed_layers"]) == len(size["layers"]):  # pair them bottom-up
+            for layer, packed in zip(size["layers"], cold["compressed_layers"], strict=True):
                 layer["compressed_bytes"], layer["digest"] = packed["bytes"], packed["digest"]
     if args.compile_cache and args.engine == "vllm":
         report["compile_cache"] = compile_cache(args)
