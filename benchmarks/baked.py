@@ -1,13 +1,13 @@
 """The baked project that the template's benchmark scripts measure.
 
-The scripts (train_throughput.py, meter_accuracy.py, env_size.py, code_change.py) live in
-the template, not in a baked project: they check the template's claims. Each takes the
-project's folder as `--project DIR` and runs with that project's own interpreter
-(`DIR/.venv/bin/python`, which has the project installed), so it measures the project as
-its user runs it. Its package is the one folder under `DIR/src` with an `__init__.py`; the
-project's own helpers (the tiny model builder of `tests/conftest.py`, the docker and
-registry code of `tools/image_report.py`) are loaded from their files, leaving the
-project's import path alone.
+The scripts (train_throughput.py, meter_accuracy.py, env_size.py, code_change.py,
+layer_codecs.py) live in the template, not in a baked project: they check the template's
+claims. Each takes the project's folder as `--project DIR` and runs with that project's own
+interpreter (`DIR/.venv/bin/python`, which has the project installed), so it measures the
+project as its user runs it. Its package is the one folder under `DIR/src` with an
+`__init__.py`; the project's own helpers (the tiny model builder of `tests/conftest.py`, the
+docker and registry code of `tools/image_report.py`) are loaded from their files, leaving
+the project's import path alone.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 TINY_MODEL = "tiny random Llama (hidden 256, 4 layers)"
@@ -96,6 +97,17 @@ def project_conftest(project: Path) -> ModuleType:
 def image_tools(project: Path) -> ModuleType:
     """The project's tools/image_report.py: its docker and registry helpers."""
     return load_file(project / "tools" / "image_report.py", f"{package_name(project)}_image_report")
+
+
+def pushed_manifest(tools: ModuleType, registry: Any, tag: str) -> dict[str, Any]:
+    """Push the image `tag` to `registry` (one of tools.Registry, entered) and return its
+    manifest there; the image keeps only its own tag. `tools` is image_tools(project)."""
+    repository, version = tools.split(tag)
+    remote = f"{registry.address}/{repository}:{version}"
+    tools.docker("tag", tag, remote)
+    tools.docker("push", "-q", remote)
+    tools.docker("rmi", remote, check=False)  # the tag only: `tag` keeps the image
+    return registry.manifest(repository, version)
 
 
 def tiny_model(project: Path, folder: Path) -> Path:

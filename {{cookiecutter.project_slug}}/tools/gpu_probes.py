@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "{{ cookiecutter.package_name }}"
 KEY = "probe-key"
 PROMPTS = [f"Ticket {i}: my order {i * 7} has not arrived." for i in range(8)]
 NO_CUDA = "no CUDA device visible; the GPU probes need one"
@@ -48,13 +46,12 @@ async def together(url: str, seed: int | None = None) -> list[str]:
 
 
 def serve_and_ask(model_dir: Path, work: Path, *overrides: str) -> dict[str, Any]:
-    from tests.server_process import free_port, start_server
+    from tests.server_process import free_port, serve_command, serve_env, start_server
 
     port = free_port()
-    command = [sys.executable, "-m", PACKAGE, "serve", "--model", str(model_dir)]
-    command += ["model.served_name=tiny", f"server.port={port}", *overrides]
-    env = {**os.environ, f"{PACKAGE.upper()}_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
-    server = start_server(command, port, work / f"server-{port}.log", env, timeout=300)
+    command = serve_command(model_dir, {}, "model.served_name=tiny", f"server.port={port}")
+    command += overrides
+    server = start_server(command, port, work / f"server-{port}.log", serve_env(KEY), timeout=300)
     try:
         alone = [asyncio.run(ask(server.url, prompt)) for prompt in PROMPTS[:2]]
         batch = asyncio.run(together(server.url))

@@ -22,10 +22,12 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 PROBE_TIMEOUT_S = 15
 # pip's own defaults are 5 retries of 15 s per package; an index that answers needs few.
 PIP_NETWORK = ["--retries", "2", "--timeout", "20"]
+INSTALL = ["install", "--no-cache-dir", "--no-compile"]  # bytecode: compiled after, selectively
 FIX = "pass a reachable mirror with --build-arg {arg}=URL (README: 'The serving image')"
 
 
@@ -49,57 +51,46 @@ def probe(index: str, project: str, arg: str, ca_bundle: str | None = None) -> N
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as answer:
             answer.read(1)
+        return
     except urllib.error.HTTPError as error:
+        failed = f"answered {error.code} for {url}"
         if error.code == 404:
-            raise BuildError(
-                f"the index {index} has no {project!r} project ({url}: 404); " + FIX.format(arg=arg)
-            ) from None
-        raise BuildError(
-            f"the index {index} answered {error.code} for {url}; " + FIX.format(arg=arg)
-        ) from None
+            failed = f"has no {project!r} project ({url}: 404)"
     except (OSError, ValueError) as error:  # DNS, refused, timeout, TLS, malformed URL
         reason = getattr(error, "reason", error)
-        hint = (
-            " (a TLS-intercepting proxy? see --build-arg CA_BUNDLE)"
-            if "CERT" in str(reason)
-            else ""
-        )
-        raise BuildError(
-            f"the index {index} cannot be reached ({reason}){hint}; " + FIX.format(arg=arg)
-        ) from None
+        failed = f"cannot be reached ({reason})"
+        if "CERT" in str(reason):
+            failed += " (a TLS-intercepting proxy? see --build-arg CA_BUNDLE)"
+    raise BuildError(f"the index {index} {failed}; " + FIX.format(arg=arg))
 
 
-def pip(venv: Path, *args: str, ca_bundle: str | None = None) -> None:
-    """The base image's pip, installing into the venv (which has no pip of its own)."""
+def pip(venv: Path, *args: str, ca_bundle: str | None = None, **run: Any) -> str:
+    """The base image's pip, working on the venv (which has no pip of its own); its output,
+    when `run` asks subprocess.run to capture it."""
     cert = ["--cert", ca_bundle] if ca_bundle else []
     python = str(venv / "bin" / "python")
-    done = subprocess.run([sys.executable, "-m", "pip", "--python", python, *cert, *args])
+    command = [sys.executable, "-m", "pip", "--python", python, *cert, *args]
+    done = subprocess.run(command, text=True, **run)
     if done.returncode:
         raise BuildError(f"pip {args[0]} failed (exit {done.returncode}); see the lines above")
+    return done.stdout
 
 
 def deps(args: argparse.Namespace) -> None:
-    venv, ca = Path(args.venv), args.ca_bundle or None
-    indexes = ["--index-url", args.index] if args.index else []
-    if args.index:
-        probe(args.index, "pip", "PIP_INDEX_URL", ca)
-    for extra in filter(None, [args.extra_index]):
-        probe(extra, "pip", "PIP_EXTRA_INDEX_URL", ca)
-        indexes += ["--extra-index-url", extra]
-    if args.torch_index:
-        probe(args.torch_index, "torch", "TORCH_INDEX_URL", ca)
-        indexes += ["--extra-index-url", args.torch_index]
+    """Each given index probed (for pip, or for torch), then the lock installed from them."""
+    venv, ca, indexes = Path(args.venv), args.ca_bundle or None, []
+    for url, project, arg, option in (
+        (args.index, "pip", "PIP_INDEX_URL", "--index-url"),
+        (args.extra_index, "pip", "PIP_EXTRA_INDEX_URL", "--extra-index-url"),
+        (args.torch_index, "torch", "TORCH_INDEX_URL", "--extra-index-url"),
+    ):
+        if url:
+            probe(url, project, arg, ca)
+            indexes += [option, url]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    install = ["install", "--no-cache-dir", "--no-compile", *PIP_NETWORK, *indexes]
-    install += ["--no-deps"] if args.no_deps else []
+    install = [*INSTALL, *PIP_NETWORK, *indexes, *(["--no-deps"] if args.no_deps else [])]
     pip(venv, *install, "--requirement", args.requirements, ca_bundle=ca)
-    frozen = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "freeze"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    (venv / "installed.txt").write_text(frozen.stdout)
+    (venv / "installed.txt").write_text(pip(venv, "freeze", capture_output=True))
 
 
 def torch_build(venv: Path) -> tuple[str, str | None]:
@@ -114,16 +105,13 @@ def torch_build(venv: Path) -> tuple[str, str | None]:
     return version, None if cuda == "None" else cuda
 
 
-def check_build(version: str, cuda: str | None, backend: str) -> None:
-    """The build must be the backend's: cpu has no CUDA, cu128 is CUDA 12.8, and so on."""
+def check_build(version: str, cuda: str | None, backend: str) -> str:
+    """The build must be the backend's: cpu has no CUDA, cu128 is CUDA 12.8, and so on.
+    Returns the build found, as "CPU" or "CUDA 12.8"."""
     found = f"CUDA {cuda}" if cuda else "CPU"
-    if backend == "cpu":
-        wanted = None
-    else:
-        digits = backend.removeprefix("cu")
-        wanted = f"{digits[:-1]}.{digits[-1]}"
-    if cuda == wanted:
-        return
+    digits = backend.removeprefix("cu")
+    if cuda == (None if backend == "cpu" else f"{digits[:-1]}.{digits[-1]}"):
+        return found
     raise BuildError(
         f"torch {version} ({found} build) is installed, but this image is for {backend}: the "
         f"torch index did not serve a {backend} build; pass --build-arg TORCH_INDEX_URL=<an "
@@ -133,8 +121,7 @@ def check_build(version: str, cuda: str | None, backend: str) -> None:
 
 def verify(args: argparse.Namespace) -> None:
     version, cuda = torch_build(Path(args.venv))
-    check_build(version, cuda, args.backend)
-    build = f"CUDA {cuda}" if cuda else "CPU"
+    build = check_build(version, cuda, args.backend)
     print(f"image_build: torch {version} ({build} build) matches {args.backend}")
 
 
@@ -142,26 +129,15 @@ def project(args: argparse.Namespace) -> None:
     """The project alone under a prefix of its own: its image layer is kilobytes, so a code
     change re-pulls that layer and not the gigabytes of dependencies below it."""
     venv, prefix = Path(args.venv), Path(args.prefix)
-    pip(
-        venv, "install", "--no-cache-dir", "--no-compile", "--no-deps", "--prefix", str(prefix), "."
-    )
-    if args.no_check:  # installed beside another lock (vLLM's): its pins are not ours
-        return _compile(venv, prefix)
-    site = next(prefix.glob("lib/python*/site-packages"))
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    python = str(venv / "bin" / "python")
-    check = subprocess.run([sys.executable, "-m", "pip", "--python", python, "check"], env=env)
-    if check.returncode:
-        raise BuildError("pip check found broken requirements; see the lines above")
-    _compile(venv, prefix)
-
-
-def _compile(venv: Path, prefix: Path) -> None:
-    python = str(venv / "bin" / "python")
-    subprocess.run(
-        [python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(prefix)],
-        check=True,
-    )
+    pip(venv, *INSTALL, "--no-deps", "--prefix", str(prefix), ".")
+    if not args.no_check:  # installed beside another lock (vLLM's), its pins are not ours
+        site = next(prefix.glob("lib/python*/site-packages"))
+        try:
+            pip(venv, "check", env={**os.environ, "PYTHONPATH": str(site)})
+        except BuildError:
+            raise BuildError("pip check found broken requirements; see the lines above") from None
+    compileall = ["-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(prefix)]
+    subprocess.run([str(venv / "bin" / "python"), *compileall], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

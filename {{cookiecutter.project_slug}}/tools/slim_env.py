@@ -107,25 +107,24 @@ def _size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def prune(site_packages: Path, patterns: tuple[str, ...], dry_run: bool) -> int:
-    """Delete the paths matching patterns; return the bytes freed."""
-    return prune_paths([p for pattern in patterns for p in site_packages.glob(pattern)], dry_run)
+def matching(site_packages: Path, *patterns: str) -> list[Path]:
+    return [path for pattern in patterns for path in site_packages.glob(pattern)]
 
 
 def unimported_test_suites(site_packages: Path, modules: list[str]) -> list[Path]:
     """Test-suite folders shipped inside wheels (numpy/_core/tests, sympy/*/tests, ...)
     from which serving imports nothing."""
-    imported = set(modules)
     found = []
     for folder in site_packages.glob("*/**/tests"):
         dotted = ".".join(folder.relative_to(site_packages).parts)
-        if folder.is_dir() and not any(m == dotted or m.startswith(dotted + ".") for m in imported):
+        if folder.is_dir() and not any(m == dotted or m.startswith(dotted + ".") for m in modules):
             found.append(folder)
     return found
 
 
-def prune_paths(paths: list[Path], dry_run: bool) -> int:
-    freed = sum(_size(path) for path in paths)
+def prune(paths: list[Path], dry_run: bool) -> float:
+    """Delete the paths; return the MiB freed."""
+    freed = sum(_size(path) for path in paths) / 2**20
     if not dry_run:
         for path in paths:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -172,13 +171,11 @@ def slim(prefix: Path, dry_run: bool = False, modules: list[str] | None = None) 
     if modules is None:
         modules = serving_modules(prefix / "bin" / "python")
     for site_packages in prefix.glob("lib/python*/site-packages"):
-        suites = unimported_test_suites(site_packages, modules)
-        report["tests_mib"] += (
-            prune(site_packages, PRUNE, dry_run) + prune_paths(suites, dry_run)
-        ) / 2**20
-        report["stubs_mib"] += prune(site_packages, ("**/*.pyi",), dry_run) / 2**20
+        tests = matching(site_packages, *PRUNE) + unimported_test_suites(site_packages, modules)
+        report["tests_mib"] += prune(tests, dry_run)
+        report["stubs_mib"] += prune(matching(site_packages, "**/*.pyi"), dry_run)
         if torch_is_cpu_build(site_packages):
-            report["headers_mib"] += prune(site_packages, PRUNE_CPU_BUILD, dry_run) / 2**20
+            report["headers_mib"] += prune(matching(site_packages, *PRUNE_CPU_BUILD), dry_run)
         files, written = compile_imported(site_packages, modules, dry_run)
         report["compiled_files"] += files
         report["bytecode_mib"] += written / 2**20
