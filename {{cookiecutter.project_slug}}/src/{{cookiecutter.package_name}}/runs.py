@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -132,66 +131,25 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         scratch.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
 class RunFolder:
-    path: Path
+    """A run folder, runs/<run>/: every file in it is named here."""
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.json"
-
-    @property
-    def cost_file(self) -> Path:
-        return self.path / "cost.json"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.path / "loss.png"
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / "adapter"
-
-    @property
-    def partial_adapter(self) -> Path:
-        """Where the adapter is written before it is renamed into place."""
-        return self.path / ".adapter.partial"
-
-    @property
-    def initial_adapter(self) -> Path:
-        return self.path / "adapter_init"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def merged(self) -> Path:
-        return self.path / "merged"
-
-    @property
-    def gguf(self) -> Path:
-        return self.path / "gguf"
-
-    @property
-    def eval_file(self) -> Path:
-        return self.path / "eval.json"
-
-    @property
-    def model_card(self) -> Path:
-        return self.path / "README.md"
+    def __init__(self, path: Path) -> None:
+        self.path, self.name = path, path.name
+        self.config_file = path / "config.yaml"
+        self.metrics_file = path / "metrics.json"
+        self.cost_file = path / "cost.json"
+        self.loss_plot = path / "loss.png"
+        self.adapter = path / "adapter"
+        # Where the adapter is written before it is renamed into place.
+        self.partial_adapter = path / ".adapter.partial"
+        self.initial_adapter = path / "adapter_init"
+        self.checkpoints = path / "checkpoints"
+        self.tensorboard = path / "tensorboard"
+        self.merged = path / "merged"
+        self.gguf = path / "gguf"
+        self.eval_file = path / "eval.json"
+        self.model_card = path / "README.md"
 
     def last_checkpoint(self) -> Path | None:
         checkpoints = [
