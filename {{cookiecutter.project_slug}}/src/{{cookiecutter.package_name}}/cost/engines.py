@@ -154,14 +154,11 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
         cells: dict[str, float | str | None] = {}
         for arm in arms:
             serverless = _section(arm).serverless
-            found = (
-                [p for p in serverless.profiles if p.requests_per_hour == rate]
-                if serverless
-                else []
-            )
-            if found:
-                profiles[arm.name] = found[0]
-                cells[arm.name] = found[0].usd_per_1m_output_tokens
+            found = serverless.profiles if serverless else []
+            profile = next((p for p in found if p.requests_per_hour == rate), None)
+            if profile:
+                profiles[arm.name] = profile
+                cells[arm.name] = profile.usd_per_1m_output_tokens
             else:
                 cells[arm.name] = "no serverless profile: see the notes"
         choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", cells)

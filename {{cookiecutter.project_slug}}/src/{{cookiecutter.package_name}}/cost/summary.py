@@ -15,8 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from .config import PriceSection, SloSection
 from .load import LevelRun, RequestResult
-from .money import Split, percentiles, usd_for_tokens, window_money
+from .money import percentiles, usd_for_tokens, window_money
 from .schema import (
     BestLevel,
     Goodput,
@@ -111,20 +112,13 @@ def _server_counters(
     )
 
 
-@dataclass(frozen=True)
-class SloTarget:
-    """What a request must meet to count as good."""
-
-    ttft_s: float
-    e2e_s: float
-    tpot_s: float | None = None
-
-    def met_by(self, r: RequestResult) -> bool:
-        first = r.first_token if r.first_token is not None else r.end
-        if first is None or first > self.ttft_s or (r.end or 0.0) > self.e2e_s:
-            return False
-        # vLLM counts a request of one token as TPOT 0 against the SLO.
-        return self.tpot_s is None or (request_tpot(r) or 0.0) <= self.tpot_s
+def met_slo(slo: SloSection, r: RequestResult) -> bool:
+    """Whether a request counts as good: within every bound of the SLO."""
+    first = r.first_token if r.first_token is not None else r.end
+    if first is None or first > slo.ttft_s or (r.end or 0.0) > slo.e2e_s:
+        return False
+    # vLLM counts a request of one token as TPOT 0 against the SLO.
+    return slo.tpot_s is None or (request_tpot(r) or 0.0) <= slo.tpot_s
 
 
 @dataclass(frozen=True)
@@ -158,31 +152,25 @@ def _per(amount: float, over: float) -> float | None:
 
 def summarize_level(
     run: LevelRun,
+    slo: SloSection,
+    price: PriceSection,
     *,
-    ttft_slo_s: float,
-    e2e_slo_s: float,
-    attainment: float,
-    gpu_hourly_usd: float,
-    split: Split,
     tokenizer: Any = None,
     counters: dict[str, float] | None = None,
-    tpot_slo_s: float | None = None,
     mix: dict[str, float] | None = None,
 ) -> LevelSummary:
-    slo = SloTarget(ttft_slo_s, e2e_slo_s, tpot_slo_s)
     counted = [r for r in run.results if not r.cancelled]
     ok = [r for r in counted if r.ok]
     failed = [r for r in counted if not r.ok]
-    good = [r for r in ok if slo.met_by(r)]
+    good = [r for r in ok if met_slo(slo, r)]
     duration = run.duration_s
-    input_tokens, output_tokens = _tokens(ok)
+    input_tokens, output_tokens = request_tokens(ok)
     samples = Samples.of(ok)
     status = _status(run)
     fraction = len(good) / len(counted) if counted else None
     money = window_money(
-        gpu_hourly_usd, duration, len(ok), input_tokens, output_tokens, split,
-        good_input_tokens=sum(r.prompt_tokens or 0 for r in good),
-        good_output_tokens=sum(r.completion_tokens or 0 for r in good),
+        price.gpu_hourly_usd, duration, len(ok), input_tokens, output_tokens, price.split_rule(),
+        good_tokens=request_tokens(good),
     )  # fmt: skip
     return LevelSummary(
         mode=run.mode,
@@ -207,7 +195,7 @@ def summarize_level(
             requests_per_s=_per(len(good), duration),
             good_requests=len(good),
             fraction=fraction,
-            meets_slo=status != "partial" and fraction is not None and fraction >= attainment,
+            meets_slo=status != "partial" and fraction is not None and fraction >= slo.attainment,
         ),
         tokens=token_check(ok, tokenizer, counters),
         money=money,
@@ -227,7 +215,7 @@ def model_shares(
     prices = money.usd_per_1m_input_tokens or 0.0, money.usd_per_1m_output_tokens or 0.0
     for model, weight in mix.items():
         mine = [r for r in ok if r.model == model]
-        input_tokens, output_tokens = _tokens(mine)
+        input_tokens, output_tokens = request_tokens(mine)
         usd = usd_for_tokens(input_tokens, output_tokens, *prices)
         server = None
         if counters is not None:
@@ -267,7 +255,7 @@ def _output_tokens(r: RequestResult) -> int:
     return r.completion_tokens if r.completion_tokens is not None else r.content_chunks
 
 
-def _tokens(results: list[RequestResult]) -> tuple[int, int]:
+def request_tokens(results: list[RequestResult]) -> tuple[int, int]:
     """(input, output) tokens of these requests: their usage, else their text events."""
     return sum(r.prompt_tokens or 0 for r in results), sum(map(_output_tokens, results))
 

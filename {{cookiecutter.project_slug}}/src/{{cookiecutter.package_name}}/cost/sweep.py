@@ -222,16 +222,11 @@ class Sweep:
     def endpoint(self, model: str) -> Endpoint:
         ep, prompts = self.config.endpoint, self.config.prompts
         return Endpoint(
-            base_url=self.target.base_url,
-            model=model,
-            api=ep.api,
-            api_key=self.target.api_key,
+            self.target.base_url, model, api_key=self.target.api_key,
             max_tokens=prompts.output_tokens,
-            temperature=prompts.temperature,
-            ignore_eos=prompts.ignore_eos,
-            connect_timeout_s=ep.connect_timeout_s,
-            request_timeout_s=ep.request_timeout_s,
-        )
+            **ep.model_dump(include={"api", "connect_timeout_s", "request_timeout_s"}),
+            **prompts.model_dump(include={"temperature", "ignore_eos"}),
+        )  # fmt: skip
 
     def cold_start(self, endpoint: Endpoint, server: OwnServer) -> ColdStart:
         """The first request, sent the moment the server is ready, timed from the spawn."""
@@ -303,7 +298,7 @@ class Sweep:
         mix: dict[str, float],
     ) -> bool:
         """One level, summarized into `levels`; False when the sweep must stop."""
-        load, slo, price = self.config.load, self.config.slo, self.config.price
+        load = self.config.load
         metrics_url = root_url(self.target.base_url)
         before = token_counters(scrape(metrics_url))
         try:
@@ -318,17 +313,9 @@ class Sweep:
             return False
         after = token_counters(scrape(metrics_url)) if not run.aborted else None
         summary = summarize_level(
-            run,
-            ttft_slo_s=slo.ttft_s,
-            e2e_slo_s=slo.e2e_s,
-            tpot_slo_s=slo.tpot_s,
-            attainment=slo.attainment,
-            gpu_hourly_usd=price.gpu_hourly_usd,
-            split=price.split_rule(),
-            tokenizer=self.tokenizer,
-            counters=counter_delta(before, after),
-            mix=mix,
-        )
+            run, self.config.slo, self.config.price, tokenizer=self.tokenizer,
+            counters=counter_delta(before, after), mix=mix,
+        )  # fmt: skip
         levels.append(summary)
         if not run.aborted:
             return True
