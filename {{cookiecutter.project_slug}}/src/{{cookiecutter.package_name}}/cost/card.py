@@ -12,7 +12,6 @@ import platform
 import re
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 EXTRA_PACKAGES = ("fastapi", "uvicorn", "httpx", "vllm")
+NOT_INSTALLED = "not installed"  # package_versions' word for a package it cannot find
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)", re.MULTILINE)
 INPUT_HASH = re.compile(r"^# input-hash: (\S+)$", re.MULTILINE)
 
@@ -49,15 +49,14 @@ def _lock_file(path: Path) -> LockFile:
     pins (local version tags ignored)."""
     text = path.read_text(encoding="utf-8")
     found = INPUT_HASH.search(text)
-    mismatches, missing = [], []
-    for package, pinned in PIN.findall(text):
-        try:
-            installed = version(package)
-        except PackageNotFoundError:
-            missing.append(package)
-            continue
-        if installed.split("+")[0] != pinned.split("+")[0]:
-            mismatches.append(f"{package}: lock {pinned}, installed {installed}")
+    pins = dict(PIN.findall(text))
+    installed = package_versions(tuple(pins))
+    missing = [package for package, have in installed.items() if have == NOT_INSTALLED]
+    mismatches = [
+        f"{package}: lock {pins[package]}, installed {have}"
+        for package, have in installed.items()
+        if have != NOT_INSTALLED and have.split("+")[0] != pins[package].split("+")[0]
+    ]
     return LockFile(
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         input_hash=found.group(1) if found else None,
@@ -142,6 +141,11 @@ def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
     return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)] + [""]
 
 
+def _paragraphs(*texts: str) -> list[str]:
+    """Each text (a heading, a paragraph) and the blank line after it."""
+    return [line for text in texts for line in (text, "")]
+
+
 def markdown(card: CostCard) -> str:
     created = card.created.strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [f"# Cost card: {card.kind} ({created})", ""]
@@ -157,7 +161,7 @@ def markdown(card: CostCard) -> str:
         f"- GPU price: **{_usd(prices.gpu_hourly_usd)}/hour** ({prices.gpu_hourly_usd_source})",
         f"- Split of cost between input and output tokens: {prices.split.description}",
         f"- Device: {env.device} ({env.dtype}); "
-        + ", ".join(f"{k} {v}" for k, v in env.packages.items() if v != "not installed"),
+        + ", ".join(f"{k} {v}" for k, v in env.packages.items() if v != NOT_INSTALLED),
     ]
     if env.lock:
         name, first = next(iter(env.lock.files.items()))
@@ -187,7 +191,7 @@ def _training_markdown(training: TrainingSection) -> list[str]:
         rows.append([run.run, f"{run.trained_tokens:,}", _f(run.tokens_per_second),
                      _usd(run.usd), _usd(run.usd_per_1m_tokens), mfu_text])  # fmt: skip
     header = ["run", "tokens", "tokens/s", "$", "$/1M tokens", "MFU"]
-    return ["## Training", "", *_table(header, "lrrrrl", rows)]
+    return [*_paragraphs("## Training"), *_table(header, "lrrrrl", rows)]
 
 
 def _engines_markdown(engines: EngineComparison) -> list[str]:
@@ -197,13 +201,11 @@ def _engines_markdown(engines: EngineComparison) -> list[str]:
         else f"**{arm.name}**: not measured ({(arm.error or '').splitlines()[0]})"
         for arm in engines.arms
     )  # fmt: skip
-    lines = [
+    lines = _paragraphs(
         "## Which engine gives the cheaper token",
-        "",
         f"Measured one after another, one server at a time, on the same prompts and load. "
         f"{described}.",
-        "",
-    ]
+    )
     if not engines.fair:
         lines += ["> **Not a like-for-like comparison:**", *[f"> - {u}" for u in engines.unfair]]
         lines += ["> - some cells have no comparison (below)"] if not engines.unfair else []
@@ -238,13 +240,12 @@ def _serving_markdown(serving: ServingSection, title: str) -> list[str]:
     who = "our server, started by the meter" if endpoint.own_server else "external"
     tpot = f" and TPOT <= {slo.tpot_s:g} s" if slo.tpot_s else ""
     lines = [
-        f"## {title}",
-        "",
-        f"Endpoint {endpoint.url} ({who}), "
-        f"model `{endpoint.model}`; prompts: {serving.load.prompts.description}; "
-        f"SLO: TTFT <= {slo.ttft_s:g} s and e2e <= {slo.e2e_s:g} s{tpot} for "
-        f"{slo.attainment:.0%} of requests.",
-        "",
+        *_paragraphs(
+            f"## {title}",
+            f"Endpoint {endpoint.url} ({who}), model `{endpoint.model}`; prompts: "
+            f"{serving.load.prompts.description}; SLO: TTFT <= {slo.ttft_s:g} s and e2e <= "
+            f"{slo.e2e_s:g} s{tpot} for {slo.attainment:.0%} of requests.",
+        ),
         *_table(
             ["level", "status", "ok/err", "req/s", "in tok/s", "out tok/s", "TTFT p50/p90/p99 s",
              "ITL p50 s", "e2e p50/p90/p99 s", "goodput req/s", "SLO", "$/1M in", "$/1M out"],
@@ -329,12 +330,12 @@ def _mix_markdown(serving: ServingSection) -> list[str]:
     header = ["model", "share", "requests", "in tokens", "out tokens", "$", "$/1M in",
               "$/1M out", "alone: $/1M out", "server counters"]  # fmt: skip
     return [
-        f"### Per model under the mix ({level.label})",
-        "",
+        *_paragraphs(f"### Per model under the mix ({level.label})"),
         *_table(header, "lrrrrrrrrl", rows),
-        "Under the mix every model's tokens are priced alike (one machine, one bill, split "
-        "by tokens); the alone column is what a model costs on a machine of its own.",
-        "",
+        *_paragraphs(
+            "Under the mix every model's tokens are priced alike (one machine, one bill, split "
+            "by tokens); the alone column is what a model costs on a machine of its own."
+        ),
     ]
 
 
@@ -349,12 +350,12 @@ def _quality_markdown(serving: ServingSection) -> list[str]:
     ]  # fmt: skip
     header = ["model", "accuracy", "out tokens", "$ for the set", "$ per 1000 correct", "priced at"]
     return [
-        f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
-        f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})",
-        "",
+        *_paragraphs(
+            f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
+            f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})"
+        ),
         *_table(header, "lrrrrl", rows),
-        f"Every answer and its score: `{quality.answers_file}`.",
-        "",
+        *_paragraphs(f"Every answer and its score: `{quality.answers_file}`."),
     ]
 
 
@@ -367,7 +368,9 @@ def _tokens_markdown(levels: list[LevelSummary]) -> list[str]:
         against.append("the server's own counters")
     consistent = all(check.consistent for check in checks)
     verdict = "consistent" if consistent else "**INCONSISTENT, see the JSON**"
-    return [f"Token counts: server `usage`, checked against {', '.join(against)}: {verdict}.", ""]
+    return _paragraphs(
+        f"Token counts: server `usage`, checked against {', '.join(against)}: {verdict}."
+    )
 
 
 def _cold_start_markdown(serving: ServingSection) -> list[str]:
@@ -375,19 +378,16 @@ def _cold_start_markdown(serving: ServingSection) -> list[str]:
     if not cold or not cold.measured:
         return []
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in cold.server_phases_s.items())
-    lines = [
+    lines = _paragraphs(
         "### Cold start",
-        "",
         f"Spawn to listening {_f(cold.listening_s)} s, to ready **{_f(cold.ready_s)} s**, "
         f"to first token {_f(cold.first_token_s)} s. Server phases: {phases or 'n/a'}.",
-        "",
-    ]
+    )
     if cold.first_request_ttft_s is not None and cold.warm_request_ttft_s is not None:
-        lines += [
+        lines += _paragraphs(
             f"First request's time to first token {cold.first_request_ttft_s:.3f} s; the next, "
-            f"with a prompt of about its length: {cold.warm_request_ttft_s:.3f} s.",
-            "",
-        ]
+            f"with a prompt of about its length: {cold.warm_request_ttft_s:.3f} s."
+        )
     if cold.floors:
         rows = [
             [row.phase, f"{row.measured_s:.3f}", f"{row.floor_s:.3f}", _f(row.ratio, 3, "x"),
@@ -403,15 +403,13 @@ def _serverless_markdown(serving: ServingSection) -> list[str]:
     serverless = serving.serverless
     if not serverless:
         return []
-    lines = [
+    lines = _paragraphs(
         "### Serverless (per-second billing, scale to zero)",
-        "",
         f"Cold start billed {serverless.cold_start_s:.2f} s, the "
         f"**{serverless.cold_start_kind}** one ({serverless.cold_start_source}), "
         f"idle timeout {serverless.idle_timeout_s:g} s, service time "
         f"{serverless.service_s:.3g} s per request.",
-        "",
-    ]
+    )
     rows = [
         [f"{row.requests_per_hour:g}", row.regime, f"{row.billed_seconds_per_hour:.0f}",
          f"{row.cold_starts_per_hour:.2f}", _usd(row.usd_per_hour),
@@ -428,14 +426,12 @@ def _comparison_markdown(serving: ServingSection) -> list[str]:
     comparison = serving.comparison
     if not comparison or not comparison.rows:
         return []
-    lines = [
+    lines = _paragraphs(
         f"### Against API list prices (taken {comparison.taken}, {comparison.source})",
-        "",
         "Same request shape as measured at the best level "
         f"({_f(comparison.input_tokens_per_request)} input, "
         f"{_f(comparison.output_tokens_per_request)} output tokens per request).",
-        "",
-    ]
+    )
     rows = [
         [row.provider, row.model, _usd(row.usd_per_1m_input), _usd(row.usd_per_1m_output),
          _usd(row.usd_per_1k_requests), _usd(row.ours_usd_per_1k_requests),
@@ -465,7 +461,7 @@ def _metrics_markdown(levels: list[LevelSummary], definitions: MetricDefinitions
         for level in levels
     ]  # fmt: skip
     header = ["level", "TPOT p50/p90/p99 s", "ITL p50/p99 s", "TTFT mean s", "e2e mean s"]
-    lines = ["### Metrics as defined here", "", *_table(header, "lllrr", rows)]
+    lines = [*_paragraphs("### Metrics as defined here"), *_table(header, "lllrr", rows)]
     lines += [f"- **{name}**: {text}" for name, text in definitions]
     lines += [
         "- The JSON repeats each level under the field names of `vllm bench serve` "
