@@ -103,12 +103,9 @@ def counter_delta(
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
     """The phases the server reports of its own cold start, in their order."""
     metrics = metrics or {}
-    phases = {}
-    for phase in metric_names.COLD_START_PHASES:
-        name = metric_names.COLD_START + '{phase="' + phase + '"}'
-        if name in metrics:
-            phases[phase] = metrics[name]
-    return phases
+    name, phases = metric_names.COLD_START, metric_names.COLD_START_PHASES
+    samples = {phase: f'{name}{{phase="{phase}"}}' for phase in phases}
+    return {phase: metrics[sample] for phase, sample in samples.items() if sample in metrics}
 
 
 def free_port() -> int:

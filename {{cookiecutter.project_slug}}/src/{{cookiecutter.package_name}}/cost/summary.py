@@ -98,17 +98,20 @@ def _retokenized(with_usage: list[RequestResult], tokenizer: Any) -> int | None:
 
 
 def _server_counters(
-    ok: list[RequestResult], counters: dict[str, float] | None
+    ok: list[RequestResult], counters: dict[str, float] | None, model: str = ""
 ) -> ServerCounters | None:
+    """The server's own token counters (of `model`, else of every model) beside the usage
+    of `ok`; a model's series that the server never started is 0."""
     if counters is None:
         return None
-    prompt = sum(r.prompt_tokens or 0 for r in ok)
-    completion = sum(r.completion_tokens or 0 for r in ok)
+    suffix = f"/{model}" if model else ""
+    prompt = counters.get(f"prompt_tokens{suffix}", 0.0)
+    completion = counters.get(f"completion_tokens{suffix}", 0.0)
     return ServerCounters(
-        prompt_tokens=counters.get("prompt_tokens"),
-        completion_tokens=counters.get("completion_tokens"),
-        match=counters.get("prompt_tokens") == prompt
-        and counters.get("completion_tokens") == completion,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        match=prompt == sum(r.prompt_tokens or 0 for r in ok)
+        and completion == sum(r.completion_tokens or 0 for r in ok),
     )
 
 
@@ -217,20 +220,13 @@ def model_shares(
         mine = [r for r in ok if r.model == model]
         input_tokens, output_tokens = request_tokens(mine)
         usd = usd_for_tokens(input_tokens, output_tokens, *prices)
-        server = None
-        if counters is not None:
-            mine_counters = {
-                key: counters.get(f"{key}/{model}", 0.0)
-                for key in ("prompt_tokens", "completion_tokens")
-            }
-            server = _server_counters(mine, mine_counters)
         shares.append(
             ModelShare(
                 model=model, weight=weight, requests=len(mine), input_tokens=input_tokens,
                 output_tokens=output_tokens, usd=usd,
                 usd_per_1m_input_tokens=money.usd_per_1m_input_tokens,
                 usd_per_1m_output_tokens=money.usd_per_1m_output_tokens,
-                server_counters=server,
+                server_counters=_server_counters(mine, counters, model),
             )
         )  # fmt: skip
     return shares
