@@ -103,8 +103,8 @@ def counter_delta(
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
     """The phases the server reports of its own cold start, in their order."""
     metrics = metrics or {}
-    name, phases = metric_names.COLD_START, metric_names.COLD_START_PHASES
-    samples = {phase: f'{name}{{phase="{phase}"}}' for phase in phases}
+    prefix = metric_names.COLD_START + '{phase="'
+    samples = {phase: prefix + phase + '"}' for phase in metric_names.COLD_START_PHASES}
     return {phase: metrics[sample] for phase, sample in samples.items() if sample in metrics}
 
 

@@ -225,9 +225,11 @@ def compare_with_apis(
     ours = ours_usd_per_1k_requests
     for ref in references:
         theirs = api_cost_per_1k_requests(
-            ref.usd_per_1m_input, ref.usd_per_1m_output,
-            input_tokens_per_request, output_tokens_per_request,
-        )  # fmt: skip
+            ref.usd_per_1m_input,
+            ref.usd_per_1m_output,
+            input_tokens_per_request,
+            output_tokens_per_request,
+        )
         rows.append(
             ComparisonRow(
                 **ref.model_dump(),  # the provider, model, list prices and their source
@@ -245,8 +247,8 @@ def percentiles(values: Sequence[float]) -> Percentiles:
     if not values:
         return Percentiles(count=0, p50=None, p90=None, p99=None, mean=None)
     # "inclusive" is numpy's linear method; before Python 3.13 it needs two values.
-    cuts = statistics.quantiles([*values] * 2 if len(values) == 1 else values, n=100,
-                                method="inclusive")  # fmt: skip
+    data = [*values] * 2 if len(values) == 1 else values
+    cuts = statistics.quantiles(data, n=100, method="inclusive")
     return Percentiles(
         count=len(values), p50=cuts[49], p90=cuts[89], p99=cuts[98], mean=statistics.fmean(values)
     )

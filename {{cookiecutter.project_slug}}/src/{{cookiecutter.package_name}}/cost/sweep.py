@@ -222,11 +222,13 @@ class Sweep:
     def endpoint(self, model: str) -> Endpoint:
         ep, prompts = self.config.endpoint, self.config.prompts
         return Endpoint(
-            self.target.base_url, model, api_key=self.target.api_key,
+            self.target.base_url,
+            model,
+            api_key=self.target.api_key,
             max_tokens=prompts.output_tokens,
             **ep.model_dump(include={"api", "connect_timeout_s", "request_timeout_s"}),
             **prompts.model_dump(include={"temperature", "ignore_eos"}),
-        )  # fmt: skip
+        )
 
     def cold_start(self, endpoint: Endpoint, server: OwnServer) -> ColdStart:
         """The first request, sent the moment the server is ready, timed from the spawn."""
@@ -306,9 +308,13 @@ class Sweep:
             return False
         after = token_counters(scrape(metrics_url)) if not run.aborted else None
         summary = summarize_level(
-            run, self.config.slo, self.config.price, tokenizer=self.tokenizer,
-            counters=counter_delta(before, after), mix=mix,
-        )  # fmt: skip
+            run,
+            self.config.slo,
+            self.config.price,
+            tokenizer=self.tokenizer,
+            counters=counter_delta(before, after),
+            mix=mix,
+        )
         levels.append(summary)
         if not run.aborted:
             return True
