@@ -344,7 +344,9 @@ class Serving:
         self.vllm_python = python if python.is_file() else None
         self.load = project.module("cost.load")
         self.summary = project.module("cost.summary")
-        self.money = project.module("cost.money")
+        config = project.module("cost.config")  # what each level's summary is judged and priced by
+        self.slo = config.SloSection(ttft_s=2.0, e2e_s=30.0, attainment=0.9)
+        self.price = config.PriceSection(gpu_hourly_usd=1.0)
         self.coldstart = project.module("cost.coldstart")
 
     def prompts(self, folder: Path) -> list:
@@ -395,10 +397,7 @@ class Serving:
             run = asyncio.run(
                 runner.run_level("concurrency", concurrency, requests, sizing["level_time_limit_s"])
             )
-            level = self.summary.summarize_level(
-                run, ttft_slo_s=2.0, e2e_slo_s=30.0, attainment=0.9, gpu_hourly_usd=1.0,
-                split=self.money.Split(),
-            )  # fmt: skip
+            level = self.summary.summarize_level(run, self.slo, self.price)
             out[concurrency] = {
                 "output_tokens_per_s": level.output_tokens_per_s,
                 "ttft_p50_s": level.ttft_s.p50,
@@ -477,10 +476,7 @@ class Serving:
         return self._structured_report(arms, plan_)
 
     def _structured_level(self, run: Any) -> dict[str, Any]:
-        level = self.summary.summarize_level(
-            run, ttft_slo_s=2.0, e2e_slo_s=30.0, attainment=0.9, gpu_hourly_usd=1.0,
-            split=self.money.Split(),
-        )  # fmt: skip
+        level = self.summary.summarize_level(run, self.slo, self.price)
         return {
             "output_tokens_per_s": level.output_tokens_per_s,
             "ok": level.requests.ok,

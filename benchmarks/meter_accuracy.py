@@ -71,10 +71,17 @@ class Observer(threading.Thread):
 
     def tokens_per_s(self) -> float:
         busy = [i for i, (_, flight, _) in enumerate(self.samples) if flight > 0]
+        if not busy:
+            raise ValueError(
+                f"no poll of /metrics (every {self.interval:g} s) saw a request in flight: the "
+                "level ran between two polls; send more --requests"
+            )
+        times = [at for at, _, _ in self.samples]
         first, last = busy[0], busy[-1] + 1  # last: the first poll that sees none in flight
-        # Each edge happened between two polls: take the midpoints.
-        start = (self.samples[first - 1][0] + self.samples[first][0]) / 2
-        end = (self.samples[last - 1][0] + self.samples[last][0]) / 2
+        # Each edge happened between two polls: take the midpoints. A level already running
+        # at the first poll, or still running at the last, has that poll for its edge.
+        start = (times[max(first - 1, 0)] + times[first]) / 2
+        end = (times[last - 1] + times[min(last, len(times) - 1)]) / 2
         return (self.samples[-1][2] - self.samples[0][2]) / (end - start)
 
 

@@ -166,3 +166,18 @@ def test_layer_codecs_wants_a_cold_start_report(default_project: Path, tmp_path)
     done = subprocess.run([*run, "--tag", "x:y", "--report", str(report)], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and f"{report} holds no cold start" in done.stderr
+
+
+def test_the_polling_observer_takes_the_polls_at_its_window_edges(benchmarks):
+    """Busy at the first or the last poll: that poll is the window's edge; busy at none: said."""
+    observer = importlib.import_module("meter_accuracy").Observer("http://x", None)
+    # (time, requests in flight, completion tokens); busy from the 2nd poll to the 3rd.
+    observer.samples = [(0.0, 0, 0), (1.0, 2, 10), (2.0, 1, 30), (3.0, 0, 40)]
+    assert observer.tokens_per_s() == 40 / (2.5 - 0.5)
+    observer.samples = [(0.0, 2, 0), (1.0, 1, 30), (2.0, 0, 40)]  # busy from the start
+    assert observer.tokens_per_s() == 40 / (1.5 - 0.0)
+    observer.samples = [(0.0, 0, 0), (1.0, 2, 30), (2.0, 1, 40)]  # still busy at the end
+    assert observer.tokens_per_s() == 40 / (2.0 - 0.5)
+    observer.samples = [(0.0, 0, 0), (1.0, 0, 40)]  # the whole level between two polls
+    with pytest.raises(ValueError, match="no poll of /metrics"):
+        observer.tokens_per_s()

@@ -17,7 +17,9 @@ from {{ cookiecutter.package_name }}.cost.card import _metrics_markdown as markd
 from {{ cookiecutter.package_name }}.cost.card import _price_sources_markdown as price_sources_markdown
 from {{ cookiecutter.package_name }}.cost.card import environment, markdown
 from {{ cookiecutter.package_name }}.cost.config import (
+    PriceSection,
     ServerlessSection,
+    SloSection,
     load_reference_prices,
     load_token_cost_config,
 )
@@ -252,10 +254,9 @@ def _runner(handler, **kwargs) -> LevelRunner:
     )
 
 
-def _summary(run):
-    return summarize_level(
-        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.9, gpu_hourly_usd=3.6, split=Split()
-    )
+def _summary(run, **slo):
+    slo = SloSection(**({"ttft_s": 1.0, "e2e_s": 5.0, "attainment": 0.9} | slo))
+    return summarize_level(run, slo, PriceSection(gpu_hourly_usd=3.6))
 
 
 def test_level_counts_tokens_from_usage_and_checks_the_stream():
@@ -268,6 +269,17 @@ def test_level_counts_tokens_from_usage_and_checks_the_stream():
     assert tokens.usage_output_tokens == 18 and tokens.stream_text_events == 12
     assert tokens.prompt_tokens_mismatches == 0 and tokens.consistent
     assert level.ttft_s.count == 6 and level.goodput.meets_slo
+
+
+def test_without_usage_the_goodput_price_counts_the_stream_events_too():
+    # No usage event: the text events stand in for the output tokens, in every price.
+    body = _sse(_chunk("Hel"), _chunk("lo"), _chunk(None, "stop"))
+    runner = _runner(lambda request: httpx.Response(200, content=body))
+    level = _summary(asyncio.run(runner.run_level("concurrency", 1, 3, 30.0)))
+    assert level.output_tokens == 6 and level.tokens.requests_without_usage == 3
+    assert level.goodput.good_requests == 3
+    money = level.money
+    assert money.goodput_usd_per_1m_output_tokens == pytest.approx(money.usd_per_1m_output_tokens)
 
 
 def test_a_stream_that_ends_with_finish_reason_and_usage_but_no_done_is_complete():
@@ -317,10 +329,7 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
         duration_s=3.0,
         stopped_by="request count",
     )
-    level = summarize_level(
-        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split(),
-        tpot_slo_s=0.25,
-    )  # fmt: skip
+    level = _summary(run, attainment=0.5, tpot_s=0.25)
     approx = pytest.approx
     assert level.ttft_s.model_dump() == approx(
         {"count": 3, "p50": 0.5, "p90": 2.1, "p99": 2.46, "mean": 1.1}
@@ -337,9 +346,7 @@ def test_metrics_on_a_scripted_stream_match_hand_worked_numbers():
     assert level.goodput.good_requests == 1
     assert level.goodput.requests_per_s == approx(1 / 3)
     assert level.goodput.fraction == approx(0.25) and not level.goodput.meets_slo
-    without_tpot = summarize_level(
-        run, ttft_slo_s=1.0, e2e_slo_s=5.0, attainment=0.5, gpu_hourly_usd=3.6, split=Split()
-    )
+    without_tpot = _summary(run, attainment=0.5)
     assert without_tpot.goodput.good_requests == 2 and without_tpot.goodput.meets_slo
 
     vllm = level.vllm_bench.model_dump()

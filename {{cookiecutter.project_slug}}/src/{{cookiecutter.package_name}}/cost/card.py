@@ -11,7 +11,7 @@ import hashlib
 import platform
 import re
 import time
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from .schema import (
     ColdStart,
     ComparisonRow,
     CostCard,
+    Crossover,
     EngineComparison,
     Environment,
     LevelSummary,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 EXTRA_PACKAGES = ("fastapi", "uvicorn", "httpx", "vllm")
+NOT_INSTALLED = "not installed"  # package_versions' word for a package it cannot find
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)", re.MULTILINE)
 INPUT_HASH = re.compile(r"^# input-hash: (\S+)$", re.MULTILINE)
 
@@ -47,15 +49,14 @@ def _lock_file(path: Path) -> LockFile:
     pins (local version tags ignored)."""
     text = path.read_text(encoding="utf-8")
     found = INPUT_HASH.search(text)
-    mismatches, missing = [], []
-    for package, pinned in PIN.findall(text):
-        try:
-            installed = version(package)
-        except PackageNotFoundError:
-            missing.append(package)
-            continue
-        if installed.split("+")[0] != pinned.split("+")[0]:
-            mismatches.append(f"{package}: lock {pinned}, installed {installed}")
+    pins = dict(PIN.findall(text))
+    installed = package_versions(tuple(pins))
+    missing = [package for package, have in installed.items() if have == NOT_INSTALLED]
+    mismatches = [
+        f"{package}: lock {pins[package]}, installed {have}"
+        for package, have in installed.items()
+        if have != NOT_INSTALLED and have.split("+")[0] != pins[package].split("+")[0]
+    ]
     return LockFile(
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         input_hash=found.group(1) if found else None,
@@ -140,6 +141,11 @@ def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
     return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)] + [""]
 
 
+def _paragraphs(*texts: str) -> list[str]:
+    """Each text (a heading, a paragraph) and the blank line after it."""
+    return [line for text in texts for line in (text, "")]
+
+
 def markdown(card: CostCard) -> str:
     created = card.created.strftime("%Y-%m-%dT%H:%M:%SZ")
     lines = [f"# Cost card: {card.kind} ({created})", ""]
@@ -155,7 +161,7 @@ def markdown(card: CostCard) -> str:
         f"- GPU price: **{_usd(prices.gpu_hourly_usd)}/hour** ({prices.gpu_hourly_usd_source})",
         f"- Split of cost between input and output tokens: {prices.split.description}",
         f"- Device: {env.device} ({env.dtype}); "
-        + ", ".join(f"{k} {v}" for k, v in env.packages.items() if v != "not installed"),
+        + ", ".join(f"{k} {v}" for k, v in env.packages.items() if v != NOT_INSTALLED),
     ]
     if env.lock:
         name, first = next(iter(env.lock.files.items()))
@@ -166,11 +172,8 @@ def markdown(card: CostCard) -> str:
     lines.append("")
     if card.engines:
         lines += _engines_markdown(card.engines)
-        for arm in card.engines.arms:
-            if arm.serving is not None:
-                lines += _serving_markdown(arm.serving, f"Serving: {arm.name}")
-    elif card.serving:
-        lines += _serving_markdown(card.serving)
+    for name, serving in _servings(card):
+        lines += _serving_markdown(serving, f"Serving: {name}" if name else "Serving")
     if card.training:
         lines += _training_markdown(card.training)
     return "\n".join(lines) + "\n"
@@ -188,7 +191,7 @@ def _training_markdown(training: TrainingSection) -> list[str]:
         rows.append([run.run, f"{run.trained_tokens:,}", _f(run.tokens_per_second),
                      _usd(run.usd), _usd(run.usd_per_1m_tokens), mfu_text])  # fmt: skip
     header = ["run", "tokens", "tokens/s", "$", "$/1M tokens", "MFU"]
-    return ["## Training", "", *_table(header, "lrrrrl", rows)]
+    return [*_paragraphs("## Training"), *_table(header, "lrrrrl", rows)]
 
 
 def _engines_markdown(engines: EngineComparison) -> list[str]:
@@ -198,13 +201,11 @@ def _engines_markdown(engines: EngineComparison) -> list[str]:
         else f"**{arm.name}**: not measured ({(arm.error or '').splitlines()[0]})"
         for arm in engines.arms
     )  # fmt: skip
-    lines = [
+    lines = _paragraphs(
         "## Which engine gives the cheaper token",
-        "",
         f"Measured one after another, one server at a time, on the same prompts and load. "
         f"{described}.",
-        "",
-    ]
+    )
     if not engines.fair:
         lines += ["> **Not a like-for-like comparison:**", *[f"> - {u}" for u in engines.unfair]]
         lines += ["> - some cells have no comparison (below)"] if not engines.unfair else []
@@ -234,18 +235,17 @@ def _engines_markdown(engines: EngineComparison) -> list[str]:
     return [*lines, *_table(header, "lrrl", rows)]
 
 
-def _serving_markdown(serving: ServingSection, title: str = "Serving") -> list[str]:
+def _serving_markdown(serving: ServingSection, title: str) -> list[str]:
     endpoint, slo = serving.endpoint, serving.slo
     who = "our server, started by the meter" if endpoint.own_server else "external"
     tpot = f" and TPOT <= {slo.tpot_s:g} s" if slo.tpot_s else ""
     lines = [
-        f"## {title}",
-        "",
-        f"Endpoint {endpoint.url} ({who}), "
-        f"model `{endpoint.model}`; prompts: {serving.load.prompts.description}; "
-        f"SLO: TTFT <= {slo.ttft_s:g} s and e2e <= {slo.e2e_s:g} s{tpot} for "
-        f"{slo.attainment:.0%} of requests.",
-        "",
+        *_paragraphs(
+            f"## {title}",
+            f"Endpoint {endpoint.url} ({who}), model `{endpoint.model}`; prompts: "
+            f"{serving.load.prompts.description}; SLO: TTFT <= {slo.ttft_s:g} s and e2e <= "
+            f"{slo.e2e_s:g} s{tpot} for {slo.attainment:.0%} of requests.",
+        ),
         *_table(
             ["level", "status", "ok/err", "req/s", "in tok/s", "out tok/s", "TTFT p50/p90/p99 s",
              "ITL p50 s", "e2e p50/p90/p99 s", "goodput req/s", "SLO", "$/1M in", "$/1M out"],
@@ -330,12 +330,12 @@ def _mix_markdown(serving: ServingSection) -> list[str]:
     header = ["model", "share", "requests", "in tokens", "out tokens", "$", "$/1M in",
               "$/1M out", "alone: $/1M out", "server counters"]  # fmt: skip
     return [
-        f"### Per model under the mix ({level.label})",
-        "",
+        *_paragraphs(f"### Per model under the mix ({level.label})"),
         *_table(header, "lrrrrrrrrl", rows),
-        "Under the mix every model's tokens are priced alike (one machine, one bill, split "
-        "by tokens); the alone column is what a model costs on a machine of its own.",
-        "",
+        *_paragraphs(
+            "Under the mix every model's tokens are priced alike (one machine, one bill, split "
+            "by tokens); the alone column is what a model costs on a machine of its own."
+        ),
     ]
 
 
@@ -350,12 +350,12 @@ def _quality_markdown(serving: ServingSection) -> list[str]:
     ]  # fmt: skip
     header = ["model", "accuracy", "out tokens", "$ for the set", "$ per 1000 correct", "priced at"]
     return [
-        f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
-        f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})",
-        "",
+        *_paragraphs(
+            f"### Quality per dollar ({quality.examples} records of {quality.dataset}, "
+            f"scorer {quality.scorer}, greedy, max_tokens {quality.max_tokens})"
+        ),
         *_table(header, "lrrrrl", rows),
-        f"Every answer and its score: `{quality.answers_file}`.",
-        "",
+        *_paragraphs(f"Every answer and its score: `{quality.answers_file}`."),
     ]
 
 
@@ -368,7 +368,9 @@ def _tokens_markdown(levels: list[LevelSummary]) -> list[str]:
         against.append("the server's own counters")
     consistent = all(check.consistent for check in checks)
     verdict = "consistent" if consistent else "**INCONSISTENT, see the JSON**"
-    return [f"Token counts: server `usage`, checked against {', '.join(against)}: {verdict}.", ""]
+    return _paragraphs(
+        f"Token counts: server `usage`, checked against {', '.join(against)}: {verdict}."
+    )
 
 
 def _cold_start_markdown(serving: ServingSection) -> list[str]:
@@ -376,19 +378,16 @@ def _cold_start_markdown(serving: ServingSection) -> list[str]:
     if not cold or not cold.measured:
         return []
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in cold.server_phases_s.items())
-    lines = [
+    lines = _paragraphs(
         "### Cold start",
-        "",
         f"Spawn to listening {_f(cold.listening_s)} s, to ready **{_f(cold.ready_s)} s**, "
         f"to first token {_f(cold.first_token_s)} s. Server phases: {phases or 'n/a'}.",
-        "",
-    ]
+    )
     if cold.first_request_ttft_s is not None and cold.warm_request_ttft_s is not None:
-        lines += [
+        lines += _paragraphs(
             f"First request's time to first token {cold.first_request_ttft_s:.3f} s; the next, "
-            f"with a prompt of about its length: {cold.warm_request_ttft_s:.3f} s.",
-            "",
-        ]
+            f"with a prompt of about its length: {cold.warm_request_ttft_s:.3f} s."
+        )
     if cold.floors:
         rows = [
             [row.phase, f"{row.measured_s:.3f}", f"{row.floor_s:.3f}", _f(row.ratio, 3, "x"),
@@ -404,15 +403,13 @@ def _serverless_markdown(serving: ServingSection) -> list[str]:
     serverless = serving.serverless
     if not serverless:
         return []
-    lines = [
+    lines = _paragraphs(
         "### Serverless (per-second billing, scale to zero)",
-        "",
         f"Cold start billed {serverless.cold_start_s:.2f} s, the "
         f"**{serverless.cold_start_kind}** one ({serverless.cold_start_source}), "
         f"idle timeout {serverless.idle_timeout_s:g} s, service time "
         f"{serverless.service_s:.3g} s per request.",
-        "",
-    ]
+    )
     rows = [
         [f"{row.requests_per_hour:g}", row.regime, f"{row.billed_seconds_per_hour:.0f}",
          f"{row.cold_starts_per_hour:.2f}", _usd(row.usd_per_hour),
@@ -429,14 +426,12 @@ def _comparison_markdown(serving: ServingSection) -> list[str]:
     comparison = serving.comparison
     if not comparison or not comparison.rows:
         return []
-    lines = [
+    lines = _paragraphs(
         f"### Against API list prices (taken {comparison.taken}, {comparison.source})",
-        "",
         "Same request shape as measured at the best level "
         f"({_f(comparison.input_tokens_per_request)} input, "
         f"{_f(comparison.output_tokens_per_request)} output tokens per request).",
-        "",
-    ]
+    )
     rows = [
         [row.provider, row.model, _usd(row.usd_per_1m_input), _usd(row.usd_per_1m_output),
          _usd(row.usd_per_1k_requests), _usd(row.ours_usd_per_1k_requests),
@@ -466,7 +461,7 @@ def _metrics_markdown(levels: list[LevelSummary], definitions: MetricDefinitions
         for level in levels
     ]  # fmt: skip
     header = ["level", "TPOT p50/p90/p99 s", "ITL p50/p99 s", "TTFT mean s", "e2e mean s"]
-    lines = ["### Metrics as defined here", "", *_table(header, "lllrr", rows)]
+    lines = [*_paragraphs("### Metrics as defined here"), *_table(header, "lllrr", rows)]
     lines += [f"- **{name}**: {text}" for name, text in definitions]
     lines += [
         "- The JSON repeats each level under the field names of `vllm bench serve` "
@@ -479,143 +474,130 @@ def _metrics_markdown(levels: list[LevelSummary], definitions: MetricDefinitions
 
 # ---------------------------------------------------------------------------- plot
 def plot(card: CostCard, path: Path) -> None:
+    """One panel per part of the card: the steady cost and the latency of every engine (or
+    the one server), the bursty cost, the cold starts, quality per dollar, training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    starts = _cold_starts(card)
+    servings, split = _servings(card), card.prices.split.method
+    starts = {
+        name or "server": serving.cold_start
+        for name, serving in servings
+        if serving.cold_start and serving.cold_start.measured and serving.cold_start.server_phases_s
+    }
+    crossovers = card.engines.crossovers if card.engines else []
     quality = card.serving.quality if card.serving and not card.engines else None
-    panels = (3 if card.engines else 2 if card.serving else 0) + (1 if card.training else 0)
-    panels += (1 if starts else 0) + (1 if quality else 0)
-    figure, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4.2))
-    axes = list(axes) if panels > 1 else [axes]
-    figure.suptitle(f"Cost card: {card.kind}" + (" (PARTIAL)" if card.partial else ""))
-    if card.engines:
-        _engine_panels(axes[:3], card.engines, card.prices.split.method)
-    elif card.serving:
-        levels = [lv for lv in card.serving.levels if lv.output_tokens_per_s is not None]
-        _latency_panel(axes[0], levels, card.serving.slo.ttft_s)
-        _cost_panel(axes[1], levels, card.serving.load.mode, card.prices.split.method)
+    training = card.training
+    panels: list[Callable[[Axes], None]] = []
+    if servings:
+        panels.append(lambda ax: _cost_panel(ax, servings, split))
+        panels.append(lambda ax: _latency_panel(ax, servings))
+    if any(serving.serverless for _, serving in servings):
+        panels.append(lambda ax: _bursty_panel(ax, servings, split, crossovers))
     if starts:
-        _cold_start_panel(axes[3 if card.engines else 2], starts)
+        panels.append(lambda ax: _cold_start_panel(ax, starts))
     if quality:
-        _quality_panel(axes[3 if starts else 2], quality)
-    if card.training:
-        _training_panel(axes[-1], card.training)
+        panels.append(lambda ax: _quality_panel(ax, quality))
+    if training:
+        panels.append(lambda ax: _training_panel(ax, training))
+    count = max(len(panels), 1)
+    figure, axes = plt.subplots(1, count, figsize=(5.5 * count, 4.2), squeeze=False)
+    figure.suptitle(f"Cost card: {card.kind}" + (" (PARTIAL)" if card.partial else ""))
+    for draw, ax in zip(panels, axes[0], strict=False):
+        draw(ax)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def _latency_panel(ax: Axes, levels: list[LevelSummary], ttft_slo_s: float) -> None:
-    x = [lv.output_tokens_per_s for lv in levels]
-    for points, label, marker in (
-        ([lv.e2e_s.p50 for lv in levels], "e2e p50", "o"),
-        ([lv.ttft_s.p90 for lv in levels], "TTFT p90", "s"),
-    ):
-        pairs = [(a, b) for a, b in zip(x, points, strict=True) if b is not None]
-        if pairs:
-            ax.plot(*zip(*pairs, strict=True), marker=marker, label=label)
-    for lv in levels:
-        if lv.e2e_s.p50 is not None and lv.output_tokens_per_s is not None:
-            ax.annotate(lv.label, (lv.output_tokens_per_s, lv.e2e_s.p50), fontsize=8)
-    ax.axhline(ttft_slo_s, color="grey", linestyle=":", label="TTFT SLO")
-    ax.set_xlabel("output tokens/s")
-    ax.set_ylabel("latency (s)")
-    ax.set_title("throughput vs latency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def _servings(card: CostCard) -> list[tuple[str, ServingSection]]:
+    """Each measured engine by name, or the one server (named "")."""
+    if card.engines:
+        return [(arm.name, arm.serving) for arm in card.engines.arms if arm.serving]
+    return [("", card.serving)] if card.serving else []
 
 
-def _cost_panel(ax: Axes, levels: list[LevelSummary], mode: str, split_method: str) -> None:
-    for prices, label in (
-        ([lv.money.usd_per_1m_output_tokens for lv in levels], "$/1M output"),
-        ([lv.money.usd_per_1m_input_tokens for lv in levels], "$/1M input"),
-    ):
-        pairs = [(lv.value, usd) for lv, usd in zip(levels, prices, strict=True) if usd]
-        if pairs:
-            ax.plot(*zip(*pairs, strict=True), marker="o", label=label)
-    values = [lv.value for lv in levels]
-    if mode == "concurrency" and values:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(values, [f"{v:g}" for v in values])
-        ax.minorticks_off()
-    if any(lv.money.usd_per_1m_output_tokens for lv in levels):
+def _line(
+    ax: Axes, pairs: list[tuple[float, float]], label: str, color: Any = None, style: str = "-"
+) -> Any:
+    """The points as one line (none when there are none); returns its color."""
+    if not pairs:
+        return color
+    lines = ax.plot(*zip(*pairs, strict=True), style, marker="o", color=color, label=label.strip())
+    return lines[0].get_color()
+
+
+def _finish(ax: Axes, title: str, ylabel: str, log_y: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if log_y and ax.lines:
         ax.set_yscale("log")
-    ax.set_xlabel("concurrency" if mode == "concurrency" else "arrival rate (req/s)")
-    ax.set_ylabel("USD per 1M tokens")
-    ax.set_title(f"cost ({split_method} split)")
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=8)
 
 
-def _engine_panels(axes: list[Axes], engines: EngineComparison, split_method: str) -> None:
-    """Each engine on the same axes: steady $ per output token, bursty $ per output token,
-    and throughput against latency."""
-    steady, bursty, latency = axes
-    for arm in engines.arms:
-        if arm.serving is not None:
-            _plot_engine(arm.name, arm.serving, steady, bursty, latency)
-    for crossing in engines.crossovers:
-        if crossing.traffic == "bursty" and crossing.at:
-            bursty.axvline(crossing.at, color="grey", linestyle=":", label="crossover")
-    first = next((arm.serving for arm in engines.arms if arm.serving), None)
-    if first and first.load.mode == "concurrency":
-        steady.set_xscale("log", base=2)
-        steady.set_xticks(first.load.levels, [f"{v:g}" for v in first.load.levels])
-        steady.minorticks_off()
-    steady.set_xlabel("concurrency" if first and first.load.mode == "concurrency" else "req/s")
-    bursty.set_xscale("log")
-    bursty.set_xlabel("requests per hour")
-    for ax, title in ((steady, "steady (dedicated)"), (bursty, "bursty (scale to zero)")):
-        ax.set_yscale("log")
-        ax.set_ylabel(f"USD per 1M output tokens ({split_method})")
-        ax.set_title(title)
-    latency.set_xlabel("output tokens/s")
-    latency.set_ylabel("latency (s)")
-    latency.set_title("throughput vs latency")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        if ax.lines:
-            ax.legend(fontsize=8)
+def _cost_panel(ax: Axes, servings: list[tuple[str, ServingSection]], split: str) -> None:
+    """$ per 1M output (solid) and input (dashed) tokens at each load level."""
+    for name, serving in servings:
+        color = None
+        for kind, style in (("output", "-"), ("input", "--")):
+            pairs = [
+                (lv.value, usd)
+                for lv in serving.levels
+                if (usd := getattr(lv.money, f"usd_per_1m_{kind}_tokens"))
+            ]
+            color = _line(ax, pairs, f"{name} $/1M {kind}", color, style)
+    load = servings[0][1].load
+    if load.mode == "concurrency":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(load.levels, [f"{v:g}" for v in load.levels])
+        ax.minorticks_off()
+    ax.set_xlabel("concurrency" if load.mode == "concurrency" else "arrival rate (req/s)")
+    _finish(ax, "steady (dedicated)", f"USD per 1M tokens ({split} split)")
 
 
-def _plot_engine(
-    name: str, serving: ServingSection, steady: Axes, bursty: Axes, latency: Axes
+def _latency_panel(ax: Axes, servings: list[tuple[str, ServingSection]]) -> None:
+    """e2e p50 (solid) and TTFT p90 (dashed) against output tokens/s, levels labelled."""
+    for name, serving in servings:
+        levels = [lv for lv in serving.levels if lv.output_tokens_per_s is not None]
+        color = None
+        for label, stats, style in (("e2e p50", "e2e_s", "-"), ("TTFT p90", "ttft_s", "--")):
+            point = label.split()[1]
+            pairs = [
+                (lv.output_tokens_per_s or 0.0, y)
+                for lv in levels
+                if (y := getattr(getattr(lv, stats), point)) is not None
+            ]
+            color = _line(ax, pairs, f"{name} {label}", color, style)
+        for lv in levels:
+            if lv.e2e_s.p50 is not None:
+                ax.annotate(lv.label, (lv.output_tokens_per_s or 0.0, lv.e2e_s.p50), fontsize=8)
+    ax.axhline(servings[0][1].slo.ttft_s, color="grey", linestyle=":", label="TTFT SLO")
+    ax.set_xlabel("output tokens/s")
+    _finish(ax, "throughput vs latency", "latency (s)", log_y=False)
+
+
+def _bursty_panel(
+    ax: Axes, servings: list[tuple[str, ServingSection]], split: str, crossovers: list[Crossover]
 ) -> None:
-    levels = [lv for lv in serving.levels if lv.money.usd_per_1m_output_tokens]
-    if levels:
-        color = steady.plot(
-            [lv.value for lv in levels],
-            [lv.money.usd_per_1m_output_tokens or 0.0 for lv in levels],
-            marker="o", label=name,
-        )[0].get_color()  # fmt: skip
-        timed = [lv for lv in levels if lv.e2e_s.p50 is not None]
-        latency.plot(
-            [lv.output_tokens_per_s or 0.0 for lv in timed], [lv.e2e_s.p50 or 0.0 for lv in timed],
-            marker="o", color=color, label=f"{name} e2e p50",
-        )  # fmt: skip
-    serverless = serving.serverless
-    if serverless:
-        rows = [p for p in serverless.profiles if p.usd_per_1m_output_tokens]
-        bursty.plot(
-            [p.requests_per_hour for p in rows], [p.usd_per_1m_output_tokens or 0.0 for p in rows],
-            marker="o", label=f"{name} (cold start {serverless.cold_start_s:.0f} s)",
-        )  # fmt: skip
-
-
-def _cold_starts(card: CostCard) -> dict[str, ColdStart]:
-    """The measured cold starts with phases, by engine (or the one server)."""
-    found = {}
-    if card.engines:
-        for arm in card.engines.arms:
-            if arm.serving and arm.serving.cold_start:
-                found[arm.name] = arm.serving.cold_start
-    elif card.serving and card.serving.cold_start:
-        found["server"] = card.serving.cold_start
-    return {name: cold for name, cold in found.items() if cold.measured and cold.server_phases_s}
+    """$ per 1M output tokens billed per second with scale to zero, per requests/hour."""
+    for name, serving in servings:
+        if serving.serverless:
+            pairs = [
+                (p.requests_per_hour, p.usd_per_1m_output_tokens)
+                for p in serving.serverless.profiles
+                if p.usd_per_1m_output_tokens
+            ]
+            _line(ax, pairs, f"{name} (cold start {serving.serverless.cold_start_s:.0f} s)")
+    for crossing in crossovers:
+        if crossing.traffic == "bursty" and crossing.at:
+            ax.axvline(crossing.at, color="grey", linestyle=":", label="crossover")
+    ax.set_xscale("log")
+    ax.set_xlabel("requests per hour")
+    _finish(ax, "bursty (scale to zero)", f"USD per 1M output tokens ({split} split)")
 
 
 def _cold_start_panel(ax: Axes, starts: dict[str, ColdStart]) -> None:

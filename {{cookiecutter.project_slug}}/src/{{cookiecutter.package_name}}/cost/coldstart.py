@@ -103,12 +103,9 @@ def counter_delta(
 def server_phases(metrics: dict[str, float] | None) -> dict[str, float]:
     """The phases the server reports of its own cold start, in their order."""
     metrics = metrics or {}
-    phases = {}
-    for phase in metric_names.COLD_START_PHASES:
-        name = metric_names.COLD_START + '{phase="' + phase + '"}'
-        if name in metrics:
-            phases[phase] = metrics[name]
-    return phases
+    prefix = metric_names.COLD_START + '{phase="'
+    samples = {phase: prefix + phase + '"}' for phase in metric_names.COLD_START_PHASES}
+    return {phase: metrics[sample] for phase, sample in samples.items() if sample in metrics}
 
 
 def free_port() -> int:
@@ -306,6 +303,11 @@ def _engine_config(facts: VllmLog, message: str) -> None:
             setattr(facts, name, found[1])
 
 
+# The cold start's timings, seconds after the spawn (first_request_ttft_s, warm_request_ttft_s:
+# after their own sending).
+TIMINGS = ("listening_s", "ready_s", "first_token_s", "first_request_ttft_s", "warm_request_ttft_s")
+
+
 def cold_start_section(
     server: OwnServer,
     first: RequestResult | None,
@@ -349,11 +351,7 @@ def cold_start_section(
         measured=True,
         source="own server process started by the meter",
         command=server.command,
-        listening_s=timings.get("listening_s"),
-        ready_s=timings.get("ready_s"),
-        first_token_s=timings.get("first_token_s"),
-        first_request_ttft_s=timings.get("first_request_ttft_s"),
-        warm_request_ttft_s=timings.get("warm_request_ttft_s"),
+        **{key: timings.get(key) for key in TIMINGS},
         server_phases_s=phases,
         floors=[],
         # Before the server's clock starts: interpreter start until the process exists.

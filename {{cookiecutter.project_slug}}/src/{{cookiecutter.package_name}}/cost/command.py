@@ -89,11 +89,10 @@ def run_token_cost(
     folder = report_dir(Path(config.report.dir), kind)
     partial: list[str] = []
     notes: list[str] = []
-    serving = None
-    training = None
-    if runs:
-        training = TrainingSection(runs=[training_cost(run, training_price) for run in runs])
-    engines = None
+    serving = engines = None
+    training = (
+        TrainingSection(runs=[training_cost(r, training_price) for r in runs]) if runs else None
+    )
     if measure and config.engines:
         from .engines import compare_engines
 

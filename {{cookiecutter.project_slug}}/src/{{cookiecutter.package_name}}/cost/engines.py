@@ -125,9 +125,7 @@ def _choice(
 
 def _steady(arms: list[EngineArm]) -> list[EngineChoice]:
     """A dedicated machine at each load level the engines share."""
-    labels: list[str] = []
-    for arm in arms:
-        labels += [lv.label for lv in _section(arm).levels if lv.label not in labels]
+    labels = dict.fromkeys(lv.label for arm in arms for lv in _section(arm).levels)
     choices = []
     for label in labels:
         cells: dict[str, float | str | None] = {}
@@ -154,14 +152,11 @@ def _bursty(arms: list[EngineArm], config: TokenCostConfig) -> list[EngineChoice
         cells: dict[str, float | str | None] = {}
         for arm in arms:
             serverless = _section(arm).serverless
-            found = (
-                [p for p in serverless.profiles if p.requests_per_hour == rate]
-                if serverless
-                else []
-            )
-            if found:
-                profiles[arm.name] = found[0]
-                cells[arm.name] = found[0].usd_per_1m_output_tokens
+            found = serverless.profiles if serverless else []
+            profile = next((p for p in found if p.requests_per_hour == rate), None)
+            if profile:
+                profiles[arm.name] = profile
+                cells[arm.name] = profile.usd_per_1m_output_tokens
             else:
                 cells[arm.name] = "no serverless profile: see the notes"
         choice, cheaper, runner = _choice("bursty", f"{rate:g} req/h", cells)
@@ -202,6 +197,7 @@ def _bursty_reason(
 def _crossovers(
     choices: list[EngineChoice], arms: list[EngineArm], config: TokenCostConfig
 ) -> list[Crossover]:
+    by_name = {arm.name: _section(arm).serverless for arm in arms}
     found = []
     for traffic in ("steady", "bursty"):
         cells = [c for c in choices if c.traffic == traffic and c.cheaper]
@@ -211,7 +207,6 @@ def _crossovers(
             assert left.cheaper and right.cheaper
             at = None
             if traffic == "bursty":
-                by_name = {arm.name: _section(arm).serverless for arm in arms}
                 at = _equal_bill_rate(
                     by_name[left.cheaper], by_name[right.cheaper], left, right, config
                 )

@@ -140,9 +140,7 @@ def _error_message(body: bytes) -> str:
     try:
         data = json.loads(body)
         error = data.get("error", data)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:300]
-        return str(error)[:300]
+        return str(error.get("message") or error if isinstance(error, dict) else error)[:300]
     except (ValueError, AttributeError):
         return body.decode("utf-8", "replace").strip()[:300] or "(empty body)"
 

@@ -19,6 +19,7 @@ input token at about a quarter of an output token).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
@@ -108,19 +109,16 @@ def window_money(
     input_tokens: int,
     output_tokens: int,
     split: Split,
-    good_input_tokens: int | None = None,
-    good_output_tokens: int | None = None,
+    good_tokens: tuple[int, int] | None = None,
 ) -> Money:
     """Money of one measured window on a dedicated GPU (one load level).
 
-    The `goodput` prices charge the whole window to the tokens of requests that met the
-    SLO: what a token costs when only answers fast enough count.
+    The `goodput` prices charge the whole window to `good_tokens` (input, output), those
+    of the requests that met the SLO: what a token costs when only answers fast enough count.
     """
     usd = usd_for_seconds(gpu_hourly_usd, seconds)
     usd_in, usd_out = split_usd(usd, input_tokens, output_tokens, split)
-    good_in = good_out = None
-    if good_input_tokens is not None and good_output_tokens is not None:
-        good_in, good_out = split_usd(usd, good_input_tokens, good_output_tokens, split)
+    good_in, good_out = split_usd(usd, *good_tokens, split) if good_tokens else (None, None)
     return Money(
         window_usd=usd,
         usd_per_hour=gpu_hourly_usd,
@@ -208,10 +206,8 @@ def api_cost_per_1k_requests(
     output_tokens_per_request: float,
 ) -> float:
     """What a hosted API charges for 1000 requests of this shape (list prices, no caching)."""
-    per_request = usd_for_tokens(
-        input_tokens_per_request, output_tokens_per_request, usd_per_1m_input, usd_per_1m_output
-    )
-    return per_request * 1000
+    tokens = input_tokens_per_request, output_tokens_per_request
+    return usd_for_tokens(*tokens, usd_per_1m_input, usd_per_1m_output) * 1000
 
 
 def compare_with_apis(
@@ -226,6 +222,7 @@ def compare_with_apis(
     split method: it is what the same workload costs on either side.
     """
     rows = []
+    ours = ours_usd_per_1k_requests
     for ref in references:
         theirs = api_cost_per_1k_requests(
             ref.usd_per_1m_input,
@@ -233,19 +230,12 @@ def compare_with_apis(
             input_tokens_per_request,
             output_tokens_per_request,
         )
-        ours = ours_usd_per_1k_requests
         rows.append(
             ComparisonRow(
-                provider=ref.provider,
-                model=ref.model,
-                usd_per_1m_input=ref.usd_per_1m_input,
-                usd_per_1m_output=ref.usd_per_1m_output,
+                **ref.model_dump(),  # the provider, model, list prices and their source
                 usd_per_1k_requests=theirs,
                 ours_usd_per_1k_requests=ours,
                 ours_over_theirs=ours / theirs if ours is not None and theirs > 0 else None,
-                source=ref.source,
-                as_of=ref.as_of,
-                verified=ref.verified,
             )
         )
     return rows
@@ -254,20 +244,11 @@ def compare_with_apis(
 def percentiles(values: Sequence[float]) -> Percentiles:
     """p50/p90/p99 (linear interpolation between order statistics, as numpy's default),
     the mean and the count; every value None when there is no data."""
-    data = sorted(values)
-    if not data:
+    if not values:
         return Percentiles(count=0, p50=None, p90=None, p99=None, mean=None)
+    # "inclusive" is numpy's linear method; before Python 3.13 it needs two values.
+    data = [*values] * 2 if len(values) == 1 else values
+    cuts = statistics.quantiles(data, n=100, method="inclusive")
     return Percentiles(
-        count=len(data),
-        p50=_quantile(data, 0.50),
-        p90=_quantile(data, 0.90),
-        p99=_quantile(data, 0.99),
-        mean=sum(data) / len(data),
+        count=len(values), p50=cuts[49], p90=cuts[89], p99=cuts[98], mean=statistics.fmean(values)
     )
-
-
-def _quantile(data: Sequence[float], q: float) -> float:
-    position = (len(data) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (position - low)

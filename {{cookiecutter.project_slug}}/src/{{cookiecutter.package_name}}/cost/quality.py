@@ -21,6 +21,7 @@ from .config import QualitySection
 from .load import Endpoint, Prompt, RequestResult, stream_request
 from .money import usd_for_tokens
 from .schema import ModelQuality, Money, Quality, sha256_json
+from .summary import request_tokens
 
 ANSWERS_FILE = "quality_answers.jsonl"
 
@@ -148,8 +149,7 @@ def _scores(
 def _priced(
     model: str, answers: list[RequestResult], scores: list[float], prices: Prices
 ) -> ModelQuality:
-    input_tokens = sum(a.prompt_tokens or 0 for a in answers)
-    output_tokens = sum(a.completion_tokens or 0 for a in answers)
+    input_tokens, output_tokens = request_tokens(answers)
     money = prices.money
     per_in = money.usd_per_1m_input_tokens if money else None
     per_out = money.usd_per_1m_output_tokens if money else None

@@ -15,8 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from .config import PriceSection, SloSection
 from .load import LevelRun, RequestResult
-from .money import Split, percentiles, usd_for_tokens, window_money
+from .money import percentiles, usd_for_tokens, window_money
 from .schema import (
     BestLevel,
     Goodput,
@@ -97,34 +98,30 @@ def _retokenized(with_usage: list[RequestResult], tokenizer: Any) -> int | None:
 
 
 def _server_counters(
-    ok: list[RequestResult], counters: dict[str, float] | None
+    ok: list[RequestResult], counters: dict[str, float] | None, model: str = ""
 ) -> ServerCounters | None:
+    """The server's own token counters (of `model`, else of every model) beside the usage
+    of `ok`; a model's series that the server never started is 0."""
     if counters is None:
         return None
-    prompt = sum(r.prompt_tokens or 0 for r in ok)
-    completion = sum(r.completion_tokens or 0 for r in ok)
+    suffix = f"/{model}" if model else ""
+    prompt = counters.get(f"prompt_tokens{suffix}", 0.0)
+    completion = counters.get(f"completion_tokens{suffix}", 0.0)
     return ServerCounters(
-        prompt_tokens=counters.get("prompt_tokens"),
-        completion_tokens=counters.get("completion_tokens"),
-        match=counters.get("prompt_tokens") == prompt
-        and counters.get("completion_tokens") == completion,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        match=prompt == sum(r.prompt_tokens or 0 for r in ok)
+        and completion == sum(r.completion_tokens or 0 for r in ok),
     )
 
 
-@dataclass(frozen=True)
-class SloTarget:
-    """What a request must meet to count as good."""
-
-    ttft_s: float
-    e2e_s: float
-    tpot_s: float | None = None
-
-    def met_by(self, r: RequestResult) -> bool:
-        first = r.first_token if r.first_token is not None else r.end
-        if first is None or first > self.ttft_s or (r.end or 0.0) > self.e2e_s:
-            return False
-        # vLLM counts a request of one token as TPOT 0 against the SLO.
-        return self.tpot_s is None or (request_tpot(r) or 0.0) <= self.tpot_s
+def met_slo(slo: SloSection, r: RequestResult) -> bool:
+    """Whether a request counts as good: within every bound of the SLO."""
+    first = r.first_token if r.first_token is not None else r.end
+    if first is None or first > slo.ttft_s or (r.end or 0.0) > slo.e2e_s:
+        return False
+    # vLLM counts a request of one token as TPOT 0 against the SLO.
+    return slo.tpot_s is None or (request_tpot(r) or 0.0) <= slo.tpot_s
 
 
 @dataclass(frozen=True)
@@ -158,31 +155,25 @@ def _per(amount: float, over: float) -> float | None:
 
 def summarize_level(
     run: LevelRun,
+    slo: SloSection,
+    price: PriceSection,
     *,
-    ttft_slo_s: float,
-    e2e_slo_s: float,
-    attainment: float,
-    gpu_hourly_usd: float,
-    split: Split,
     tokenizer: Any = None,
     counters: dict[str, float] | None = None,
-    tpot_slo_s: float | None = None,
     mix: dict[str, float] | None = None,
 ) -> LevelSummary:
-    slo = SloTarget(ttft_slo_s, e2e_slo_s, tpot_slo_s)
     counted = [r for r in run.results if not r.cancelled]
     ok = [r for r in counted if r.ok]
     failed = [r for r in counted if not r.ok]
-    good = [r for r in ok if slo.met_by(r)]
+    good = [r for r in ok if met_slo(slo, r)]
     duration = run.duration_s
-    input_tokens, output_tokens = _tokens(ok)
+    input_tokens, output_tokens = request_tokens(ok)
     samples = Samples.of(ok)
     status = _status(run)
     fraction = len(good) / len(counted) if counted else None
     money = window_money(
-        gpu_hourly_usd, duration, len(ok), input_tokens, output_tokens, split,
-        good_input_tokens=sum(r.prompt_tokens or 0 for r in good),
-        good_output_tokens=sum(r.completion_tokens or 0 for r in good),
+        price.gpu_hourly_usd, duration, len(ok), input_tokens, output_tokens, price.split_rule(),
+        good_tokens=request_tokens(good),
     )  # fmt: skip
     return LevelSummary(
         mode=run.mode,
@@ -207,7 +198,7 @@ def summarize_level(
             requests_per_s=_per(len(good), duration),
             good_requests=len(good),
             fraction=fraction,
-            meets_slo=status != "partial" and fraction is not None and fraction >= attainment,
+            meets_slo=status != "partial" and fraction is not None and fraction >= slo.attainment,
         ),
         tokens=token_check(ok, tokenizer, counters),
         money=money,
@@ -227,22 +218,15 @@ def model_shares(
     prices = money.usd_per_1m_input_tokens or 0.0, money.usd_per_1m_output_tokens or 0.0
     for model, weight in mix.items():
         mine = [r for r in ok if r.model == model]
-        input_tokens, output_tokens = _tokens(mine)
+        input_tokens, output_tokens = request_tokens(mine)
         usd = usd_for_tokens(input_tokens, output_tokens, *prices)
-        server = None
-        if counters is not None:
-            mine_counters = {
-                key: counters.get(f"{key}/{model}", 0.0)
-                for key in ("prompt_tokens", "completion_tokens")
-            }
-            server = _server_counters(mine, mine_counters)
         shares.append(
             ModelShare(
                 model=model, weight=weight, requests=len(mine), input_tokens=input_tokens,
                 output_tokens=output_tokens, usd=usd,
                 usd_per_1m_input_tokens=money.usd_per_1m_input_tokens,
                 usd_per_1m_output_tokens=money.usd_per_1m_output_tokens,
-                server_counters=server,
+                server_counters=_server_counters(mine, counters, model),
             )
         )  # fmt: skip
     return shares
@@ -267,7 +251,7 @@ def _output_tokens(r: RequestResult) -> int:
     return r.completion_tokens if r.completion_tokens is not None else r.content_chunks
 
 
-def _tokens(results: list[RequestResult]) -> tuple[int, int]:
+def request_tokens(results: list[RequestResult]) -> tuple[int, int]:
     """(input, output) tokens of these requests: their usage, else their text events."""
     return sum(r.prompt_tokens or 0 for r in results), sum(map(_output_tokens, results))
 

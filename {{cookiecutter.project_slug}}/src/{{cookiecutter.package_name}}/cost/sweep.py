@@ -177,7 +177,7 @@ class Sweep:
             self.use_tokenizer(wanted)
         if target.server is None:
             self.cold = reported_cold_start(scrape(root_url(target.base_url)))
-        self.sweep(endpoint)
+        self.sweep(endpoint, self.levels, self.config.load.mix)
         self.per_model(endpoint)
 
     def per_model(self, endpoint: Endpoint) -> None:
@@ -222,15 +222,12 @@ class Sweep:
     def endpoint(self, model: str) -> Endpoint:
         ep, prompts = self.config.endpoint, self.config.prompts
         return Endpoint(
-            base_url=self.target.base_url,
-            model=model,
-            api=ep.api,
+            self.target.base_url,
+            model,
             api_key=self.target.api_key,
             max_tokens=prompts.output_tokens,
-            temperature=prompts.temperature,
-            ignore_eos=prompts.ignore_eos,
-            connect_timeout_s=ep.connect_timeout_s,
-            request_timeout_s=ep.request_timeout_s,
+            **ep.model_dump(include={"api", "connect_timeout_s", "request_timeout_s"}),
+            **prompts.model_dump(include={"temperature", "ignore_eos"}),
         )
 
     def cold_start(self, endpoint: Endpoint, server: OwnServer) -> ColdStart:
@@ -265,16 +262,10 @@ class Sweep:
         )
         return cold
 
-    def sweep(
-        self,
-        endpoint: Endpoint,
-        into: list[LevelSummary] | None = None,
-        mix: dict[str, float] | None = None,
-    ) -> None:
-        """The warm-up, then every level, into `into` (the card's levels by default)."""
+    def sweep(self, endpoint: Endpoint, into: list[LevelSummary], mix: dict[str, float]) -> None:
+        """The warm-up, then every level, into `into` as each one ends."""
         load = self.config.load
         server = self.target.server
-        mix = load.mix if mix is None else mix
         runner = LevelRunner(
             endpoint,
             self.prompts,
@@ -289,9 +280,8 @@ class Sweep:
             failed = [r for r in warm if not r.ok]
             if len(failed) == len(warm):
                 raise UserError(f"every warm-up request failed; the first: {failed[0].error}")
-        levels = self.levels if into is None else into
         for index, value in enumerate(load.levels()):
-            if not self.level(runner, index, value, levels, mix):
+            if not self.level(runner, index, value, into, mix):
                 break
 
     def level(
@@ -303,7 +293,7 @@ class Sweep:
         mix: dict[str, float],
     ) -> bool:
         """One level, summarized into `levels`; False when the sweep must stop."""
-        load, slo, price = self.config.load, self.config.slo, self.config.price
+        load = self.config.load
         metrics_url = root_url(self.target.base_url)
         before = token_counters(scrape(metrics_url))
         try:
@@ -319,12 +309,8 @@ class Sweep:
         after = token_counters(scrape(metrics_url)) if not run.aborted else None
         summary = summarize_level(
             run,
-            ttft_slo_s=slo.ttft_s,
-            e2e_slo_s=slo.e2e_s,
-            tpot_slo_s=slo.tpot_s,
-            attainment=slo.attainment,
-            gpu_hourly_usd=price.gpu_hourly_usd,
-            split=price.split_rule(),
+            self.config.slo,
+            self.config.price,
             tokenizer=self.tokenizer,
             counters=counter_delta(before, after),
             mix=mix,
@@ -399,7 +385,7 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
         cold_start=sweep.cold,
         levels=levels,
         best=best,
-        serverless=_serverless(config, levels, chosen, best.meets_slo, sweep),
+        serverless=_serverless(sweep, chosen, best.meets_slo),
         comparison=_comparison(config, chosen, sweep.notes),
         server_log=str(folder / "server.log") if server is not None else None,
         alone=sweep.alone,
@@ -415,18 +401,12 @@ def assemble(sweep: Sweep, folder: Path) -> Measurement:
     return Measurement(section, device, dtype, sweep.partial, sweep.notes)
 
 
-def _serverless(
-    config: TokenCostConfig,
-    levels: list[LevelSummary],
-    best: LevelSummary | None,
-    meets_slo: bool,
-    sweep: Sweep,
-) -> Serverless | None:
+def _serverless(sweep: Sweep, best: LevelSummary | None, meets_slo: bool) -> Serverless | None:
     """Per-second billing with scale to zero; the best level caps one instance."""
-    spec = config.serverless
+    config, spec = sweep.config, sweep.config.serverless
     if not spec.enabled:
         return None
-    usable = [lv for lv in levels if lv.status != "partial" and lv.e2e_s.mean is not None]
+    usable = [lv for lv in sweep.levels if lv.status != "partial" and lv.e2e_s.mean is not None]
     if not usable:
         sweep.notes.append("serverless: no complete level to take the service time from")
         return None
