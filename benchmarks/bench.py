@@ -634,15 +634,10 @@ class Serving:
             else None,
         }
 
-    @staticmethod
-    def drop_page_cache() -> bool:
-        """Empty the page cache (root only), so a start reads its files from the disk."""
-        try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        except OSError:
-            return False
-        return True
+    def drop_page_cache(self) -> bool:
+        """Empty the page cache (root only), so a start reads its files from the disk: the
+        project's own image tool does it for its cold starts."""
+        return bool(baked.image_tools(self.project.folder).drop_page_cache())
 
     def ours_cold(self, folder: Path, prompts: list, tag: str, server: str = "ours") -> tuple:
         """Spawn `<pkg> serve` on an empty page cache, send one request (max_tokens 1) the
